@@ -1,0 +1,680 @@
+//! The RocksDB backend, with group commit.
+//!
+//! One writer thread owns the write path. It takes every command waiting in
+//! its bounded queue (up to [`RocksConfig::max_batch_events`] events),
+//! checks each append's expected sequence, writes the whole lot as one
+//! `WriteBatch`, syncs once if the durability is [`Durability::Fsync`], and
+//! only then answers each caller. Under load, one fsync serves hundreds of
+//! appends; with a single writer, an append costs one fsync, as with plain
+//! RocksDB.
+//!
+//! Reads (replay, snapshots, tags) go straight to RocksDB from Tokio's
+//! blocking pool; replay streams bounded batches through a channel of two,
+//! so memory stays flat however long the stream.
+//!
+//! See [`keys`](self::keys) for the column families and key layout.
+
+pub(crate) mod keys;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, DBCompressionType, Options, ReadOptions,
+    WriteOptions,
+};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::error::{JournalError, Result};
+use crate::event::{
+    AppendOutcome, NewEvent, NewSnapshot, PersistedEvent, Snapshot, TaggedEvent, TypeNameCache,
+};
+use crate::id::{PersistenceId, Tag};
+use crate::journal::{DEFAULT_REPLAY_BATCH, Durability, Journal, Replay, TagSubscription};
+use crate::memory::check_append;
+use crate::subscription::{self, LIVE_FEED_CAPACITY};
+use keys::*;
+use writer::{Command, Writer};
+
+/// Settings of a [`RocksJournal`]. Every bound has a default that suits a
+/// 2-core machine; all are explicit.
+#[derive(Debug, Clone)]
+pub struct RocksConfig {
+    /// Data directory (created if missing).
+    pub path: PathBuf,
+    /// `Fsync` or `Buffered` (`InMemory` is refused: use [`crate::InMemoryJournal`]).
+    pub durability: Durability,
+    /// Events per replay batch.
+    pub replay_batch_size: usize,
+    /// Commands waiting for the writer before `append` waits for room.
+    pub writer_queue: usize,
+    /// Most events in one group commit.
+    pub max_batch_events: usize,
+    /// Most envelope bytes in one group commit.
+    pub max_batch_bytes: usize,
+    /// Persistence ids whose highest sequence the writer keeps in memory.
+    pub seq_cache_capacity: usize,
+    /// Shared block cache, in bytes.
+    pub block_cache_bytes: usize,
+}
+
+impl RocksConfig {
+    /// Defaults for a data directory: fsync durability, batches of 1,024 on
+    /// replay, a writer queue of 16,384 commands, group commits of at most
+    /// 8,192 events or 32 MiB, 100,000 cached sequences, a 64 MiB block cache.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            durability: Durability::Fsync,
+            replay_batch_size: DEFAULT_REPLAY_BATCH,
+            writer_queue: 16_384,
+            max_batch_events: 8_192,
+            max_batch_bytes: 32 << 20,
+            seq_cache_capacity: 100_000,
+            block_cache_bytes: 64 << 20,
+        }
+    }
+
+    /// Sets the durability.
+    pub fn durability(mut self, d: Durability) -> Self {
+        self.durability = d;
+        self
+    }
+
+    /// Sets the replay batch size.
+    pub fn replay_batch_size(mut self, n: usize) -> Self {
+        self.replay_batch_size = n;
+        self
+    }
+
+    fn db_options(&self) -> (Options, Vec<ColumnFamilyDescriptor>) {
+        let mut db = Options::default();
+        db.create_if_missing(true);
+        db.create_missing_column_families(true);
+        db.set_max_background_jobs(2);
+        let cache = Cache::new_lru_cache(self.block_cache_bytes);
+        let cf = |name: &str| {
+            let mut table = BlockBasedOptions::default();
+            table.set_block_cache(&cache);
+            let mut o = Options::default();
+            o.set_block_based_table_factory(&table);
+            o.set_compression_type(DBCompressionType::Lz4);
+            o.set_bottommost_compression_type(DBCompressionType::Zstd);
+            ColumnFamilyDescriptor::new(name, o)
+        };
+        let cfs = [CF_EVENTS, CF_SNAPSHOTS, CF_TAGS, CF_META]
+            .into_iter()
+            .map(cf)
+            .collect();
+        (db, cfs)
+    }
+}
+
+pub(crate) struct Inner {
+    pub(crate) db: Arc<DB>,
+    path: PathBuf,
+    config: RocksConfig,
+    tx: Mutex<Option<mpsc::Sender<Command>>>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    live: broadcast::Sender<TaggedEvent>,
+    read_only: bool,
+}
+
+impl Inner {
+    fn stop_writer(&self) {
+        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        drop(tx);
+        let handle = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.stop_writer();
+    }
+}
+
+/// The RocksDB journal. See the [module docs](self).
+#[derive(Clone)]
+pub struct RocksJournal {
+    inner: Arc<Inner>,
+}
+
+fn cf<'a>(db: &'a DB, name: &'static str) -> Result<&'a rocksdb::ColumnFamily> {
+    db.cf_handle(name).ok_or_else(|| JournalError::Storage {
+        context: "opening a column family",
+        message: format!("column family `{name}` is missing"),
+    })
+}
+
+/// Highest sequence of `id` as stored: the last event key, or the
+/// deleted-to mark when every event was deleted.
+pub(crate) fn stored_highest(db: &DB, id: &PersistenceId) -> Result<u64> {
+    let snapshot = db.snapshot();
+    let meta_key = meta_id_key(id);
+    let deleted_to = match snapshot
+        .get_cf(cf(db, CF_META)?, &meta_key)
+        .map_err(|e| JournalError::storage("reading id metadata", e))?
+    {
+        None => return Ok(0),
+        Some(v) => be_u64(&v).ok_or_else(|| JournalError::CorruptMetadata {
+            key: String::from_utf8_lossy(&meta_key).into_owned(),
+            reason: format!("expected 8 bytes, found {}", v.len()),
+        })?,
+    };
+    let mut ro = ReadOptions::default();
+    ro.set_iterate_lower_bound(event_key(id, 0));
+    let mut it = snapshot.raw_iterator_cf_opt(cf(db, CF_EVENTS)?, ro);
+    it.seek_for_prev(event_key(id, u64::MAX));
+    let last = match it.key() {
+        Some(k) => split_seq_key(k).map_or(0, |(_, seq)| seq),
+        None => {
+            it.status()
+                .map_err(|e| JournalError::storage("finding the highest sequence", e))?;
+            0
+        }
+    };
+    Ok(last.max(deleted_to))
+}
+
+impl RocksJournal {
+    /// Opens (or creates) the journal at `config.path` and starts its writer.
+    pub fn open(config: RocksConfig) -> Result<Self> {
+        if config.durability == Durability::InMemory {
+            return Err(JournalError::Storage {
+                context: "opening the RocksDB journal",
+                message: "durability `in_memory` is served by InMemoryJournal, not RocksDB".into(),
+            });
+        }
+        std::fs::create_dir_all(&config.path)
+            .map_err(|e| JournalError::storage("creating the data directory", e))?;
+        let (opts, cfs) = config.db_options();
+        let db = DB::open_cf_descriptors(&opts, &config.path, cfs)
+            .map_err(|e| JournalError::storage("opening RocksDB", e))?;
+        let db = Arc::new(db);
+        let next_offset = match db
+            .get_cf(cf(&db, CF_META)?, META_NEXT_OFFSET)
+            .map_err(|e| JournalError::storage("reading the tag offset", e))?
+        {
+            None => 1,
+            Some(v) => be_u64(&v).ok_or_else(|| JournalError::CorruptMetadata {
+                key: "next_offset".into(),
+                reason: format!("expected 8 bytes, found {}", v.len()),
+            })?,
+        };
+        let (live, _) = broadcast::channel(LIVE_FEED_CAPACITY);
+        let (tx, rx) = mpsc::channel(config.writer_queue.max(1));
+        let mut write_opts = WriteOptions::default();
+        write_opts.set_sync(config.durability == Durability::Fsync);
+        let writer = Writer::new(db.clone(), &config, write_opts, next_offset, live.clone());
+        let handle = std::thread::Builder::new()
+            .name("troupe-journal-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| JournalError::storage("starting the writer thread", e))?;
+        tracing::info!(path = %config.path.display(), durability = ?config.durability, "journal opened");
+        Ok(Self {
+            inner: Arc::new(Inner {
+                db,
+                path: config.path.clone(),
+                config,
+                tx: Mutex::new(Some(tx)),
+                writer: Mutex::new(Some(handle)),
+                live,
+                read_only: false,
+            }),
+        })
+    }
+
+    /// Opens an existing journal read-only (tools; works beside a running
+    /// writer). Appends, snapshots and deletes fail with
+    /// [`JournalError::ReadOnly`].
+    pub fn open_read_only(path: impl AsRef<Path>) -> Result<Self> {
+        let config = RocksConfig::new(path.as_ref());
+        if !path.as_ref().join("CURRENT").exists() {
+            return Err(JournalError::Storage {
+                context: "opening the journal read-only",
+                message: format!("no journal at {}", path.as_ref().display()),
+            });
+        }
+        let (opts, cfs) = config.db_options();
+        let db = DB::open_cf_descriptors_read_only(&opts, &config.path, cfs, false)
+            .map_err(|e| JournalError::storage("opening RocksDB read-only", e))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                db: Arc::new(db),
+                path: config.path.clone(),
+                config,
+                tx: Mutex::new(None),
+                writer: Mutex::new(None),
+                live: broadcast::channel(1).0,
+                read_only: true,
+            }),
+        })
+    }
+
+    /// The data directory.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Stops the writer after it has committed everything queued, and syncs
+    /// the write-ahead log. Later writes fail with [`JournalError::Closed`];
+    /// reads keep working while handles exist.
+    pub async fn close(&self) {
+        let inner = self.inner.clone();
+        let _ = tokio::task::spawn_blocking(move || inner.stop_writer()).await;
+    }
+
+    async fn send(&self, make: impl FnOnce() -> Command) -> Result<()> {
+        if self.inner.read_only {
+            return Err(JournalError::ReadOnly {
+                path: self.inner.path.display().to_string(),
+                operation: "writing",
+            });
+        }
+        let tx = self
+            .inner
+            .tx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or(JournalError::Closed)?;
+        tx.send(make()).await.map_err(|_| JournalError::Closed)
+    }
+
+    /// Runs a blocking read on Tokio's blocking pool.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&DB) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let db = self.inner.db.clone();
+        tokio::task::spawn_blocking(move || f(&db))
+            .await
+            .map_err(|e| JournalError::storage("running a blocking read", e))?
+    }
+
+    /// Overwrites the stored bytes of one event, bypassing every check.
+    /// For corruption tests and repair tools only.
+    pub fn overwrite_raw(&self, id: &PersistenceId, seq: u64, bytes: &[u8]) -> Result<()> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        let mut batch = rocksdb::WriteBatch::default();
+        batch.put_cf(cf(&self.inner.db, CF_EVENTS)?, event_key(id, seq), bytes);
+        self.inner
+            .db
+            .write_opt(batch, &wo)
+            .map_err(|e| JournalError::storage("overwriting an event", e))
+    }
+
+    /// Estimated number of stored events (for progress bars).
+    pub fn estimate_event_count(&self) -> u64 {
+        let db = &self.inner.db;
+        cf(db, CF_EVENTS)
+            .ok()
+            .and_then(|h| {
+                db.property_int_value_cf(h, rocksdb::properties::ESTIMATE_NUM_KEYS)
+                    .ok()
+                    .flatten()
+            })
+            .unwrap_or(0)
+    }
+
+    /// Decodes every stored envelope, calling `progress` with the number of
+    /// entries checked so far every 4,096 entries. Lists each bad entry (up
+    /// to [`MAX_REPORTED_BAD`]) by id and sequence.
+    pub fn verify(&self, mut progress: impl FnMut(u64)) -> Result<VerifyReport> {
+        let db = &self.inner.db;
+        let mut report = VerifyReport::default();
+        let mut it = db.raw_iterator_cf_opt(cf(db, CF_EVENTS)?, ReadOptions::default());
+        it.seek_to_first();
+        let mut prev: Option<(Vec<u8>, u64)> = None;
+        while let Some((k, v)) = it.item() {
+            report.events_checked += 1;
+            match split_seq_key(k) {
+                None => report.push_bad(
+                    String::from_utf8_lossy(k).into_owned(),
+                    None,
+                    "malformed key".into(),
+                ),
+                Some((id_bytes, seq)) => {
+                    let id_text = String::from_utf8_lossy(id_bytes).into_owned();
+                    if let Err(e) = crate::envelope::decode_event(v) {
+                        report.push_bad(id_text.clone(), Some(seq), e.to_string());
+                    }
+                    if let Some((pid, pseq)) = &prev
+                        && pid.as_slice() == id_bytes
+                        && seq != pseq + 1
+                    {
+                        report.push_bad(
+                            id_text,
+                            Some(seq),
+                            format!("gap: expected sequence {} first", pseq + 1),
+                        );
+                    }
+                    prev = Some((id_bytes.to_vec(), seq));
+                }
+            }
+            if report.events_checked % 4096 == 0 {
+                progress(report.events_checked);
+            }
+            it.next();
+        }
+        it.status()
+            .map_err(|e| JournalError::storage("scanning events", e))?;
+        let mut it = db.raw_iterator_cf_opt(cf(db, CF_SNAPSHOTS)?, ReadOptions::default());
+        it.seek_to_first();
+        while let Some((k, v)) = it.item() {
+            report.snapshots_checked += 1;
+            if let Err(e) = crate::envelope::decode_snapshot(v) {
+                report.push_bad(
+                    String::from_utf8_lossy(k).into_owned(),
+                    None,
+                    format!("snapshot: {e}"),
+                );
+            }
+            it.next();
+        }
+        it.status()
+            .map_err(|e| JournalError::storage("scanning snapshots", e))?;
+        progress(report.events_checked);
+        Ok(report)
+    }
+}
+
+/// Most bad entries listed in a [`VerifyReport`] (the count goes on).
+pub const MAX_REPORTED_BAD: usize = 10_000;
+
+/// One entry `verify` could not decode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadEntry {
+    /// Persistence id (lossy UTF-8 of the stored key).
+    pub id: String,
+    /// Sequence number, for events.
+    pub seq: Option<u64>,
+    /// What is wrong.
+    pub reason: String,
+}
+
+/// What [`RocksJournal::verify`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Event entries decoded.
+    pub events_checked: u64,
+    /// Snapshot entries decoded.
+    pub snapshots_checked: u64,
+    /// Bad entries found (may exceed `bad.len()`).
+    pub bad_count: u64,
+    /// The first [`MAX_REPORTED_BAD`] bad entries, in key order.
+    pub bad: Vec<BadEntry>,
+}
+
+impl VerifyReport {
+    fn push_bad(&mut self, id: String, seq: Option<u64>, reason: String) {
+        self.bad_count += 1;
+        if self.bad.len() < MAX_REPORTED_BAD {
+            self.bad.push(BadEntry { id, seq, reason });
+        }
+    }
+
+    /// True when nothing bad was found.
+    pub fn is_clean(&self) -> bool {
+        self.bad_count == 0
+    }
+}
+
+fn replay_blocking(
+    db: &DB,
+    id: &PersistenceId,
+    from_seq: u64,
+    to_seq: u64,
+    batch_size: usize,
+    tx: &mpsc::Sender<Result<Vec<PersistedEvent>>>,
+) -> Result<()> {
+    let mut ro = ReadOptions::default();
+    let upper = match to_seq.checked_add(1) {
+        Some(end) => event_key(id, end),
+        None => upper_bound(id.as_str()),
+    };
+    ro.set_iterate_upper_bound(upper);
+    let mut it = db.raw_iterator_cf_opt(cf(db, CF_EVENTS)?, ro);
+    it.seek(event_key(id, from_seq));
+    let mut types = TypeNameCache::default();
+    let mut batch = Vec::with_capacity(batch_size);
+    let mut prev: Option<u64> = None;
+    while let Some((k, v)) = it.item() {
+        let seq = split_seq_key(k).map_or(0, |(_, s)| s);
+        if let Some(p) = prev
+            && seq != p + 1
+        {
+            return Err(JournalError::Gap {
+                id: id.clone(),
+                expected: p + 1,
+                found: seq,
+            });
+        }
+        prev = Some(seq);
+        match PersistedEvent::from_envelope(id, seq, v, &mut types) {
+            Ok(ev) => batch.push(ev),
+            Err(e) => {
+                if !batch.is_empty() {
+                    let _ = tx.blocking_send(Ok(std::mem::take(&mut batch)));
+                }
+                return Err(e);
+            }
+        }
+        if batch.len() == batch_size {
+            let full = std::mem::replace(&mut batch, Vec::with_capacity(batch_size));
+            if tx.blocking_send(Ok(full)).is_err() {
+                return Ok(()); // the consumer went away
+            }
+        }
+        it.next();
+    }
+    it.status()
+        .map_err(|e| JournalError::storage("replaying events", e))?;
+    if !batch.is_empty() {
+        let _ = tx.blocking_send(Ok(batch));
+    }
+    Ok(())
+}
+
+#[async_trait::async_trait]
+impl Journal for RocksJournal {
+    async fn append(
+        &self,
+        id: &PersistenceId,
+        expected_seq: u64,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendOutcome> {
+        check_append(id, &events)?;
+        let envelopes = events
+            .iter()
+            .map(|e| {
+                let mut buf = Vec::new();
+                e.encode_envelope(&mut buf);
+                buf
+            })
+            .collect();
+        let (reply, rx) = oneshot::channel();
+        self.send(|| Command::Append {
+            id: id.clone(),
+            expected: expected_seq,
+            events,
+            envelopes,
+            reply,
+        })
+        .await?;
+        rx.await.map_err(|_| JournalError::Closed)?
+    }
+
+    fn replay(&self, id: &PersistenceId, from_seq: u64, to_seq: u64) -> Replay {
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return Replay::failed(JournalError::NoRuntime("replay"));
+        };
+        // Two batches in flight: the reader decodes the next while the
+        // consumer applies the current one.
+        let (tx, rx) = mpsc::channel(2);
+        let db = self.inner.db.clone();
+        let id = id.clone();
+        let batch_size = self.inner.config.replay_batch_size.max(1);
+        let from_seq = from_seq.max(1);
+        handle.spawn_blocking(move || {
+            if from_seq <= to_seq
+                && let Err(e) = replay_blocking(&db, &id, from_seq, to_seq, batch_size, &tx)
+            {
+                let _ = tx.blocking_send(Err(e));
+            }
+        });
+        Replay::from_receiver(rx)
+    }
+
+    async fn highest_seq(&self, id: &PersistenceId) -> Result<u64> {
+        let id = id.clone();
+        self.blocking(move |db| stored_highest(db, &id)).await
+    }
+
+    async fn save_snapshot(&self, id: &PersistenceId, snapshot: NewSnapshot) -> Result<()> {
+        let mut bytes = Vec::new();
+        snapshot.encode_envelope(&mut bytes);
+        let (reply, rx) = oneshot::channel();
+        self.send(|| Command::Snapshot {
+            id: id.clone(),
+            seq: snapshot.seq,
+            bytes,
+            reply,
+        })
+        .await?;
+        rx.await.map_err(|_| JournalError::Closed)?
+    }
+
+    async fn load_snapshot(&self, id: &PersistenceId) -> Result<Option<Snapshot>> {
+        let id = id.clone();
+        self.blocking(move |db| {
+            let bytes = db
+                .get_pinned_cf(cf(db, CF_SNAPSHOTS)?, id.as_str())
+                .map_err(|e| JournalError::storage("loading a snapshot", e))?;
+            bytes.map(|b| Snapshot::from_envelope(&id, &b)).transpose()
+        })
+        .await
+    }
+
+    async fn delete_events_to(&self, id: &PersistenceId, to_seq: u64) -> Result<()> {
+        let (reply, rx) = oneshot::channel();
+        self.send(|| Command::Delete {
+            id: id.clone(),
+            to_seq,
+            reply,
+        })
+        .await?;
+        rx.await.map_err(|_| JournalError::Closed)?
+    }
+
+    async fn persistence_ids(
+        &self,
+        after: Option<&PersistenceId>,
+        limit: usize,
+    ) -> Result<Vec<PersistenceId>> {
+        let after = after.cloned();
+        self.blocking(move |db| {
+            let mut ro = ReadOptions::default();
+            ro.set_iterate_upper_bound(vec![META_ID_PREFIX + 1]);
+            let mut it = db.raw_iterator_cf_opt(cf(db, CF_META)?, ro);
+            match &after {
+                Some(a) => it.seek(meta_id_key(a)),
+                None => it.seek([META_ID_PREFIX]),
+            }
+            let mut out = Vec::new();
+            while let Some(k) = it.key() {
+                if out.len() >= limit {
+                    break;
+                }
+                let text =
+                    std::str::from_utf8(&k[1..]).map_err(|_| JournalError::CorruptMetadata {
+                        key: String::from_utf8_lossy(k).into_owned(),
+                        reason: "persistence id is not UTF-8".into(),
+                    })?;
+                let id = PersistenceId::parse(text)?;
+                if after.as_ref() != Some(&id) {
+                    out.push(id);
+                }
+                it.next();
+            }
+            it.status()
+                .map_err(|e| JournalError::storage("listing persistence ids", e))?;
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn events_by_tag(
+        &self,
+        tag: &Tag,
+        from_offset: u64,
+        limit: usize,
+    ) -> Result<Vec<TaggedEvent>> {
+        let tag = tag.clone();
+        self.blocking(move |db| {
+            let mut ro = ReadOptions::default();
+            ro.set_iterate_upper_bound(upper_bound(tag.as_str()));
+            let mut it = db.raw_iterator_cf_opt(cf(db, CF_TAGS)?, ro);
+            let mut key = Vec::new();
+            seq_key(&mut key, tag.as_str(), from_offset);
+            it.seek(&key);
+            let mut refs = Vec::new();
+            while let Some((k, v)) = it.item() {
+                if refs.len() >= limit {
+                    break;
+                }
+                let bad = |reason: &str| JournalError::CorruptMetadata {
+                    key: String::from_utf8_lossy(k).into_owned(),
+                    reason: reason.to_owned(),
+                };
+                let (_, offset) = split_seq_key(k).ok_or_else(|| bad("malformed tag key"))?;
+                let (seq, id_bytes) =
+                    split_tag_value(v).ok_or_else(|| bad("malformed tag entry"))?;
+                let id = std::str::from_utf8(id_bytes)
+                    .map_err(|_| bad("id is not UTF-8"))
+                    .and_then(PersistenceId::parse)?;
+                refs.push((offset, id, seq));
+                it.next();
+            }
+            it.status()
+                .map_err(|e| JournalError::storage("reading a tag", e))?;
+            let events_cf = cf(db, CF_EVENTS)?;
+            let keys: Vec<_> = refs
+                .iter()
+                .map(|(_, id, seq)| event_key(id, *seq))
+                .collect();
+            let values = db.batched_multi_get_cf(events_cf, &keys, false);
+            let mut types = TypeNameCache::default();
+            let mut out = Vec::with_capacity(refs.len());
+            for ((offset, id, seq), value) in refs.into_iter().zip(values) {
+                let value = value.map_err(|e| JournalError::storage("reading tagged events", e))?;
+                if let Some(bytes) = value {
+                    let event = PersistedEvent::from_envelope(&id, seq, &bytes, &mut types)?;
+                    out.push(TaggedEvent { offset, event });
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    fn subscribe_tag(&self, tag: &Tag, from_offset: u64) -> TagSubscription {
+        let live = self.inner.live.subscribe();
+        subscription::spawn(self.clone(), live, tag.clone(), from_offset)
+    }
+
+    async fn flush(&self) -> Result<()> {
+        if self.inner.read_only {
+            return Ok(());
+        }
+        let (reply, rx) = oneshot::channel();
+        self.send(|| Command::Flush { reply }).await?;
+        rx.await.map_err(|_| JournalError::Closed)?
+    }
+}

@@ -1,0 +1,98 @@
+//! The conformance suite against both backends.
+
+use tempfile::TempDir;
+use troupe_journal::tck::TckHarness;
+use troupe_journal::{Durability, InMemoryJournal, PersistenceId, RocksConfig, RocksJournal};
+
+struct Memory {
+    journal: InMemoryJournal,
+}
+
+#[async_trait::async_trait]
+impl TckHarness for Memory {
+    type Journal = InMemoryJournal;
+    async fn open(&mut self) -> InMemoryJournal {
+        self.journal.reopen()
+    }
+    async fn close(&mut self, _journal: InMemoryJournal) {}
+    async fn overwrite_raw(
+        &mut self,
+        j: &InMemoryJournal,
+        id: &PersistenceId,
+        seq: u64,
+        bytes: &[u8],
+    ) {
+        assert!(
+            j.overwrite_raw(id, seq, bytes.to_vec()),
+            "no event {id} #{seq}"
+        );
+    }
+    fn replay_batch_size(&self) -> usize {
+        64
+    }
+}
+
+struct Rocks {
+    dir: TempDir,
+    durability: Durability,
+}
+
+impl Rocks {
+    fn new(durability: Durability) -> Self {
+        Self {
+            dir: tempfile::tempdir().expect("temp dir"),
+            durability,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl TckHarness for Rocks {
+    type Journal = RocksJournal;
+    async fn open(&mut self) -> RocksJournal {
+        let config = RocksConfig::new(self.dir.path())
+            .durability(self.durability)
+            .replay_batch_size(64);
+        // A closed handle's last references (blocking readers, aborted
+        // subscription tasks) may take a moment to drop and release the lock.
+        for _ in 0..100 {
+            match RocksJournal::open(config.clone()) {
+                Ok(j) => return j,
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+            }
+        }
+        RocksJournal::open(config).expect("reopen the journal")
+    }
+    async fn close(&mut self, journal: RocksJournal) {
+        journal.close().await;
+    }
+    async fn overwrite_raw(
+        &mut self,
+        j: &RocksJournal,
+        id: &PersistenceId,
+        seq: u64,
+        bytes: &[u8],
+    ) {
+        j.overwrite_raw(id, seq, bytes).expect("overwrite");
+    }
+    fn replay_batch_size(&self) -> usize {
+        64
+    }
+}
+
+mod memory {
+    use super::*;
+    troupe_journal::journal_tck!(Memory {
+        journal: InMemoryJournal::new().with_replay_batch_size(64)
+    });
+}
+
+mod rocks_fsync {
+    use super::*;
+    troupe_journal::journal_tck!(Rocks::new(Durability::Fsync));
+}
+
+mod rocks_buffered {
+    use super::*;
+    troupe_journal::journal_tck!(Rocks::new(Durability::Buffered));
+}
