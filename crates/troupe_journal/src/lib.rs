@@ -71,7 +71,7 @@ pub mod faulty;
 mod id;
 mod journal;
 mod memory;
-mod rocks;
+pub mod rocks;
 pub mod subscription;
 pub mod tck;
 mod upcast;
@@ -88,7 +88,10 @@ pub use faulty::{FaultPlan, FaultyJournal};
 pub use id::{MAX_ID_LEN, MAX_TAG_LEN, PersistenceId, Tag};
 pub use journal::{DEFAULT_REPLAY_BATCH, Durability, Journal, Replay, TagSubscription};
 pub use memory::InMemoryJournal;
-pub use rocks::{BadEntry, MAX_REPORTED_BAD, RocksConfig, RocksJournal, VerifyReport};
+pub use rocks::{
+    BadEntry, MAX_REPORTED_BAD, RocksConfig, RocksJournal, VerifyReport, WriterStats,
+    replay_read_options,
+};
 pub use upcast::{MAX_UPCAST_STEPS, Upcasters};
 
 /// Where and how to keep the journal; [`JournalConfig::open`] picks the backend.

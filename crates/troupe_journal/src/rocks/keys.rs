@@ -1,4 +1,4 @@
-//! Key layouts of the column families.
+//! Key layouts of the column families (public for tools and baselines).
 //!
 //! | column family | key | value |
 //! |---|---|---|
@@ -14,12 +14,18 @@
 
 use crate::id::PersistenceId;
 
+/// Column family of event envelopes.
 pub const CF_EVENTS: &str = "events";
+/// Column family of the latest snapshot per id.
 pub const CF_SNAPSHOTS: &str = "snapshots";
+/// Column family of the tag index.
 pub const CF_TAGS: &str = "tags";
+/// Column family of per-id and global metadata.
 pub const CF_META: &str = "meta";
 
+/// Metadata key of the next global tag offset.
 pub const META_NEXT_OFFSET: &[u8] = b"\x01next_offset";
+/// Prefix of per-id metadata keys.
 pub const META_ID_PREFIX: u8 = b'i';
 
 /// `name 0x00 n` into `out`.
@@ -30,6 +36,7 @@ pub fn seq_key(out: &mut Vec<u8>, name: &str, n: u64) {
     out.extend_from_slice(&n.to_be_bytes());
 }
 
+/// The key of event `seq` of `id`.
 pub fn event_key(id: &PersistenceId, seq: u64) -> Vec<u8> {
     let mut k = Vec::with_capacity(id.as_str().len() + 9);
     seq_key(&mut k, id.as_str(), seq);
@@ -55,6 +62,7 @@ pub fn split_seq_key(key: &[u8]) -> Option<(&[u8], u64)> {
     Some((name, u64::from_be_bytes(n)))
 }
 
+/// The metadata key of `id`.
 pub fn meta_id_key(id: &PersistenceId) -> Vec<u8> {
     let mut k = Vec::with_capacity(id.as_str().len() + 1);
     k.push(META_ID_PREFIX);
@@ -62,12 +70,14 @@ pub fn meta_id_key(id: &PersistenceId) -> Vec<u8> {
     k
 }
 
+/// A tag index value: `seq` big-endian, then the id, into `out`.
 pub fn tag_value(out: &mut Vec<u8>, id: &PersistenceId, seq: u64) {
     out.clear();
     out.extend_from_slice(&seq.to_be_bytes());
     out.extend_from_slice(id.as_str().as_bytes());
 }
 
+/// Splits a tag index value into sequence and id bytes.
 pub fn split_tag_value(v: &[u8]) -> Option<(u64, &[u8])> {
     if v.len() < 9 {
         return None;
@@ -77,6 +87,7 @@ pub fn split_tag_value(v: &[u8]) -> Option<(u64, &[u8])> {
     Some((u64::from_be_bytes(n), &v[8..]))
 }
 
+/// Reads an 8-byte big-endian integer.
 pub fn be_u64(v: &[u8]) -> Option<u64> {
     let arr: [u8; 8] = v.try_into().ok()?;
     Some(u64::from_be_bytes(arr))
@@ -90,7 +101,7 @@ mod tests {
     fn keys_of_one_id_sort_by_sequence_and_never_mix_with_a_longer_id() {
         let a = PersistenceId::parse("k/a").unwrap();
         let ab = PersistenceId::parse("k/ab").unwrap();
-        let mut keys = vec![
+        let mut keys = [
             event_key(&ab, 1),
             event_key(&a, 256),
             event_key(&a, 2),

@@ -14,10 +14,11 @@
 //!
 //! See [`keys`](self::keys) for the column families and key layout.
 
-pub(crate) mod keys;
+pub mod keys;
 mod writer;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rocksdb::{
@@ -88,7 +89,9 @@ impl RocksConfig {
         self
     }
 
-    fn db_options(&self) -> (Options, Vec<ColumnFamilyDescriptor>) {
+    /// The RocksDB options and column families the journal opens with
+    /// (for tools and for baselines that must match the journal's setup).
+    pub fn db_options(&self) -> (Options, Vec<ColumnFamilyDescriptor>) {
         let mut db = Options::default();
         db.create_if_missing(true);
         db.create_missing_column_families(true);
@@ -111,8 +114,38 @@ impl RocksConfig {
     }
 }
 
+/// Counters of the group-commit writer since the journal was opened.
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    commits: AtomicU64,
+    events: AtomicU64,
+}
+
+impl WriterStats {
+    pub(crate) fn record(&self, events: u64) {
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        self.events.fetch_add(events, Ordering::Relaxed);
+    }
+
+    /// Group commits (write batches) written.
+    pub fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+
+    /// Events written.
+    pub fn events(&self) -> u64 {
+        self.events.load(Ordering::Relaxed)
+    }
+
+    /// Average events per group commit.
+    pub fn mean_batch(&self) -> f64 {
+        self.events() as f64 / self.commits().max(1) as f64
+    }
+}
+
 pub(crate) struct Inner {
     pub(crate) db: Arc<DB>,
+    stats: Arc<WriterStats>,
     path: PathBuf,
     config: RocksConfig,
     tx: Mutex<Option<mpsc::Sender<Command>>>,
@@ -210,7 +243,15 @@ impl RocksJournal {
         let (tx, rx) = mpsc::channel(config.writer_queue.max(1));
         let mut write_opts = WriteOptions::default();
         write_opts.set_sync(config.durability == Durability::Fsync);
-        let writer = Writer::new(db.clone(), &config, write_opts, next_offset, live.clone());
+        let stats = Arc::new(WriterStats::default());
+        let writer = Writer::new(
+            db.clone(),
+            &config,
+            write_opts,
+            next_offset,
+            live.clone(),
+            stats.clone(),
+        );
         let handle = std::thread::Builder::new()
             .name("troupe-journal-writer".into())
             .spawn(move || writer.run(rx))
@@ -219,6 +260,7 @@ impl RocksJournal {
         Ok(Self {
             inner: Arc::new(Inner {
                 db,
+                stats,
                 path: config.path.clone(),
                 config,
                 tx: Mutex::new(Some(tx)),
@@ -246,6 +288,7 @@ impl RocksJournal {
         Ok(Self {
             inner: Arc::new(Inner {
                 db: Arc::new(db),
+                stats: Arc::default(),
                 path: config.path.clone(),
                 config,
                 tx: Mutex::new(None),
@@ -256,13 +299,19 @@ impl RocksJournal {
         })
     }
 
+    /// Group-commit counters (commits, events, mean batch size).
+    pub fn writer_stats(&self) -> &WriterStats {
+        &self.inner.stats
+    }
+
     /// The data directory.
     pub fn path(&self) -> &Path {
         &self.inner.path
     }
 
-    /// Stops the writer after it has committed everything queued, and syncs
-    /// the write-ahead log. Later writes fail with [`JournalError::Closed`];
+    /// Stops the writer after it has committed everything queued, syncs
+    /// the write-ahead log and flushes memtables (so the next open has no
+    /// log to replay). Later writes fail with [`JournalError::Closed`];
     /// reads keep working while handles exist.
     pub async fn close(&self) {
         let inner = self.inner.clone();
@@ -329,7 +378,7 @@ impl RocksJournal {
     pub fn verify(&self, mut progress: impl FnMut(u64)) -> Result<VerifyReport> {
         let db = &self.inner.db;
         let mut report = VerifyReport::default();
-        let mut it = db.raw_iterator_cf_opt(cf(db, CF_EVENTS)?, ReadOptions::default());
+        let mut it = db.raw_iterator_cf_opt(cf(db, CF_EVENTS)?, replay_read_options());
         it.seek_to_first();
         let mut prev: Option<(Vec<u8>, u64)> = None;
         while let Some((k, v)) = it.item() {
@@ -426,6 +475,16 @@ impl VerifyReport {
     }
 }
 
+/// Read options for replays and full scans: blocks are read once, in
+/// order, so they bypass the block cache (replay memory stays flat) and are
+/// read ahead.
+pub fn replay_read_options() -> ReadOptions {
+    let mut ro = ReadOptions::default();
+    ro.fill_cache(false);
+    ro.set_readahead_size(2 << 20);
+    ro
+}
+
 fn replay_blocking(
     db: &DB,
     id: &PersistenceId,
@@ -434,7 +493,7 @@ fn replay_blocking(
     batch_size: usize,
     tx: &mpsc::Sender<Result<Vec<PersistedEvent>>>,
 ) -> Result<()> {
-    let mut ro = ReadOptions::default();
+    let mut ro = replay_read_options();
     let upper = match to_seq.checked_add(1) {
         Some(end) => event_key(id, end),
         None => upper_bound(id.as_str()),

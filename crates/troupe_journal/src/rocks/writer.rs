@@ -9,7 +9,7 @@ use rocksdb::{DB, WriteBatch, WriteOptions};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::keys::*;
-use super::{RocksConfig, cf, stored_highest};
+use super::{RocksConfig, WriterStats, cf, stored_highest};
 use crate::error::{JournalError, Result};
 use crate::event::{AppendOutcome, NewEvent, Snapshot, TaggedEvent};
 use crate::id::PersistenceId;
@@ -68,6 +68,7 @@ pub(crate) struct Writer {
     highest: LruCache<PersistenceId, u64>,
     next_offset: u64,
     live: broadcast::Sender<TaggedEvent>,
+    stats: Arc<WriterStats>,
 }
 
 impl Writer {
@@ -77,6 +78,7 @@ impl Writer {
         write_opts: WriteOptions,
         next_offset: u64,
         live: broadcast::Sender<TaggedEvent>,
+        stats: Arc<WriterStats>,
     ) -> Self {
         // Every id touched by one batch must stay cached until the batch is
         // committed, or a later append in the batch would re-read a stale
@@ -94,6 +96,7 @@ impl Writer {
             highest: LruCache::new(cap),
             next_offset,
             live,
+            stats,
         }
     }
 
@@ -118,6 +121,9 @@ impl Writer {
         // Queue closed: everything is committed; make it durable.
         if let Err(e) = self.db.flush_wal(true) {
             tracing::error!(error = %e, "syncing the write-ahead log on close failed");
+        }
+        if let Err(e) = self.db.flush() {
+            tracing::warn!(error = %e, "flushing memtables on close failed (the log still has them)");
         }
     }
 
@@ -289,6 +295,7 @@ impl Writer {
         match result {
             Ok(()) => {
                 self.next_offset = offset;
+                self.stats.record(appended);
                 metrics::histogram!("troupe_journal_commit_seconds")
                     .record(started.elapsed().as_secs_f64());
                 metrics::histogram!("troupe_journal_batch_events").record(appended as f64);

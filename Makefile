@@ -1,0 +1,45 @@
+# Troupe: `make demo` runs the flagship example, `make test` runs every check.
+# Both install what is missing first (scripts/install-deps.sh).
+
+SHELL := /bin/bash
+export CARGO_TARGET_DIR ?= /var/tmp/troupe-target
+CARGO ?= cargo
+DEMO ?= journal_tour
+EXAMPLES := journal_tour
+
+.PHONY: all deps demo test fmt-check clippy unit examples book bench
+
+all: test
+
+deps:
+	@./scripts/install-deps.sh
+
+demo: deps
+	$(CARGO) run --release --example $(DEMO)
+
+test: deps fmt-check clippy unit examples book
+	@echo "make test: all checks passed"
+
+fmt-check:
+	$(CARGO) fmt --all -- --check
+
+clippy:
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+unit:
+	$(CARGO) test --workspace
+
+# Every example, in quick mode, in a throwaway data directory.
+examples:
+	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	for ex in $(EXAMPLES); do \
+		echo "== example $$ex (quick)"; \
+		$(CARGO) run -q --example $$ex -- --quick --data-dir "$$tmp/$$ex"; \
+	done
+
+book:
+	mdbook build book
+
+# Benchmarks are not part of `make test`: run them on a quiet machine.
+bench:
+	$(CARGO) run --release -p troupe_cli -- bench journal

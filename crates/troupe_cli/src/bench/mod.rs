@@ -1,0 +1,74 @@
+//! `troupe bench <suite>`: benchmark suites.
+//!
+//! Every suite prints one `name: value unit` line per figure on stdout and,
+//! for each figure with a baseline measured in the same run, a line
+//! `name_ratio: R x` (Troupe divided by the baseline). Progress notes go to
+//! stderr.
+
+mod journal;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Subcommand;
+
+#[derive(Subcommand)]
+pub enum Suite {
+    /// The event journal against raw RocksDB.
+    Journal {
+        /// Smaller counts, well under a minute.
+        #[arg(long)]
+        quick: bool,
+    },
+    /// (internal) Replay one id and print the process's peak RSS.
+    #[command(hide = true)]
+    ReplayRss {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        id: String,
+    },
+}
+
+pub fn run(suite: Suite) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    match suite {
+        Suite::Journal { quick } => journal::run(quick)?,
+        Suite::ReplayRss { data_dir, id } => journal::replay_rss_child(&data_dir, &id)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints figures as they are measured.
+pub struct Report;
+
+impl Report {
+    pub fn figure(&self, name: &str, value: f64, unit: &str) {
+        println!("{name}: {} {unit}", fmt(value));
+    }
+
+    pub fn ratio(&self, name: &str, troupe: f64, baseline: f64) {
+        let r = if baseline > 0.0 {
+            troupe / baseline
+        } else {
+            0.0
+        };
+        println!("{name}_ratio: {r:.3} x");
+    }
+}
+
+fn fmt(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+/// Peak resident set size of this process in KiB (Linux `VmHWM`).
+pub fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
