@@ -5,6 +5,11 @@
 //! - `troupe bench journal [--quick]`: measure the journal against raw
 //!   RocksDB, one `name: value unit` line per figure.
 
+// The journal's reader and writer threads allocate events that other
+// threads free; glibc's per-thread arenas make every such free slow.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod bench;
 mod journal_cmd;
 

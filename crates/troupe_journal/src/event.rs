@@ -80,11 +80,40 @@ fn check_type_and_payload(type_name: &str, payload_len: usize) -> Result<()> {
     Ok(())
 }
 
+/// A type name: a `&'static str` from [`Schema::TYPE_NAME`] (no allocation)
+/// or a shared string.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TypeName {
+    /// A compile-time name.
+    Static(&'static str),
+    /// A name known at run time.
+    Shared(Arc<str>),
+}
+
+impl std::ops::Deref for TypeName {
+    type Target = str;
+    fn deref(&self) -> &str {
+        match self {
+            TypeName::Static(s) => s,
+            TypeName::Shared(s) => s,
+        }
+    }
+}
+
+impl From<&TypeName> for Arc<str> {
+    fn from(t: &TypeName) -> Arc<str> {
+        match t {
+            TypeName::Static(s) => Arc::from(*s),
+            TypeName::Shared(s) => s.clone(),
+        }
+    }
+}
+
 /// An event to append: its type, schema version, encoded payload and tags.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewEvent {
     /// Type name (see [`Schema::TYPE_NAME`]).
-    pub event_type: Arc<str>,
+    pub event_type: TypeName,
     /// Schema version of the payload.
     pub schema_version: u32,
     /// rmp-serde bytes.
@@ -99,14 +128,21 @@ impl NewEvent {
     /// Encodes a typed event.
     pub fn new<E: Schema>(event: &E) -> Result<Self> {
         let payload = encode_payload(E::TYPE_NAME, event)?;
-        Self::raw(E::TYPE_NAME, E::SCHEMA_VERSION, payload)
+        check_type_and_payload(E::TYPE_NAME, payload.len())?;
+        Ok(Self {
+            event_type: TypeName::Static(E::TYPE_NAME),
+            schema_version: E::SCHEMA_VERSION,
+            payload,
+            tags: Vec::new(),
+            timestamp_ms: now_ms(),
+        })
     }
 
     /// An event from already-encoded bytes (tools, upcasting tests, bridges).
     pub fn raw(event_type: &str, schema_version: u32, payload: Vec<u8>) -> Result<Self> {
         check_type_and_payload(event_type, payload.len())?;
         Ok(Self {
-            event_type: Arc::from(event_type),
+            event_type: TypeName::Shared(Arc::from(event_type)),
             schema_version,
             payload,
             tags: Vec::new(),
@@ -145,7 +181,7 @@ impl NewEvent {
         PersistedEvent {
             id,
             seq,
-            event_type: self.event_type,
+            event_type: Arc::from(&self.event_type),
             schema_version: self.schema_version,
             timestamp_ms: self.timestamp_ms,
             tags: self.tags,

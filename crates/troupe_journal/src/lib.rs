@@ -82,7 +82,8 @@ use std::sync::Arc;
 pub use error::{EnvelopeError, JournalError, Result};
 pub use event::{
     AppendOutcome, MAX_EVENTS_PER_APPEND, MAX_PAYLOAD_LEN, MAX_TAGS_PER_EVENT, MAX_TYPE_NAME_LEN,
-    NewEvent, NewSnapshot, PersistedEvent, Schema, Snapshot, TaggedEvent, TypeNameCache, now_ms,
+    NewEvent, NewSnapshot, PersistedEvent, Schema, Snapshot, TaggedEvent, TypeName, TypeNameCache,
+    now_ms,
 };
 pub use faulty::{FaultPlan, FaultyJournal};
 pub use id::{MAX_ID_LEN, MAX_TAG_LEN, PersistenceId, Tag};

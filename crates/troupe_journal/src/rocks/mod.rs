@@ -20,6 +20,7 @@ mod writer;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, DBCompressionType, Options, ReadOptions,
@@ -37,6 +38,10 @@ use crate::memory::check_append;
 use crate::subscription::{self, LIVE_FEED_CAPACITY};
 use keys::*;
 use writer::{Command, Writer};
+
+/// Committed batches waiting for the acker task before the writer answers
+/// them itself.
+const ACKER_QUEUE: usize = 64;
 
 /// Settings of a [`RocksJournal`]. Every bound has a default that suits a
 /// 2-core machine; all are explicit.
@@ -119,12 +124,29 @@ impl RocksConfig {
 pub struct WriterStats {
     commits: AtomicU64,
     events: AtomicU64,
+    busy_ns: AtomicU64,
+    storage_ns: AtomicU64,
 }
 
 impl WriterStats {
-    pub(crate) fn record(&self, events: u64) {
+    pub(crate) fn record(&self, events: u64, busy: Duration, storage: Duration) {
         self.commits.fetch_add(1, Ordering::Relaxed);
         self.events.fetch_add(events, Ordering::Relaxed);
+        self.busy_ns
+            .fetch_add(busy.as_nanos() as u64, Ordering::Relaxed);
+        self.storage_ns
+            .fetch_add(storage.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// Time the writer spent committing (building batches, writing,
+    /// syncing, answering), as opposed to waiting for appends.
+    pub fn busy(&self) -> Duration {
+        Duration::from_nanos(self.busy_ns.load(Ordering::Relaxed))
+    }
+
+    /// Time spent inside RocksDB's write (and sync) calls.
+    pub fn storage(&self) -> Duration {
+        Duration::from_nanos(self.storage_ns.load(Ordering::Relaxed))
     }
 
     /// Group commits (write batches) written.
@@ -244,6 +266,11 @@ impl RocksJournal {
         let mut write_opts = WriteOptions::default();
         write_opts.set_sync(config.durability == Durability::Fsync);
         let stats = Arc::new(WriterStats::default());
+        let acker = tokio::runtime::Handle::try_current().ok().map(|rt| {
+            let (tx, rx) = mpsc::channel(ACKER_QUEUE);
+            rt.spawn(writer::acker(rx));
+            tx
+        });
         let writer = Writer::new(
             db.clone(),
             &config,
@@ -251,6 +278,7 @@ impl RocksJournal {
             next_offset,
             live.clone(),
             stats.clone(),
+            acker,
         );
         let handle = std::thread::Builder::new()
             .name("troupe-journal-writer".into())
@@ -481,7 +509,7 @@ impl VerifyReport {
 pub fn replay_read_options() -> ReadOptions {
     let mut ro = ReadOptions::default();
     ro.fill_cache(false);
-    ro.set_readahead_size(2 << 20);
+    ro.set_readahead_size(256 << 10);
     ro
 }
 

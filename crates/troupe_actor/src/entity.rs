@@ -1,0 +1,418 @@
+//! Entities: durable actors addressed by key, activated on demand and
+//! passivated when idle.
+//!
+//! [`Entities<E>`] owns every live actor of one [`EventSourced`] type. The
+//! first message for a key *activates* it: the actor is spawned and
+//! recovers from the journal. An entity idle for longer than
+//! [`EntityConfig::idle_timeout`] is *passivated*: its mailbox is drained,
+//! the actor stops and the registry forgets it, so a passivated entity costs
+//! no task, no actor and no memory. The next message activates it again.
+//!
+//! Activation is single-flight: concurrent first messages for one key wait
+//! on the same activation, and a message that arrives while the entity is
+//! passivating waits for it to finish, so one entity never has two
+//! incarnations (two writers would meet a `SeqConflict` in the journal,
+//! which stays the last line of defence).
+//!
+//! An entity that fails (an append failed, its handler panicked) is simply
+//! forgotten: the next message re-activates it from the journal. That is a
+//! transient, on-demand restart, the usual policy for sharded entities.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
+use ractor::RpcReplyPort;
+use troupe_journal::{Journal, PersistenceId};
+
+use crate::durable::{DurableActor, DurableArgs, DurableConfig, EventSourced};
+use crate::error::{ActorError, Rejected};
+use crate::mailbox::{self, ActorHandle, DEFAULT_MAILBOX_CAPACITY};
+
+/// Settings of one entity type.
+#[derive(Clone)]
+pub struct EntityConfig {
+    /// Mailbox capacity of each entity.
+    pub mailbox_capacity: usize,
+    /// Passivate an entity after this long without messages (None: never).
+    pub idle_timeout: Option<Duration>,
+    /// Journal settings of the durable actors.
+    pub durable: DurableConfig,
+    /// Most time a passivation may take to drain a mailbox.
+    pub drain_timeout: Duration,
+}
+
+impl Default for EntityConfig {
+    /// Mailboxes of 1,024, passivation after 2 minutes idle.
+    fn default() -> Self {
+        Self {
+            mailbox_capacity: DEFAULT_MAILBOX_CAPACITY,
+            idle_timeout: Some(Duration::from_secs(120)),
+            durable: DurableConfig::default(),
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+type Activation<C> = Shared<BoxFuture<'static, Result<ActorHandle<C>, ActorError>>>;
+
+enum Slot<C> {
+    Active {
+        handle: ActorHandle<C>,
+        last_used: Instant,
+    },
+    Activating(Activation<C>),
+    Passivating(Shared<BoxFuture<'static, ()>>),
+}
+
+struct Inner<E: EventSourced> {
+    entity: Arc<E>,
+    journal: Arc<dyn Journal>,
+    config: EntityConfig,
+    slots: Mutex<HashMap<String, Slot<E::Command>>>,
+    active: metrics::Gauge,
+}
+
+/// The registry of one entity type. Cheap to clone.
+pub struct Entities<E: EventSourced> {
+    inner: Arc<Inner<E>>,
+    sweeper: Arc<SweeperGuard>,
+}
+
+impl<E: EventSourced> Clone for Entities<E> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            sweeper: self.sweeper.clone(),
+        }
+    }
+}
+
+struct SweeperGuard(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for SweeperGuard {
+    fn drop(&mut self) {
+        if let Some(t) = &self.0 {
+            t.abort();
+        }
+    }
+}
+
+enum Wait<C> {
+    Activation(Activation<C>),
+    Passivation(Shared<BoxFuture<'static, ()>>),
+}
+
+/// Tries to deliver one message before giving up on a racing passivation or crash.
+const DELIVERY_ATTEMPTS: u32 = 8;
+
+impl<E: EventSourced> Entities<E> {
+    /// A registry for `entity`, journaling into `journal`. Starts the idle
+    /// sweeper (must be called inside a Tokio runtime).
+    pub fn new(entity: E, journal: Arc<dyn Journal>, config: EntityConfig) -> Self {
+        let inner = Arc::new(Inner {
+            entity: Arc::new(entity),
+            journal,
+            active: metrics::gauge!("troupe_entities_active", "kind" => E::KIND),
+            config,
+            slots: Mutex::new(HashMap::new()),
+        });
+        let sweeper = inner.config.idle_timeout.map(|idle| {
+            let weak = Arc::downgrade(&inner);
+            let period = (idle / 2).max(Duration::from_millis(5));
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(period);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let Some(inner) = weak.upgrade() else { return };
+                    Self::sweep(&inner, idle);
+                }
+            })
+        });
+        Self {
+            inner,
+            sweeper: Arc::new(SweeperGuard(sweeper)),
+        }
+    }
+
+    fn slots(inner: &Inner<E>) -> MutexGuard<'_, HashMap<String, Slot<E::Command>>> {
+        inner.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn persistence_id(key: &str) -> Result<PersistenceId, ActorError> {
+        PersistenceId::new(E::KIND, key).map_err(|e| ActorError::Invalid {
+            what: "entity key",
+            message: e.to_string(),
+        })
+    }
+
+    /// Entities active now.
+    pub fn active_count(&self) -> usize {
+        Self::slots(&self.inner)
+            .values()
+            .filter(|s| matches!(s, Slot::Active { .. }))
+            .count()
+    }
+
+    /// Is `key` active now?
+    pub fn is_active(&self, key: &str) -> bool {
+        matches!(Self::slots(&self.inner).get(key), Some(Slot::Active { .. }))
+    }
+
+    /// The handle of `key`'s current incarnation, activating it if needed.
+    pub async fn handle(&self, key: &str) -> Result<ActorHandle<E::Command>, ActorError> {
+        loop {
+            let wait = {
+                let mut slots = Self::slots(&self.inner);
+                match slots.get_mut(key) {
+                    Some(Slot::Active { handle, last_used }) => {
+                        if handle.cell().is_some() {
+                            *last_used = Instant::now();
+                            return Ok(handle.clone());
+                        }
+                        // The incarnation died: forget it and activate anew.
+                        slots.remove(key);
+                        self.inner.active.decrement(1.0);
+                        Wait::Activation(self.start_activation(&mut slots, key)?)
+                    }
+                    Some(Slot::Activating(a)) => Wait::Activation(a.clone()),
+                    Some(Slot::Passivating(p)) => Wait::Passivation(p.clone()),
+                    None => Wait::Activation(self.start_activation(&mut slots, key)?),
+                }
+            };
+            match wait {
+                Wait::Activation(a) => {
+                    a.await?;
+                }
+                Wait::Passivation(p) => p.await,
+            }
+        }
+    }
+
+    fn start_activation(
+        &self,
+        slots: &mut HashMap<String, Slot<E::Command>>,
+        key: &str,
+    ) -> Result<Activation<E::Command>, ActorError> {
+        let id = Self::persistence_id(key)?;
+        let inner = self.inner.clone();
+        let key_owned = key.to_owned();
+        // The activation runs as its own task, which also records the
+        // outcome, so a caller that gives up cannot leave the slot stuck.
+        let task = tokio::spawn(async move {
+            let args = DurableArgs {
+                id: id.clone(),
+                journal: inner.journal.clone(),
+                config: inner.config.durable.clone(),
+            };
+            let result = mailbox::spawn(
+                id.as_str(),
+                DurableActor(inner.entity.clone()),
+                args,
+                inner.config.mailbox_capacity,
+                None,
+            )
+            .await;
+            let mut slots = Self::slots(&inner);
+            match &result {
+                Ok(handle) => {
+                    slots.insert(
+                        key_owned,
+                        Slot::Active {
+                            handle: handle.clone(),
+                            last_used: Instant::now(),
+                        },
+                    );
+                    inner.active.increment(1.0);
+                    metrics::counter!("troupe_entity_activations_total", "kind" => E::KIND)
+                        .increment(1);
+                }
+                Err(_) => {
+                    slots.remove(&key_owned);
+                }
+            }
+            result
+        });
+        let key_for_err = key.to_owned();
+        let shared = task
+            .map(move |joined| {
+                joined.unwrap_or_else(|e| {
+                    Err(ActorError::Spawn {
+                        actor: key_for_err,
+                        message: e.to_string(),
+                    })
+                })
+            })
+            .boxed()
+            .shared();
+        slots.insert(key.to_owned(), Slot::Activating(shared.clone()));
+        Ok(shared)
+    }
+
+    fn sweep(inner: &Arc<Inner<E>>, idle: Duration) {
+        let now = Instant::now();
+        let mut slots = Self::slots(inner);
+        let idle_keys: Vec<String> = slots
+            .iter()
+            .filter_map(|(k, s)| match s {
+                Slot::Active { handle, last_used }
+                    if now.duration_since(*last_used) >= idle && handle.depth() == 0 =>
+                {
+                    Some(k.clone())
+                }
+                _ => None,
+            })
+            .collect();
+        for key in idle_keys {
+            let Some(Slot::Active { handle, .. }) = slots.remove(&key) else {
+                continue;
+            };
+            inner.active.decrement(1.0);
+            let fut = Self::passivation(inner.clone(), key.clone(), handle);
+            slots.insert(key, Slot::Passivating(fut));
+        }
+    }
+
+    fn passivation(
+        inner: Arc<Inner<E>>,
+        key: String,
+        handle: ActorHandle<E::Command>,
+    ) -> Shared<BoxFuture<'static, ()>> {
+        let drain = inner.config.drain_timeout;
+        let task = tokio::spawn(async move {
+            if let Some(cell) = handle.cell() {
+                // Drain: messages already queued are handled, then it stops.
+                let _ = cell.drain_and_wait(Some(drain)).await;
+            }
+            handle.detach();
+            let mut slots = Self::slots(&inner);
+            if matches!(slots.get(&key), Some(Slot::Passivating(_))) {
+                slots.remove(&key);
+            }
+            metrics::counter!("troupe_entity_passivations_total", "kind" => E::KIND).increment(1);
+        });
+        task.map(|_| ()).boxed().shared()
+    }
+
+    /// Delivers `command` to `key` if its mailbox has room, activating it
+    /// first if needed.
+    pub async fn tell(&self, key: &str, command: E::Command) -> Result<(), Rejected<E::Command>> {
+        let mut command = command;
+        for _ in 0..DELIVERY_ATTEMPTS {
+            let handle = match self.handle(key).await {
+                Ok(h) => h,
+                Err(error) => {
+                    return Err(Rejected {
+                        error,
+                        message: command,
+                    });
+                }
+            };
+            match handle.tell(command) {
+                Ok(()) => return Ok(()),
+                Err(Rejected {
+                    error: ActorError::NotRunning { .. },
+                    message,
+                }) => command = message, // raced with passivation or a crash
+                Err(r) => return Err(r),
+            }
+        }
+        Err(Rejected {
+            error: ActorError::NotRunning {
+                actor: key.to_owned(),
+            },
+            message: command,
+        })
+    }
+
+    /// Sends the command `build` makes and waits for its reply; waits for
+    /// mailbox room if needed. `timeout` bounds the whole exchange.
+    pub async fn ask<R: Send + 'static>(
+        &self,
+        key: &str,
+        build: impl FnOnce(RpcReplyPort<R>) -> E::Command,
+        timeout: Duration,
+    ) -> Result<R, ActorError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut command = build(RpcReplyPort::from(tx));
+        let mut delivered = false;
+        for _ in 0..DELIVERY_ATTEMPTS {
+            let handle = tokio::time::timeout_at(deadline, self.handle(key))
+                .await
+                .map_err(|_| ActorError::Timeout {
+                    actor: key.to_owned(),
+                    operation: "ask",
+                    after: timeout,
+                })??;
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let sent = match handle.tell(command) {
+                Ok(()) => Ok(()),
+                Err(Rejected {
+                    error: ActorError::Backpressure { .. },
+                    message,
+                }) => handle.send(message, remaining).await,
+                Err(r) => Err(r),
+            };
+            match sent {
+                Ok(()) => {
+                    delivered = true;
+                    break;
+                }
+                Err(Rejected {
+                    error: ActorError::NotRunning { .. },
+                    message,
+                }) => command = message,
+                Err(r) => return Err(r.error),
+            }
+        }
+        if !delivered {
+            return Err(ActorError::NotRunning {
+                actor: key.to_owned(),
+            });
+        }
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(_)) => Err(ActorError::NoReply {
+                actor: format!("{}/{key}", E::KIND),
+            }),
+            Err(_) => Err(ActorError::Timeout {
+                actor: key.to_owned(),
+                operation: "ask",
+                after: timeout,
+            }),
+        }
+    }
+
+    /// Passivates every active entity (draining their mailboxes) and waits.
+    pub async fn passivate_all(&self) {
+        let waits: Vec<Shared<BoxFuture<'static, ()>>> = {
+            let mut slots = Self::slots(&self.inner);
+            let keys: Vec<String> = slots.keys().cloned().collect();
+            let mut waits = Vec::new();
+            for key in keys {
+                match slots.remove(&key) {
+                    Some(Slot::Active { handle, .. }) => {
+                        self.inner.active.decrement(1.0);
+                        let f = Self::passivation(self.inner.clone(), key.clone(), handle);
+                        slots.insert(key, Slot::Passivating(f.clone()));
+                        waits.push(f);
+                    }
+                    Some(Slot::Passivating(f)) => {
+                        slots.insert(key, Slot::Passivating(f.clone()));
+                        waits.push(f);
+                    }
+                    Some(other) => {
+                        slots.insert(key, other);
+                    }
+                    None => {}
+                }
+            }
+            waits
+        };
+        futures::future::join_all(waits).await;
+    }
+}
