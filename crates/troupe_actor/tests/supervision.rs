@@ -164,12 +164,18 @@ async fn transient_children_restart_only_after_failures_and_temporary_never() {
     eventually("transient restarted after failure", || starts(&tr) == 2).await;
     tr2.handle.tell(WorkerMsg::StopNormally).expect("tell");
     tmp.handle.tell(WorkerMsg::Fail).expect("tell");
-    eventually("children report stopped", || {
-        futures::executor::block_on(sup.children(T))
-            .map(|c| !c[1].running && !c[2].running)
-            .unwrap_or(false)
-    })
-    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let c = sup.children(T).await.expect("children");
+        if !c[1].running && !c[2].running {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "children never reported stopped: {c:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     // Give a wrongly scheduled restart every chance to happen, then check it did not.
     tr.handle
         .ask(WorkerMsg::Incarnation, T)
