@@ -9,13 +9,26 @@
 //! | module | crate | what it is for |
 //! |---|---|---|
 //! | [`journal`] | `troupe_journal` | the event journal: append, replay, snapshots, tags |
+//! | [`actor`] | `troupe_actor` | bounded mailboxes, supervision, durable actors, entities |
+//! | [`Troupe`] | (here) | the system handle: journal + root supervisor + orderly shutdown |
 //!
 //! Most programs start with `use troupe::prelude::*;`.
 
+mod system;
+
+pub use ractor;
+pub use troupe_actor as actor;
 pub use troupe_journal as journal;
+
+pub use system::{Troupe, TroupeBuilder};
 
 /// The names most programs need.
 pub mod prelude {
+    pub use crate::{Troupe, TroupeBuilder};
+    pub use troupe_actor::{
+        ActorError, ActorHandle, Backoff, ChildSpec, DurableConfig, Effect, Entities, EntityConfig,
+        EventSourced, Restart, RpcReplyPort, Strategy, SupervisorHandle, SupervisorSpec,
+    };
     pub use troupe_journal::{
         AppendOutcome, Durability, InMemoryJournal, Journal, JournalConfig, JournalError, NewEvent,
         NewSnapshot, PersistedEvent, PersistenceId, Replay, RocksConfig, RocksJournal, Schema,

@@ -24,18 +24,109 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use arc_swap::ArcSwapOption;
 use ractor::{ActorCell, ActorRef, ActorStatus, Message, RpcReplyPort};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Notify;
 
 use crate::error::{ActorError, Rejected};
 
 /// Default mailbox capacity.
 pub const DEFAULT_MAILBOX_CAPACITY: usize = 1024;
 
+/// Free mailbox slots of one incarnation. A lighter semaphore than
+/// tokio's: taking and giving back a slot are single atomic operations,
+/// and the actor only touches the waiter list when a sender is waiting.
+struct Permits {
+    available: AtomicUsize,
+    capacity: usize,
+    waiters: AtomicUsize,
+    notify: Notify,
+}
+
+impl Permits {
+    fn new(capacity: usize) -> Self {
+        Self {
+            available: AtomicUsize::new(capacity),
+            capacity,
+            waiters: AtomicUsize::new(0),
+            notify: Notify::new(),
+        }
+    }
+
+    #[inline]
+    fn try_acquire(&self) -> bool {
+        let mut a = self.available.load(Ordering::Relaxed);
+        loop {
+            if a == 0 {
+                return false;
+            }
+            match self.available.compare_exchange_weak(
+                a,
+                a - 1,
+                Ordering::Acquire,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(now) => a = now,
+            }
+        }
+    }
+
+    /// Gives `n` slots back (never past the capacity). Waiting senders are
+    /// woken once a few slots are free, not for every slot: a full mailbox
+    /// drained one message at a time would otherwise cost a wake-up per
+    /// message.
+    #[inline]
+    fn release_n(&self, n: usize) {
+        let now = self.available.fetch_add(n, Ordering::SeqCst) + n;
+        if now >= self.wake_threshold() && self.waiters.load(Ordering::SeqCst) > 0 {
+            self.notify.notify_waiters();
+        }
+    }
+
+    #[inline]
+    fn release(&self) {
+        if self.available.load(Ordering::Relaxed) < self.capacity {
+            self.release_n(1);
+        }
+    }
+
+    #[inline]
+    fn wake_threshold(&self) -> usize {
+        (self.capacity / 8).clamp(1, 64)
+    }
+
+    /// Waits for a slot until `deadline`; false on time-out.
+    async fn acquire_until(&self, deadline: tokio::time::Instant) -> bool {
+        if self.try_acquire() {
+            return true;
+        }
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        let got = loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.try_acquire() {
+                break true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                break self.try_acquire();
+            }
+        };
+        self.waiters.fetch_sub(1, Ordering::SeqCst);
+        got
+    }
+
+    fn available(&self) -> usize {
+        self.available.load(Ordering::Relaxed)
+    }
+}
+
 struct Incarnation<M> {
     actor: ActorRef<M>,
-    permits: Arc<Semaphore>,
+    permits: Arc<Permits>,
 }
 
 struct Shared<M> {
@@ -72,7 +163,7 @@ impl<M> std::fmt::Debug for ActorHandle<M> {
 /// What the actor side of a bounded mailbox needs: the permits to give back.
 #[derive(Clone)]
 pub struct MailboxPermits {
-    permits: Arc<Semaphore>,
+    permits: Arc<Permits>,
     capacity: usize,
     depth: metrics::Gauge,
 }
@@ -81,14 +172,11 @@ impl MailboxPermits {
     /// Gives back the permit of one message taken out of the mailbox.
     #[inline]
     pub fn release(&self) {
-        // Only the actor adds permits, senders only take them, so this
-        // check cannot race past the capacity.
-        let available = self.permits.available_permits();
-        if available < self.capacity {
-            self.permits.add_permits(1);
-        }
+        // Only the actor gives permits back and senders only take them, so
+        // the capacity check inside cannot race past the capacity.
+        self.permits.release();
         self.depth
-            .set(self.capacity.saturating_sub(available + 1) as f64);
+            .set(self.capacity.saturating_sub(self.permits.available()) as f64);
     }
 }
 
@@ -112,7 +200,7 @@ impl<M: Message> ActorHandle<M> {
     /// Fresh permits for a new incarnation (pass them to [`Bounded`]'s arguments).
     pub fn new_permits(&self) -> MailboxPermits {
         MailboxPermits {
-            permits: Arc::new(Semaphore::new(self.shared.capacity)),
+            permits: Arc::new(Permits::new(self.shared.capacity)),
             capacity: self.shared.capacity,
             depth: self.shared.depth.clone(),
         }
@@ -145,7 +233,7 @@ impl<M: Message> ActorHandle<M> {
     /// Messages waiting in the current incarnation's mailbox.
     pub fn depth(&self) -> usize {
         match &*self.shared.current.load() {
-            Some(inc) => self.shared.capacity - inc.permits.available_permits(),
+            Some(inc) => self.shared.capacity - inc.permits.available(),
             None => 0,
         }
     }
@@ -176,9 +264,8 @@ impl<M: Message> ActorHandle<M> {
                 message: msg,
             });
         };
-        match inc.permits.try_acquire() {
-            Ok(permit) => permit.forget(),
-            Err(_) => {
+        if !inc.permits.try_acquire() {
+            {
                 self.shared.refused.increment(1);
                 return Err(Rejected {
                     error: ActorError::Backpressure {
@@ -190,7 +277,7 @@ impl<M: Message> ActorHandle<M> {
             }
         }
         inc.actor.cast(msg).map_err(|e| {
-            inc.permits.add_permits(1);
+            inc.permits.release();
             Rejected {
                 error: self.not_running(),
                 message: take_message(e),
@@ -207,24 +294,17 @@ impl<M: Message> ActorHandle<M> {
             let attached = self.shared.attached.notified();
             let inc = self.shared.current.load_full();
             if let Some(inc) = inc.filter(|i| running(&i.actor)) {
-                let permit = tokio::time::timeout_at(deadline, inc.permits.acquire()).await;
-                match permit {
-                    Ok(Ok(p)) => {
-                        p.forget();
-                        match inc.actor.cast(msg) {
-                            Ok(()) => return Ok(()),
-                            Err(e) => {
-                                inc.permits.add_permits(1);
-                                msg = take_message(e);
-                            }
-                        }
-                    }
-                    Ok(Err(_closed)) => {}
-                    Err(_elapsed) => {
-                        return Err(Rejected {
-                            error: self.timeout("send", timeout),
-                            message: msg,
-                        });
+                if !inc.permits.acquire_until(deadline).await {
+                    return Err(Rejected {
+                        error: self.timeout("send", timeout),
+                        message: msg,
+                    });
+                }
+                match inc.actor.cast(msg) {
+                    Ok(()) => return Ok(()),
+                    Err(e) => {
+                        inc.permits.release();
+                        msg = take_message(e);
                     }
                 }
             }

@@ -114,8 +114,10 @@ async fn retries_ride_out_transient_failures_and_a_lost_ack_is_recovered_not_dup
 
 #[tokio::test]
 async fn snapshots_are_saved_every_n_events_and_used_on_recovery() {
-    let mut cfg = DurableConfig::default().snapshot_every(10);
-    cfg.delete_covered_events = true;
+    let cfg = DurableConfig {
+        delete_covered_events: true,
+        ..DurableConfig::default().snapshot_every(10)
+    };
     let (entities, _, mem) = registry(Some(Duration::from_millis(20)), cfg);
     for n in 1..=25 {
         entities

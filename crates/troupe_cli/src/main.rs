@@ -8,7 +8,62 @@
 // The journal's reader and writer threads allocate events that other
 // threads free; glibc's per-thread arenas make every such free slow.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: alloc_count::Counting = alloc_count::Counting;
+
+/// mimalloc, with an optional count of live bytes for memory benchmarks.
+pub mod alloc_count {
+    use std::alloc::{GlobalAlloc, Layout};
+    use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+
+    static ON: AtomicBool = AtomicBool::new(false);
+    static LIVE: AtomicI64 = AtomicI64::new(0);
+
+    /// The global allocator of the `troupe` binary.
+    pub struct Counting;
+
+    // SAFETY: every call is forwarded unchanged to mimalloc; the counter
+    // is bookkeeping only.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+            if ON.load(Ordering::Relaxed) {
+                LIVE.fetch_add(l.size() as i64, Ordering::Relaxed);
+            }
+            // SAFETY: forwarded with the caller's layout.
+            unsafe { mimalloc::MiMalloc.alloc(l) }
+        }
+        unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+            if ON.load(Ordering::Relaxed) {
+                LIVE.fetch_sub(l.size() as i64, Ordering::Relaxed);
+            }
+            // SAFETY: forwarded with the caller's pointer and layout.
+            unsafe { mimalloc::MiMalloc.dealloc(p, l) }
+        }
+        unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+            if ON.load(Ordering::Relaxed) {
+                LIVE.fetch_add(l.size() as i64, Ordering::Relaxed);
+            }
+            // SAFETY: forwarded with the caller's layout.
+            unsafe { mimalloc::MiMalloc.alloc_zeroed(l) }
+        }
+        unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+            if ON.load(Ordering::Relaxed) {
+                LIVE.fetch_add(new as i64 - l.size() as i64, Ordering::Relaxed);
+            }
+            // SAFETY: forwarded with the caller's pointer, layout and size.
+            unsafe { mimalloc::MiMalloc.realloc(p, l, new) }
+        }
+    }
+
+    /// Starts counting (bytes allocated before are not seen).
+    pub fn start() {
+        ON.store(true, Ordering::SeqCst);
+    }
+
+    /// Bytes allocated minus bytes freed since counting started.
+    pub fn live() -> i64 {
+        LIVE.load(Ordering::SeqCst)
+    }
+}
 
 mod bench;
 mod journal_cmd;

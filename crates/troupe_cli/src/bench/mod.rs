@@ -6,6 +6,7 @@
 //! stderr.
 
 mod journal;
+mod mailbox;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -16,6 +17,12 @@ use clap::Subcommand;
 pub enum Suite {
     /// The event journal against raw RocksDB.
     Journal {
+        /// Smaller counts, well under a minute.
+        #[arg(long)]
+        quick: bool,
+    },
+    /// Troupe handles and durable actors against raw ractor and tokio.
+    Mailbox {
         /// Smaller counts, well under a minute.
         #[arg(long)]
         quick: bool,
@@ -33,6 +40,7 @@ pub enum Suite {
 pub fn run(suite: Suite) -> Result<ExitCode, Box<dyn std::error::Error>> {
     match suite {
         Suite::Journal { quick } => journal::run(quick)?,
+        Suite::Mailbox { quick } => mailbox::run(quick)?,
         Suite::ReplayRss { data_dir, id } => journal::replay_rss_child(&data_dir, &id)?,
     }
     Ok(ExitCode::SUCCESS)
