@@ -4,8 +4,8 @@
 SHELL := /bin/bash
 export CARGO_TARGET_DIR ?= /var/tmp/troupe-target
 CARGO ?= cargo
-DEMO ?= journal_tour
-EXAMPLES := journal_tour
+DEMO ?= journal_tour durable_agents
+EXAMPLES := journal_tour durable_agents
 
 .PHONY: all deps demo test fmt-check clippy unit examples book bench
 
@@ -15,7 +15,10 @@ deps:
 	@./scripts/install-deps.sh
 
 demo: deps
-	$(CARGO) run --release --example $(DEMO)
+	@set -e; for ex in $(DEMO); do \
+		echo "== example $$ex"; \
+		$(CARGO) run --release --example $$ex; \
+	done
 
 test: deps fmt-check clippy unit examples book
 	@echo "make test: all checks passed"
