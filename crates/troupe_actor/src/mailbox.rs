@@ -19,7 +19,10 @@
 //! or sent with `ask` and retried.
 //!
 //! Messages an actor sends itself through ractor (timers, `myself.cast`)
-//! bypass the bound and are not counted.
+//! take no permit. While such messages and handle messages are queued
+//! together, the mailbox can briefly hold up to that many messages more
+//! than its capacity; the count never drifts (see the test
+//! `messages_an_actor_sends_itself_do_not_corrupt_the_bound`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,61 +38,90 @@ use crate::error::{ActorError, Rejected};
 /// Default mailbox capacity.
 pub const DEFAULT_MAILBOX_CAPACITY: usize = 1024;
 
-/// Free mailbox slots of one incarnation. A lighter semaphore than
-/// tokio's: taking and giving back a slot are single atomic operations,
-/// and the actor only touches the waiter list when a sender is waiting.
+/// Keeps a hot atomic on a cache line of its own.
+#[repr(align(128))]
+struct Padded<T>(T);
+
+/// The slots of one incarnation's mailbox, counted like an SPSC ring:
+/// senders count what they enqueued (`sent`), the actor counts what it took
+/// out (`received`), each on its own cache line. A sender compares `sent`
+/// with its last view of `received` and re-reads the actor's counter only
+/// when that view says "full", so in the common case sender and actor never
+/// write the same cache line (a shared counter would cross cores twice per
+/// message).
 struct Permits {
-    available: AtomicUsize,
+    sent: Padded<AtomicUsize>,
+    received_seen: Padded<AtomicUsize>,
+    received: Padded<AtomicUsize>,
+    /// The actor's last view of `sent` (written by the actor only).
+    sent_seen: Padded<AtomicUsize>,
     capacity: usize,
-    waiters: AtomicUsize,
+    waiters: Padded<AtomicUsize>,
     notify: Notify,
 }
 
 impl Permits {
     fn new(capacity: usize) -> Self {
         Self {
-            available: AtomicUsize::new(capacity),
+            sent: Padded(AtomicUsize::new(0)),
+            received_seen: Padded(AtomicUsize::new(0)),
+            received: Padded(AtomicUsize::new(0)),
+            sent_seen: Padded(AtomicUsize::new(0)),
             capacity,
-            waiters: AtomicUsize::new(0),
+            waiters: Padded(AtomicUsize::new(0)),
             notify: Notify::new(),
         }
     }
 
     #[inline]
     fn try_acquire(&self) -> bool {
-        let mut a = self.available.load(Ordering::Relaxed);
+        let mut sent = self.sent.0.load(Ordering::Relaxed);
         loop {
-            if a == 0 {
-                return false;
+            let mut seen = self.received_seen.0.load(Ordering::Relaxed);
+            if sent.wrapping_sub(seen) >= self.capacity {
+                seen = self.received.0.load(Ordering::SeqCst);
+                self.received_seen.0.fetch_max(seen, Ordering::Relaxed);
+                if sent.wrapping_sub(seen) >= self.capacity {
+                    return false;
+                }
             }
-            match self.available.compare_exchange_weak(
-                a,
-                a - 1,
-                Ordering::Acquire,
+            match self.sent.0.compare_exchange_weak(
+                sent,
+                sent.wrapping_add(1),
+                Ordering::AcqRel,
                 Ordering::Relaxed,
             ) {
                 Ok(_) => return true,
-                Err(now) => a = now,
+                Err(now) => sent = now,
             }
         }
     }
 
-    /// Gives `n` slots back (never past the capacity). Waiting senders are
-    /// woken once a few slots are free, not for every slot: a full mailbox
-    /// drained one message at a time would otherwise cost a wake-up per
-    /// message.
-    #[inline]
-    fn release_n(&self, n: usize) {
-        let now = self.available.fetch_add(n, Ordering::SeqCst) + n;
-        if now >= self.wake_threshold() && self.waiters.load(Ordering::SeqCst) > 0 {
-            self.notify.notify_waiters();
-        }
+    /// Takes back a slot a sender acquired but could not use.
+    fn unacquire(&self) {
+        self.sent.0.fetch_sub(1, Ordering::AcqRel);
     }
 
+    /// Marks one message taken out of the mailbox. Only the actor calls
+    /// this, so `received` has a single writer. Waiting senders are woken
+    /// once a few slots are free, not for every slot.
     #[inline]
     fn release(&self) {
-        if self.available.load(Ordering::Relaxed) < self.capacity {
-            self.release_n(1);
+        let received = self.received.0.load(Ordering::Relaxed);
+        if received == self.sent_seen.0.load(Ordering::Relaxed) {
+            let sent = self.sent.0.load(Ordering::SeqCst);
+            self.sent_seen.0.store(sent, Ordering::Relaxed);
+            if received == sent {
+                return; // a message that took no permit (sent through raw ractor)
+            }
+        }
+        let received = received.wrapping_add(1);
+        self.received.0.store(received, Ordering::SeqCst);
+        if self.waiters.0.load(Ordering::SeqCst) > 0 {
+            let queued = self.sent.0.load(Ordering::SeqCst).wrapping_sub(received);
+            if self.capacity.saturating_sub(queued) >= self.wake_threshold() {
+                self.notify.notify_waiters();
+            }
         }
     }
 
@@ -103,7 +135,7 @@ impl Permits {
         if self.try_acquire() {
             return true;
         }
-        self.waiters.fetch_add(1, Ordering::SeqCst);
+        self.waiters.0.fetch_add(1, Ordering::SeqCst);
         let got = loop {
             let notified = self.notify.notified();
             tokio::pin!(notified);
@@ -115,12 +147,15 @@ impl Permits {
                 break self.try_acquire();
             }
         };
-        self.waiters.fetch_sub(1, Ordering::SeqCst);
+        self.waiters.0.fetch_sub(1, Ordering::SeqCst);
         got
     }
 
-    fn available(&self) -> usize {
-        self.available.load(Ordering::Relaxed)
+    /// Messages waiting.
+    fn depth(&self) -> usize {
+        let sent = self.sent.0.load(Ordering::Relaxed);
+        let received = self.received.0.load(Ordering::Relaxed);
+        sent.wrapping_sub(received).min(self.capacity)
     }
 }
 
@@ -164,7 +199,6 @@ impl<M> std::fmt::Debug for ActorHandle<M> {
 #[derive(Clone)]
 pub struct MailboxPermits {
     permits: Arc<Permits>,
-    capacity: usize,
     depth: metrics::Gauge,
 }
 
@@ -172,11 +206,18 @@ impl MailboxPermits {
     /// Gives back the permit of one message taken out of the mailbox.
     #[inline]
     pub fn release(&self) {
-        // Only the actor gives permits back and senders only take them, so
-        // the capacity check inside cannot race past the capacity.
         self.permits.release();
-        self.depth
-            .set(self.capacity.saturating_sub(self.permits.available()) as f64);
+        // Reading the senders' counter costs a cache-line transfer: sample
+        // the depth gauge every 64 messages rather than every one.
+        if self
+            .permits
+            .received
+            .0
+            .load(Ordering::Relaxed)
+            .is_multiple_of(64)
+        {
+            self.depth.set(self.permits.depth() as f64);
+        }
     }
 }
 
@@ -201,7 +242,6 @@ impl<M: Message> ActorHandle<M> {
     pub fn new_permits(&self) -> MailboxPermits {
         MailboxPermits {
             permits: Arc::new(Permits::new(self.shared.capacity)),
-            capacity: self.shared.capacity,
             depth: self.shared.depth.clone(),
         }
     }
@@ -233,7 +273,7 @@ impl<M: Message> ActorHandle<M> {
     /// Messages waiting in the current incarnation's mailbox.
     pub fn depth(&self) -> usize {
         match &*self.shared.current.load() {
-            Some(inc) => self.shared.capacity - inc.permits.available(),
+            Some(inc) => inc.permits.depth(),
             None => 0,
         }
     }
@@ -277,7 +317,7 @@ impl<M: Message> ActorHandle<M> {
             }
         }
         inc.actor.cast(msg).map_err(|e| {
-            inc.permits.release();
+            inc.permits.unacquire();
             Rejected {
                 error: self.not_running(),
                 message: take_message(e),
@@ -303,7 +343,7 @@ impl<M: Message> ActorHandle<M> {
                 match inc.actor.cast(msg) {
                     Ok(()) => return Ok(()),
                     Err(e) => {
-                        inc.permits.release();
+                        inc.permits.unacquire();
                         msg = take_message(e);
                     }
                 }

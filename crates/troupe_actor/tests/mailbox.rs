@@ -16,6 +16,8 @@ enum GateMsg {
     Hold(oneshot::Sender<()>, std::sync::Arc<Semaphore>),
     Count(RpcReplyPort<u32>),
     Tick,
+    /// Sends itself `n` ticks through raw ractor (no permits taken).
+    Echo(u32),
 }
 
 impl ractor::Actor for Gate {
@@ -27,7 +29,7 @@ impl ractor::Actor for Gate {
     }
     async fn handle(
         &self,
-        _: ActorRef<GateMsg>,
+        me: ActorRef<GateMsg>,
         msg: GateMsg,
         n: &mut u32,
     ) -> Result<(), ActorProcessingErr> {
@@ -41,6 +43,11 @@ impl ractor::Actor for Gate {
                 let _ = r.send(*n);
             }
             GateMsg::Tick => {}
+            GateMsg::Echo(k) => {
+                for _ in 0..k {
+                    me.cast(GateMsg::Tick)?;
+                }
+            }
         }
         Ok(())
     }
@@ -141,4 +148,31 @@ async fn ask_times_out_on_a_stuck_actor_and_reports_a_stopped_one() {
         "{}",
         err.error
     );
+}
+
+#[tokio::test]
+async fn messages_an_actor_sends_itself_do_not_corrupt_the_bound() {
+    let h = mailbox::spawn("echo", Gate, (), 8, None)
+        .await
+        .expect("spawn");
+    h.tell(GateMsg::Echo(100)).expect("tell");
+    // The first count overtakes the self-sent ticks (queued after it); the
+    // second comes after them: 1 echo + 2 counts + 100 ticks.
+    assert_eq!(h.ask(GateMsg::Count, T).await.expect("count"), 2);
+    assert_eq!(h.ask(GateMsg::Count, T).await.expect("count"), 103);
+    assert_eq!(h.depth(), 0);
+    let (started, rx) = oneshot::channel();
+    let gate = std::sync::Arc::new(Semaphore::new(0));
+    h.tell(GateMsg::Hold(started, gate.clone())).expect("tell");
+    rx.await.expect("held");
+    for _ in 0..8 {
+        h.tell(GateMsg::Tick)
+            .expect("the full capacity is still available");
+    }
+    assert!(
+        h.tell(GateMsg::Tick).is_err(),
+        "the bound grew past its capacity"
+    );
+    gate.add_permits(1);
+    assert_eq!(h.ask(GateMsg::Count, T).await.expect("count"), 113);
 }
