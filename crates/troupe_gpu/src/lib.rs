@@ -1,0 +1,14 @@
+//! # troupe_gpu: GPUs as actors
+//!
+//! | you want | use |
+//! |---|---|
+//! | read a GPU's utilization, memory, temperature, power | [`probe::GpuProbe`]: [`probe::NvmlProbe`] or [`probe::SimulatedProbe`]; [`probe::detect`] picks |
+//! | decide who gets GPU capacity, when, and who is refused | [`scheduler::Scheduler`] (pure, deterministic) |
+//! | the same as a supervised, journaled actor | [`GpuSupervisor`] |
+
+#![warn(missing_docs)]
+
+mod error;
+pub mod scheduler;
+
+pub use error::GpuError;

@@ -1,0 +1,406 @@
+//! Properties of the lease scheduler over random histories of requests,
+//! renewals, releases, time, holder deaths, device failures and restarts.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use proptest::prelude::*;
+use troupe_gpu::GpuError;
+use troupe_gpu::scheduler::*;
+
+const GB: u64 = 1 << 30;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Request {
+        holder: u8,
+        mem: u8,
+        compute: u8,
+        priority: u8,
+        deadline: u16,
+        ttl: u16,
+        expected: u16,
+    },
+    Release {
+        pick: u16,
+    },
+    Renew {
+        pick: u16,
+        stale: bool,
+    },
+    Advance {
+        ms: u16,
+    },
+    HolderGone {
+        holder: u8,
+    },
+    DeviceFailed {
+        device: u8,
+    },
+    DeviceRecovered {
+        device: u8,
+    },
+    Restart,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        8 => (0..6u8, 1..16u8, 0..=100u8, 0..4u8, 1..5000u16, 50..3000u16, 10..2000u16).prop_map(
+            |(holder, mem, compute, priority, deadline, ttl, expected)| Op::Request { holder, mem, compute, priority, deadline, ttl, expected }),
+        3 => any::<u16>().prop_map(|pick| Op::Release { pick }),
+        2 => (any::<u16>(), any::<bool>()).prop_map(|(pick, stale)| Op::Renew { pick, stale }),
+        4 => (1..1500u16).prop_map(|ms| Op::Advance { ms }),
+        1 => (0..6u8).prop_map(|holder| Op::HolderGone { holder }),
+        1 => (0..3u8).prop_map(|device| Op::DeviceFailed { device }),
+        1 => (0..3u8).prop_map(|device| Op::DeviceRecovered { device }),
+        1 => Just(Op::Restart),
+    ]
+}
+
+fn devices() -> Vec<DeviceCapacity> {
+    (0..3)
+        .map(|i| DeviceCapacity {
+            index: i,
+            memory: 16 * GB,
+            compute: 100,
+            healthy: true,
+        })
+        .collect()
+}
+
+struct Run {
+    s: Scheduler,
+    now: Ms,
+    /// ticket -> final outcome count
+    finals: BTreeMap<u64, u32>,
+    waiting: BTreeSet<u64>,
+    dead: BTreeSet<String>,
+    ended_generations: Vec<(u32, u64, u64)>,
+}
+
+impl Run {
+    fn apply(&mut self, outcomes: Vec<Outcome>) {
+        for o in outcomes {
+            match o {
+                Outcome::Granted { ticket, lease } => {
+                    *self.finals.entry(ticket).or_default() += 1;
+                    self.waiting.remove(&ticket);
+                    assert!(
+                        !self.dead.contains(&lease.holder),
+                        "granted to a dead holder"
+                    );
+                }
+                Outcome::Refused { ticket, .. } => {
+                    *self.finals.entry(ticket).or_default() += 1;
+                    self.waiting.remove(&ticket);
+                }
+                Outcome::Ended { lease, .. } => {
+                    self.ended_generations
+                        .push((lease.device, lease.id, lease.generation))
+                }
+                Outcome::PreemptNotice { .. } => {}
+            }
+        }
+    }
+
+    fn check(&self) {
+        for d in self.s.devices() {
+            let (m, c) = self.s.used(d.index);
+            assert!(
+                m <= d.memory && c <= d.compute,
+                "device {} over-granted: {m} bytes, {c}%",
+                d.index
+            );
+        }
+        for l in self.s.leases() {
+            assert!(
+                l.expires_ms > self.now || l.preempt_at.is_some_and(|p| p > self.now),
+                "lease {} outlived its TTL",
+                l.id
+            );
+            assert!(
+                !self.dead.contains(&l.holder),
+                "lease {} outlived its dead holder",
+                l.id
+            );
+            assert!(self.s.check_fence(l.device, l.id, l.generation).is_ok());
+            assert!(
+                self.s
+                    .check_fence(l.device, l.id, l.generation + 1)
+                    .is_err()
+            );
+            let healthy = self
+                .s
+                .devices()
+                .iter()
+                .any(|d| d.index == l.device && d.healthy);
+            assert!(healthy, "lease {} on a failed device", l.id);
+        }
+        for (device, id, generation) in &self.ended_generations {
+            assert!(
+                matches!(
+                    self.s.check_fence(*device, *id, *generation),
+                    Err(GpuError::StaleGeneration { .. })
+                ),
+                "an ended lease still passes the fence"
+            );
+        }
+        for (t, n) in &self.finals {
+            assert_eq!(*n, 1, "ticket {t} has {n} outcomes");
+        }
+    }
+}
+
+fn run(ops: Vec<Op>) {
+    let config = SchedulerConfig {
+        queue_bound: 8,
+        aging_ms: 500,
+        grace_ms: 200,
+        max_ttl_ms: 10_000,
+    };
+    let mut r = Run {
+        s: Scheduler::new(devices(), config),
+        now: 0,
+        finals: BTreeMap::new(),
+        waiting: BTreeSet::new(),
+        dead: BTreeSet::new(),
+        ended_generations: Vec::new(),
+    };
+    let mut ticket = 0u64;
+    for op in ops {
+        match op {
+            Op::Request {
+                holder,
+                mem,
+                compute,
+                priority,
+                deadline,
+                ttl,
+                expected,
+            } => {
+                let holder = format!("h{holder}");
+                r.dead.remove(&holder); // a new holder by that name
+                ticket += 1;
+                r.waiting.insert(ticket);
+                let req = LeaseRequest {
+                    holder,
+                    memory: mem as u64 * GB,
+                    compute: compute as u32,
+                    priority,
+                    deadline_ms: r.now + deadline as u64,
+                    ttl_ms: ttl as u64,
+                    expected_ms: expected as u64,
+                };
+                let out = r.s.request(ticket, req, r.now);
+                r.apply(out);
+            }
+            Op::Release { pick } => {
+                let ids: Vec<u64> = r.s.leases().map(|l| l.id).collect();
+                if !ids.is_empty() {
+                    let out =
+                        r.s.release(ids[pick as usize % ids.len()], r.now)
+                            .expect("known lease");
+                    r.apply(out);
+                }
+            }
+            Op::Renew { pick, stale } => {
+                let leases: Vec<(u64, u64)> = r.s.leases().map(|l| (l.id, l.generation)).collect();
+                if !leases.is_empty() {
+                    let (id, generation) = leases[pick as usize % leases.len()];
+                    let res = r.s.renew(
+                        id,
+                        if stale { generation + 7 } else { generation },
+                        1000,
+                        r.now,
+                    );
+                    assert_eq!(
+                        res.is_ok(),
+                        !stale,
+                        "renewal with a {} generation",
+                        if stale { "stale" } else { "current" }
+                    );
+                }
+            }
+            Op::Advance { ms } => {
+                r.now += ms as u64;
+                let out = r.s.tick(r.now);
+                r.apply(out);
+            }
+            Op::HolderGone { holder } => {
+                let holder = format!("h{holder}");
+                let out = r.s.holder_gone(&holder, r.now);
+                r.dead.insert(holder);
+                r.apply(out);
+            }
+            Op::DeviceFailed { device } => {
+                let out = r.s.device_failed(device as u32, r.now);
+                r.apply(out);
+            }
+            Op::DeviceRecovered { device } => {
+                let out = r.s.device_recovered(device as u32, r.now);
+                r.apply(out);
+            }
+            Op::Restart => {
+                // Queued requests die with the process (their callers see an error).
+                for t in std::mem::take(&mut r.waiting) {
+                    *r.finals.entry(t).or_default() += 1;
+                }
+                let leases: Vec<Lease> = r.s.leases().cloned().collect();
+                let (next_lease, next_generation) = r.s.counters();
+                let devs = r.s.devices().to_vec();
+                r.s = Scheduler::recover(devs, config, leases, next_lease, next_generation);
+            }
+        }
+        r.check();
+    }
+    // Let every deadline and TTL pass: nothing may stay stuck.
+    r.now += 20_000;
+    let out = r.s.tick(r.now);
+    r.apply(out);
+    r.check();
+    assert!(
+        r.waiting.is_empty(),
+        "requests stuck forever: {:?}",
+        r.waiting
+    );
+    assert_eq!(r.s.queued(), [0; PRIORITIES]);
+    assert_eq!(r.s.leases().count(), 0, "leases outlived their TTL");
+    assert_eq!(r.finals.len() as u64, ticket, "a request got no outcome");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn capacity_is_never_over_granted_and_every_request_ends(ops in prop::collection::vec(op(), 1..80)) {
+        run(ops);
+    }
+}
+
+fn req(holder: &str, gb: u64, priority: u8, now: Ms) -> LeaseRequest {
+    LeaseRequest {
+        holder: holder.into(),
+        memory: gb * GB,
+        compute: 10,
+        priority,
+        deadline_ms: now + 60_000,
+        ttl_ms: 10_000,
+        expected_ms: 1_000,
+    }
+}
+
+fn granted(out: &[Outcome]) -> Vec<u64> {
+    out.iter()
+        .filter_map(|o| match o {
+            Outcome::Granted { ticket, .. } => Some(*ticket),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn higher_priority_is_served_first_and_aging_lifts_the_low() {
+    let config = SchedulerConfig {
+        aging_ms: 1_000,
+        ..SchedulerConfig::default()
+    };
+    let mut s = Scheduler::new(
+        vec![DeviceCapacity {
+            index: 0,
+            memory: 16 * GB,
+            compute: 100,
+            healthy: true,
+        }],
+        config,
+    );
+    let hog = granted(&s.request(1, req("hog", 16, 3, 0), 0));
+    assert_eq!(hog, [1]);
+    assert!(granted(&s.request(2, req("low", 16, 0, 0), 0)).is_empty());
+    assert!(granted(&s.request(3, req("high", 16, 2, 0), 0)).is_empty());
+    let lease = s.leases().next().expect("hog").id;
+    assert_eq!(
+        granted(&s.release(lease, 10).expect("release")),
+        [3],
+        "high priority first"
+    );
+    // The low one has waited ~5 s (5 levels at one per second); a
+    // priority-2 request arriving now is behind it.
+    let lease = s.leases().next().expect("high").id;
+    assert!(granted(&s.request(4, req("high2", 16, 2, 4_900), 4_900)).is_empty());
+    assert_eq!(
+        granted(&s.release(lease, 5_000).expect("release")),
+        [2],
+        "the aged low-priority request goes first"
+    );
+}
+
+#[test]
+fn a_request_that_cannot_start_by_its_deadline_is_refused_at_once() {
+    let mut s = Scheduler::new(
+        vec![DeviceCapacity {
+            index: 0,
+            memory: 16 * GB,
+            compute: 100,
+            healthy: true,
+        }],
+        SchedulerConfig::default(),
+    );
+    let mut long = req("a", 16, 3, 0);
+    long.expected_ms = 5_000;
+    assert_eq!(granted(&s.request(1, long, 0)), [1]);
+    let mut hurried = req("b", 8, 3, 0);
+    hurried.deadline_ms = 1_000;
+    match s.request(2, hurried, 0).as_slice() {
+        [
+            Outcome::Refused {
+                error: GpuError::Overloaded { retry_after, .. },
+                ..
+            },
+        ] => {
+            assert!(
+                retry_after.as_millis() >= 4_000,
+                "retry hint {retry_after:?} ignores the running lease"
+            )
+        }
+        other => panic!("expected an early refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn preemption_gives_notice_and_grace_then_grants_the_higher_priority() {
+    let config = SchedulerConfig {
+        grace_ms: 500,
+        ..SchedulerConfig::default()
+    };
+    let mut s = Scheduler::new(
+        vec![DeviceCapacity {
+            index: 0,
+            memory: 16 * GB,
+            compute: 100,
+            healthy: true,
+        }],
+        config,
+    );
+    assert_eq!(granted(&s.request(1, req("batch", 12, 0, 0), 0)), [1]);
+    let out = s.request(2, req("interactive", 8, 3, 0), 0);
+    assert!(
+        matches!(
+            out.as_slice(),
+            [Outcome::PreemptNotice {
+                grace_until: 500,
+                ..
+            }]
+        ),
+        "{out:?}"
+    );
+    // During the grace period the capacity is still held: no over-grant.
+    assert!(granted(&s.tick(499)).is_empty());
+    let out = s.tick(500);
+    assert!(out.iter().any(|o| matches!(
+        o,
+        Outcome::Ended {
+            reason: EndReason::Preempted,
+            ..
+        }
+    )));
+    assert_eq!(granted(&out), [2]);
+}
