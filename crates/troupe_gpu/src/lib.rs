@@ -9,6 +9,12 @@
 #![warn(missing_docs)]
 
 mod error;
+pub mod probe;
 pub mod scheduler;
+mod supervisor;
 
 pub use error::GpuError;
+pub use supervisor::{
+    GpuArgs, GpuConfig, GpuMsg, GpuState, GpuStatus, GpuSupervisor, GpuSupervisorHandle,
+    LeaseEvent, LeaseGrant, LeaseNotice,
+};
