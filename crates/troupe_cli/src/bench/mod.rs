@@ -6,6 +6,7 @@
 //! stderr.
 
 mod journal;
+mod leases;
 mod mailbox;
 
 use std::path::PathBuf;
@@ -27,6 +28,12 @@ pub enum Suite {
         #[arg(long)]
         quick: bool,
     },
+    /// GPU admission against a plain FIFO queue, and lease latency.
+    Leases {
+        /// Smaller counts, well under a minute.
+        #[arg(long)]
+        quick: bool,
+    },
     /// (internal) Replay one id and print the process's peak RSS.
     #[command(hide = true)]
     ReplayRss {
@@ -41,6 +48,7 @@ pub fn run(suite: Suite) -> Result<ExitCode, Box<dyn std::error::Error>> {
     match suite {
         Suite::Journal { quick } => journal::run(quick)?,
         Suite::Mailbox { quick } => mailbox::run(quick)?,
+        Suite::Leases { quick } => leases::run(quick)?,
         Suite::ReplayRss { data_dir, id } => journal::replay_rss_child(&data_dir, &id)?,
     }
     Ok(ExitCode::SUCCESS)
