@@ -10,6 +10,7 @@
 //! |---|---|---|
 //! | [`journal`] | `troupe_journal` | the event journal: append, replay, snapshots, tags |
 //! | [`actor`] | `troupe_actor` | bounded mailboxes, supervision, durable actors, entities |
+//! | [`gpu`] | `troupe_gpu` | GPU probes, leases, deadline-aware admission |
 //! | [`Troupe`] | (here) | the system handle: journal + root supervisor + orderly shutdown |
 //!
 //! Most programs start with `use troupe::prelude::*;`.
@@ -18,6 +19,7 @@ mod system;
 
 pub use ractor;
 pub use troupe_actor as actor;
+pub use troupe_gpu as gpu;
 pub use troupe_journal as journal;
 
 pub use system::{Troupe, TroupeBuilder};
