@@ -8,6 +8,7 @@
 mod journal;
 mod leases;
 mod mailbox;
+mod saga;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -34,6 +35,12 @@ pub enum Suite {
         #[arg(long)]
         quick: bool,
     },
+    /// DAG workflows: parallelism, framework time per step, throughput.
+    Saga {
+        /// Smaller counts, well under a minute.
+        #[arg(long)]
+        quick: bool,
+    },
     /// (internal) Replay one id and print the process's peak RSS.
     #[command(hide = true)]
     ReplayRss {
@@ -49,6 +56,7 @@ pub fn run(suite: Suite) -> Result<ExitCode, Box<dyn std::error::Error>> {
         Suite::Journal { quick } => journal::run(quick)?,
         Suite::Mailbox { quick } => mailbox::run(quick)?,
         Suite::Leases { quick } => leases::run(quick)?,
+        Suite::Saga { quick } => saga::run(quick)?,
         Suite::ReplayRss { data_dir, id } => journal::replay_rss_child(&data_dir, &id)?,
     }
     Ok(ExitCode::SUCCESS)

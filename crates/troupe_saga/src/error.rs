@@ -1,0 +1,67 @@
+//! The saga crate's error type.
+
+/// Everything that can go wrong defining, starting or running sagas.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SagaError {
+    /// A workflow definition that cannot run.
+    #[error("invalid workflow `{definition}`: {message}")]
+    InvalidDefinition {
+        /// Workflow name.
+        definition: String,
+        /// What is wrong (names the steps involved).
+        message: String,
+    },
+    /// No workflow registered under this name.
+    #[error("unknown workflow `{0}`")]
+    UnknownDefinition(String),
+    /// A step names a handler nobody registered.
+    #[error("workflow `{definition}` step `{step}` uses unregistered handler `{handler}`")]
+    UnknownHandler {
+        /// Workflow name.
+        definition: String,
+        /// Step name.
+        step: String,
+        /// Handler name.
+        handler: String,
+    },
+    /// No saga with this id.
+    #[error("unknown saga `{0}`")]
+    UnknownSaga(String),
+    /// A request body that does not parse.
+    #[error("malformed saga request: {0}")]
+    Malformed(String),
+    /// The journal failed.
+    #[error("saga journal: {0}")]
+    Journal(String),
+    /// The saga actor is not running.
+    #[error("saga `{0}` is not running")]
+    NotRunning(String),
+}
+
+/// Why one attempt of a step (or compensation) failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error, serde::Serialize, serde::Deserialize)]
+#[error("{message}")]
+pub struct StepError {
+    /// What went wrong.
+    pub message: String,
+    /// False when retrying cannot help (the step fails for good at once).
+    pub retryable: bool,
+}
+
+impl StepError {
+    /// A failure worth retrying.
+    pub fn retryable(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            retryable: true,
+        }
+    }
+
+    /// A failure no retry will fix.
+    pub fn permanent(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            retryable: false,
+        }
+    }
+}

@@ -1,0 +1,321 @@
+//! [`Sagas`]: registered workflows and running instances.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use ractor::ActorRef;
+use serde::Deserialize;
+use serde_json::Value;
+use troupe_journal::{Journal, NewEvent, PersistenceId, now_ms};
+
+use crate::definition::SagaDefinition;
+use crate::error::SagaError;
+use crate::handler::Handlers;
+use crate::saga::{SagaActor, SagaArgs, SagaEvent, SagaMsg, SagaStatus, replay};
+
+/// A request to start an instance, as it arrives over HTTP.
+#[derive(Debug, Clone, Deserialize)]
+pub struct StartRequest {
+    /// Registered workflow name.
+    pub definition: String,
+    /// Its input.
+    #[serde(default)]
+    pub input: Value,
+}
+
+/// Largest JSON start request accepted, in bytes.
+pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+
+/// Workflows by name, and the saga actors running them.
+#[derive(Clone)]
+pub struct Sagas {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    definitions: RwLock<HashMap<String, Arc<SagaDefinition>>>,
+    handlers: Arc<Handlers>,
+    journal: Arc<dyn Journal>,
+    running: Mutex<HashMap<String, ActorRef<SagaMsg>>>,
+    next: AtomicU64,
+    ended: tokio::sync::broadcast::Sender<SagaStatus>,
+}
+
+impl Sagas {
+    /// A registry journaling into `journal`, running `handlers`.
+    pub fn new(journal: Arc<dyn Journal>, handlers: Handlers) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                definitions: RwLock::default(),
+                handlers: Arc::new(handlers),
+                journal,
+                running: Mutex::default(),
+                next: AtomicU64::new(1),
+                ended: tokio::sync::broadcast::channel(1024).0,
+            }),
+        }
+    }
+
+    /// Registers a workflow; every handler it names must be registered.
+    pub fn register(&self, def: SagaDefinition) -> Result<(), SagaError> {
+        for s in def.steps() {
+            let names = std::iter::once(&s.action)
+                .filter(|_| s.signal.is_none())
+                .chain(s.compensation.iter());
+            for h in names {
+                if self.inner.handlers.get(h).is_none() {
+                    return Err(SagaError::UnknownHandler {
+                        definition: def.name().to_owned(),
+                        step: s.name.clone(),
+                        handler: h.clone(),
+                    });
+                }
+            }
+        }
+        self.inner
+            .definitions
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(def.name().to_owned(), Arc::new(def));
+        Ok(())
+    }
+
+    fn definition(&self, name: &str) -> Result<Arc<SagaDefinition>, SagaError> {
+        self.inner
+            .definitions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+            .ok_or_else(|| SagaError::UnknownDefinition(name.to_owned()))
+    }
+
+    /// Starts an instance; returns its id once its start is journaled.
+    pub async fn start(&self, definition: &str, input: Value) -> Result<String, SagaError> {
+        let def = self.definition(definition)?;
+        let id = format!(
+            "{definition}-{}-{}",
+            now_ms(),
+            self.inner.next.fetch_add(1, Ordering::Relaxed)
+        );
+        let pid =
+            PersistenceId::new("saga", &id).map_err(|e| SagaError::Malformed(e.to_string()))?;
+        let started = NewEvent::new(&SagaEvent::Started {
+            definition: definition.to_owned(),
+            input,
+        })
+        .map_err(|e| SagaError::Journal(e.to_string()))?;
+        self.inner
+            .journal
+            .append(&pid, 0, vec![started])
+            .await
+            .map_err(|e| SagaError::Journal(e.to_string()))?;
+        metrics::counter!("troupe_sagas_started_total").increment(1);
+        self.spawn(id.clone(), def).await?;
+        Ok(id)
+    }
+
+    /// Starts an instance from a JSON body `{"definition": ..., "input": ...}`.
+    pub async fn start_json(&self, body: &[u8]) -> Result<String, SagaError> {
+        if body.len() > MAX_REQUEST_BYTES {
+            return Err(SagaError::Malformed(format!(
+                "body of {} bytes exceeds {MAX_REQUEST_BYTES}",
+                body.len()
+            )));
+        }
+        let req: StartRequest =
+            serde_json::from_slice(body).map_err(|e| SagaError::Malformed(e.to_string()))?;
+        self.start(&req.definition, req.input).await
+    }
+
+    async fn spawn(&self, id: String, def: Arc<SagaDefinition>) -> Result<(), SagaError> {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let args = SagaArgs {
+            id: id.clone(),
+            definition: def,
+            handlers: self.inner.handlers.clone(),
+            journal: self.inner.journal.clone(),
+            on_end: Some(tx),
+        };
+        // Registered before the actor starts: a saga that ends at once
+        // removes itself through the forwarder below.
+        let (actor, _) = ractor::Actor::spawn(None, SagaActor, args)
+            .await
+            .map_err(|e| SagaError::NotRunning(format!("{id}: {e}")))?;
+        self.inner
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone(), actor);
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            if let Some(status) = rx.recv().await {
+                inner
+                    .running
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&status.id);
+                let _ = inner.ended.send(status);
+            }
+        });
+        Ok(())
+    }
+
+    /// Resumes every unfinished saga in the journal (after a restart).
+    /// Returns how many were resumed.
+    pub async fn resume_all(&self) -> Result<usize, SagaError> {
+        let mut after: Option<PersistenceId> = None;
+        let mut resumed = 0;
+        loop {
+            let page = self
+                .inner
+                .journal
+                .persistence_ids(after.as_ref(), 1000)
+                .await
+                .map_err(|e| SagaError::Journal(e.to_string()))?;
+            let Some(last) = page.last().cloned() else {
+                break;
+            };
+            for pid in page.into_iter().filter(|p| p.kind() == "saga") {
+                let id = pid.key().to_owned();
+                if self
+                    .inner
+                    .running
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .contains_key(&id)
+                {
+                    continue;
+                }
+                let Some(status) = self.load(&id).await? else {
+                    continue;
+                };
+                if !status.phase.is_final() {
+                    let def = self.definition(&status.definition)?;
+                    self.spawn(id, def).await?;
+                    resumed += 1;
+                }
+            }
+            after = Some(last);
+        }
+        Ok(resumed)
+    }
+
+    async fn load(&self, id: &str) -> Result<Option<SagaStatus>, SagaError> {
+        let pid =
+            PersistenceId::new("saga", id).map_err(|_| SagaError::UnknownSaga(id.to_owned()))?;
+        // The journal names its workflow: read it with room for the largest
+        // workflow, then again with the real one for the step states.
+        let Some((def_name, ..)) = replay(&*self.inner.journal, &pid, MAX_PROBE_STEPS).await?
+        else {
+            return Ok(None);
+        };
+        let def = self.definition(&def_name)?;
+        let Some((_, _, steps, phase, error, _)) =
+            replay(&*self.inner.journal, &pid, def.steps().len()).await?
+        else {
+            return Ok(None);
+        };
+        Ok(Some(SagaStatus {
+            id: id.to_owned(),
+            definition: def_name,
+            phase,
+            steps: def
+                .steps()
+                .iter()
+                .map(|s| s.name.clone())
+                .zip(steps)
+                .collect(),
+            error,
+        }))
+    }
+
+    /// The status of a saga, running or finished.
+    pub async fn status(&self, id: &str) -> Result<SagaStatus, SagaError> {
+        let actor = self
+            .inner
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned();
+        if let Some(actor) = actor
+            && let Ok(ractor::rpc::CallResult::Success(s)) = actor
+                .call(SagaMsg::Status, Some(Duration::from_secs(10)))
+                .await
+        {
+            return Ok(s);
+        }
+        self.load(id)
+            .await?
+            .ok_or_else(|| SagaError::UnknownSaga(id.to_owned()))
+    }
+
+    /// Delivers signal `name`; true if a step of the saga was waiting for it.
+    pub async fn signal(&self, id: &str, name: &str, payload: Value) -> Result<bool, SagaError> {
+        let actor = self
+            .inner
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+            .ok_or_else(|| SagaError::NotRunning(id.to_owned()))?;
+        match actor
+            .call(
+                |r| SagaMsg::Signal(name.to_owned(), payload, r),
+                Some(Duration::from_secs(10)),
+            )
+            .await
+        {
+            Ok(ractor::rpc::CallResult::Success(b)) => Ok(b),
+            _ => Err(SagaError::NotRunning(id.to_owned())),
+        }
+    }
+
+    /// Waits until saga `id` ends (or `timeout` passes) and returns its status.
+    pub async fn wait(&self, id: &str, timeout: Duration) -> Result<SagaStatus, SagaError> {
+        let mut ended = self.inner.ended.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let status = self.status(id).await?;
+            if status.phase.is_final() {
+                return Ok(status);
+            }
+            match tokio::time::timeout_at(deadline, ended.recv()).await {
+                Err(_) => return self.status(id).await,
+                Ok(Ok(s)) if s.id == id => return Ok(s),
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Sagas running now.
+    pub fn running(&self) -> usize {
+        self.inner
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
+    /// Stops every running saga actor (their journals keep their state).
+    pub async fn stop_all(&self) {
+        let actors: Vec<ActorRef<SagaMsg>> = self
+            .inner
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .map(|(_, a)| a)
+            .collect();
+        for a in actors {
+            let _ = a.stop_and_wait(None, Some(Duration::from_secs(10))).await;
+        }
+    }
+}
+
+/// Step slots used to read a journal's header before the definition is known.
+const MAX_PROBE_STEPS: usize = crate::definition::MAX_STEPS;

@@ -1,0 +1,857 @@
+//! The durable Saga actor: one per instance.
+//!
+//! Every transition is journaled (under `saga/<id>`) before it is acted on.
+//! Ready steps start at once, so a slow step delays only its dependents.
+//! When a step fails for good, each completed step is compensated once all
+//! the completed steps that depend on it have been (reverse dependency
+//! order; independent compensations run concurrently), each exactly once.
+//! A compensation that keeps failing parks the saga as `NeedsAttention`.
+//!
+//! After a restart the saga replays its journal and carries on. An attempt
+//! whose start was journaled but whose outcome was not is run again with
+//! the same attempt number, so its idempotency key `(saga, step, attempt)`
+//! is the same and the participant can deduplicate.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::StreamExt;
+use ractor::{ActorProcessingErr, ActorRef, RpcReplyPort};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use troupe_journal::{Journal, NewEvent, PersistenceId, Schema};
+
+use crate::definition::SagaDefinition;
+use crate::error::{SagaError, StepError};
+use crate::handler::{Handlers, StepContext};
+
+/// What the saga journal records.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum SagaEvent {
+    /// The instance began.
+    Started {
+        /// Workflow name.
+        definition: String,
+        /// Its input.
+        input: Value,
+    },
+    /// An attempt of a step's action began.
+    StepStarted {
+        /// Step index.
+        step: usize,
+        /// Attempt, from 1.
+        attempt: u32,
+    },
+    /// The action succeeded.
+    StepSucceeded {
+        /// Step index.
+        step: usize,
+        /// Attempt.
+        attempt: u32,
+        /// Its output.
+        output: Value,
+    },
+    /// The action failed; `last` when no retry follows.
+    StepFailed {
+        /// Step index.
+        step: usize,
+        /// Attempt.
+        attempt: u32,
+        /// Why.
+        error: String,
+        /// No retry follows.
+        last: bool,
+    },
+    /// An attempt of a compensation began.
+    CompensationStarted {
+        /// Step index.
+        step: usize,
+        /// Attempt.
+        attempt: u32,
+    },
+    /// The step was compensated (attempt 0: it had nothing to undo).
+    Compensated {
+        /// Step index.
+        step: usize,
+        /// Attempt.
+        attempt: u32,
+    },
+    /// The compensation failed and will be retried.
+    CompensationFailed {
+        /// Step index.
+        step: usize,
+        /// Attempt.
+        attempt: u32,
+        /// Why.
+        error: String,
+    },
+    /// A compensation failed past its retries: operators must look.
+    NeedsAttention {
+        /// Step index.
+        step: usize,
+        /// Last error.
+        error: String,
+    },
+    /// Every step succeeded.
+    Completed,
+    /// Every completed step was compensated.
+    Aborted,
+}
+
+impl Schema for SagaEvent {
+    const TYPE_NAME: &'static str = "saga.Event";
+}
+
+/// Where a saga stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    /// Running steps forward.
+    Running,
+    /// A step failed for good; undoing completed steps.
+    Compensating,
+    /// Every step succeeded.
+    Completed,
+    /// Every completed step was undone.
+    Aborted,
+    /// A compensation failed past its retries.
+    NeedsAttention,
+}
+
+impl Phase {
+    /// Completed, Aborted or NeedsAttention.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            Phase::Completed | Phase::Aborted | Phase::NeedsAttention
+        )
+    }
+}
+
+/// Where a step stands.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum StepState {
+    /// Not started.
+    Pending,
+    /// Attempt running.
+    Running(u32),
+    /// Attempt failed; waiting to retry.
+    Retrying(u32),
+    /// Done, with its output.
+    Succeeded(Value),
+    /// Failed for good.
+    Failed(String),
+    /// Compensation attempt running.
+    Compensating(u32),
+    /// Compensation attempt failed; waiting to retry.
+    RetryingCompensation(u32),
+    /// Undone.
+    Compensated,
+}
+
+/// A saga's status, for operators and the HTTP API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SagaStatus {
+    /// Instance id.
+    pub id: String,
+    /// Workflow name.
+    pub definition: String,
+    /// Phase.
+    pub phase: Phase,
+    /// `(step name, state)` in definition order.
+    pub steps: Vec<(String, StepState)>,
+    /// Why it is compensating, aborted or parked.
+    pub error: Option<String>,
+}
+
+/// Messages of a saga actor.
+pub enum SagaMsg {
+    #[doc(hidden)]
+    Done {
+        step: usize,
+        attempt: u32,
+        compensation: bool,
+        result: Result<Value, StepError>,
+    },
+    #[doc(hidden)]
+    Retry {
+        step: usize,
+        attempt: u32,
+        compensation: bool,
+    },
+    #[doc(hidden)]
+    SignalDeadline { step: usize, attempt: u32 },
+    #[doc(hidden)]
+    Flush,
+    /// Delivers an external signal; answers whether a step was waiting for it.
+    Signal(String, Value, RpcReplyPort<bool>),
+    /// Current status.
+    Status(RpcReplyPort<SagaStatus>),
+}
+
+/// Arguments of a saga actor.
+pub struct SagaArgs {
+    /// Instance id.
+    pub id: String,
+    /// Its workflow.
+    pub definition: Arc<SagaDefinition>,
+    /// Registered handlers.
+    pub handlers: Arc<Handlers>,
+    /// Its journal.
+    pub journal: Arc<dyn Journal>,
+    /// Told the final status when the saga ends.
+    pub on_end: Option<tokio::sync::mpsc::UnboundedSender<SagaStatus>>,
+}
+
+/// The saga actor. See the [module docs](self).
+pub struct SagaActor;
+
+/// Running state of a saga.
+pub struct SagaRun {
+    args: SagaArgs,
+    pid: PersistenceId,
+    seq: u64,
+    input: Value,
+    /// Outputs of succeeded actions, kept for their compensations.
+    outputs: Vec<Option<Value>>,
+    steps: Vec<StepState>,
+    phase: Phase,
+    error: Option<String>,
+    started: Vec<Option<Instant>>,
+    /// Successes received but not yet journaled (see `flush`).
+    pending: Vec<(usize, u32, Value)>,
+    flush_scheduled: bool,
+}
+
+fn jerr(e: impl std::fmt::Display) -> SagaError {
+    SagaError::Journal(e.to_string())
+}
+
+/// Folds a journal into (input, step states, phase, error, seq).
+pub(crate) async fn replay(
+    journal: &dyn Journal,
+    pid: &PersistenceId,
+    steps: usize,
+) -> Result<Option<(String, Value, Vec<StepState>, Phase, Option<String>, u64)>, SagaError> {
+    let mut st = vec![StepState::Pending; steps];
+    let set = |st: &mut Vec<StepState>, step: usize, v: StepState| -> Result<(), SagaError> {
+        let slot = st.get_mut(step).ok_or_else(|| {
+            SagaError::Journal(format!(
+                "`{pid}` names step {step}, but its workflow has {} steps",
+                steps
+            ))
+        })?;
+        *slot = v;
+        Ok(())
+    };
+    let (mut def, mut input, mut phase, mut error, mut seq) =
+        (None, Value::Null, Phase::Running, None, 0);
+    let mut r = journal.replay(pid, 1, u64::MAX);
+    while let Some(batch) = r.next().await {
+        for ev in batch.map_err(jerr)? {
+            seq = ev.seq;
+            match ev.decode::<SagaEvent>().map_err(jerr)? {
+                SagaEvent::Started {
+                    definition,
+                    input: i,
+                } => {
+                    def = Some(definition);
+                    input = i;
+                }
+                SagaEvent::StepStarted { step, attempt } => {
+                    set(&mut st, step, StepState::Running(attempt))?
+                }
+                SagaEvent::StepSucceeded { step, output, .. } => {
+                    set(&mut st, step, StepState::Succeeded(output))?
+                }
+                SagaEvent::StepFailed {
+                    step,
+                    attempt,
+                    error: e,
+                    last,
+                } => {
+                    if last {
+                        set(&mut st, step, StepState::Failed(e.clone()))?;
+                        phase = Phase::Compensating;
+                        error.get_or_insert(format!("step {step} failed: {e}"));
+                    } else {
+                        set(&mut st, step, StepState::Retrying(attempt))?;
+                    }
+                }
+                SagaEvent::CompensationStarted { step, attempt } => {
+                    set(&mut st, step, StepState::Compensating(attempt))?
+                }
+                SagaEvent::Compensated { step, .. } => set(&mut st, step, StepState::Compensated)?,
+                SagaEvent::CompensationFailed { step, attempt, .. } => {
+                    set(&mut st, step, StepState::RetryingCompensation(attempt))?
+                }
+                SagaEvent::NeedsAttention { error: e, .. } => {
+                    phase = Phase::NeedsAttention;
+                    error = Some(e);
+                }
+                SagaEvent::Completed => phase = Phase::Completed,
+                SagaEvent::Aborted => phase = Phase::Aborted,
+            }
+        }
+    }
+    Ok(def.map(|d| (d, input, st, phase, error, seq)))
+}
+
+impl SagaRun {
+    async fn journal(&mut self, events: Vec<SagaEvent>) -> Result<(), ActorProcessingErr> {
+        let new: Vec<NewEvent> = events.iter().map(NewEvent::new).collect::<Result<_, _>>()?;
+        let n = new.len() as u64;
+        self.args.journal.append(&self.pid, self.seq, new).await?;
+        self.seq += n;
+        Ok(())
+    }
+
+    /// Journals buffered successes in one append, then applies them.
+    /// Concurrent steps tend to finish together: their successes queue up
+    /// in the mailbox behind one `Flush`, and share one write.
+    async fn flush(&mut self) -> Result<(), ActorProcessingErr> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let pending = std::mem::take(&mut self.pending);
+        let events = pending
+            .iter()
+            .map(|(step, attempt, output)| SagaEvent::StepSucceeded {
+                step: *step,
+                attempt: *attempt,
+                output: output.clone(),
+            })
+            .collect();
+        self.journal(events).await?;
+        for (step, _, output) in pending {
+            self.outputs[step] = Some(output.clone());
+            self.steps[step] = StepState::Succeeded(output);
+        }
+        Ok(())
+    }
+
+    fn status(&self) -> SagaStatus {
+        SagaStatus {
+            id: self.args.id.clone(),
+            definition: self.args.definition.name().to_owned(),
+            phase: self.phase,
+            steps: self
+                .args
+                .definition
+                .steps()
+                .iter()
+                .map(|s| s.name.clone())
+                .zip(self.steps.iter().cloned())
+                .collect(),
+            error: self.error.clone(),
+        }
+    }
+
+    fn context(&self, i: usize, attempt: u32, output: Option<Value>) -> StepContext {
+        let mut input = Map::new();
+        input.insert("input".into(), self.input.clone());
+        for d in self.args.definition.deps(i) {
+            if let StepState::Succeeded(out) = &self.steps[d] {
+                input.insert(self.args.definition.steps()[d].name.clone(), out.clone());
+            }
+        }
+        StepContext {
+            saga: self.args.id.clone(),
+            step: self.args.definition.steps()[i].name.clone(),
+            attempt,
+            input: Value::Object(input),
+            output,
+        }
+    }
+
+    /// Runs attempt `attempt` (already journaled) of step `i`.
+    fn launch(&mut self, me: &ActorRef<SagaMsg>, i: usize, attempt: u32, compensation: bool) {
+        let def = &self.args.definition.steps()[i];
+        self.started[i] = Some(Instant::now());
+        if !compensation && let Some(signal) = &def.signal {
+            tracing::debug!(saga = %self.args.id, step = %def.name, signal, "waiting for signal");
+            me.send_after(def.timeout, move || SagaMsg::SignalDeadline {
+                step: i,
+                attempt,
+            });
+            return;
+        }
+        let name = if compensation {
+            def.compensation.clone()
+        } else {
+            Some(def.action.clone())
+        };
+        let handler = name.as_deref().and_then(|n| self.args.handlers.get(n));
+        let output = if compensation {
+            self.outputs_for_compensation(i)
+        } else {
+            None
+        };
+        let ctx = self.context(i, attempt, output);
+        let timeout = def.timeout;
+        let me = me.clone();
+        tokio::spawn(async move {
+            let result = match handler {
+                None => Err(StepError::permanent(format!(
+                    "handler `{}` is not registered",
+                    name.unwrap_or_default()
+                ))),
+                Some(h) => match tokio::time::timeout(timeout, h.run(ctx)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(StepError::retryable(format!("timed out after {timeout:?}"))),
+                },
+            };
+            let _ = me.cast(SagaMsg::Done {
+                step: i,
+                attempt,
+                compensation,
+                result,
+            });
+        });
+    }
+
+    fn outputs_for_compensation(&self, i: usize) -> Option<Value> {
+        self.outputs.get(i).cloned().flatten()
+    }
+
+    /// Starts whatever can start now, and ends the saga when nothing is left.
+    async fn drive(&mut self, me: &ActorRef<SagaMsg>) -> Result<(), ActorProcessingErr> {
+        let def = self.args.definition.clone();
+        match self.phase {
+            Phase::Running => {
+                if self
+                    .steps
+                    .iter()
+                    .all(|s| matches!(s, StepState::Succeeded(_)))
+                {
+                    self.journal(vec![SagaEvent::Completed]).await?;
+                    self.phase = Phase::Completed;
+                    metrics::counter!("troupe_sagas_completed_total").increment(1);
+                    return self.finish(me);
+                }
+                // Every ready step starts now; their starts share one append.
+                let ready: Vec<usize> = def
+                    .order()
+                    .iter()
+                    .copied()
+                    .filter(|&i| {
+                        matches!(self.steps[i], StepState::Pending)
+                            && def
+                                .deps(i)
+                                .iter()
+                                .all(|&d| matches!(self.steps[d], StepState::Succeeded(_)))
+                    })
+                    .collect();
+                if !ready.is_empty() {
+                    let starts = ready
+                        .iter()
+                        .map(|&i| SagaEvent::StepStarted {
+                            step: i,
+                            attempt: 1,
+                        })
+                        .collect();
+                    self.journal(starts).await?;
+                    for &i in &ready {
+                        self.steps[i] = StepState::Running(1);
+                        self.launch(me, i, 1, false);
+                    }
+                }
+            }
+            Phase::Compensating => {
+                // Forward attempts still running finish first: their
+                // outcome decides whether they need undoing.
+                if self
+                    .steps
+                    .iter()
+                    .any(|s| matches!(s, StepState::Running(_)))
+                {
+                    return Ok(());
+                }
+                for i in 0..self.steps.len() {
+                    if !matches!(self.steps[i], StepState::Succeeded(_)) {
+                        continue;
+                    }
+                    let dependents_done = def.dependents(i).iter().all(|&d| {
+                        !matches!(
+                            self.steps[d],
+                            StepState::Succeeded(_)
+                                | StepState::Compensating(_)
+                                | StepState::RetryingCompensation(_)
+                        )
+                    });
+                    if !dependents_done {
+                        continue;
+                    }
+                    if let StepState::Succeeded(out) = &self.steps[i] {
+                        self.outputs[i] = Some(out.clone());
+                    }
+                    if def.steps()[i].compensation.is_none() {
+                        self.journal(vec![SagaEvent::Compensated {
+                            step: i,
+                            attempt: 0,
+                        }])
+                        .await?;
+                        self.steps[i] = StepState::Compensated;
+                        continue;
+                    }
+                    self.journal(vec![SagaEvent::CompensationStarted {
+                        step: i,
+                        attempt: 1,
+                    }])
+                    .await?;
+                    self.steps[i] = StepState::Compensating(1);
+                    metrics::counter!("troupe_saga_compensations_total").increment(1);
+                    self.launch(me, i, 1, true);
+                }
+                let busy = self.steps.iter().any(|s| {
+                    matches!(
+                        s,
+                        StepState::Succeeded(_)
+                            | StepState::Compensating(_)
+                            | StepState::RetryingCompensation(_)
+                    )
+                });
+                if !busy {
+                    // Any compensation just marked done may unblock others.
+                    let more = self
+                        .steps
+                        .iter()
+                        .any(|s| matches!(s, StepState::Succeeded(_)));
+                    if !more {
+                        self.journal(vec![SagaEvent::Aborted]).await?;
+                        self.phase = Phase::Aborted;
+                        metrics::counter!("troupe_sagas_aborted_total").increment(1);
+                        return self.finish(me);
+                    }
+                }
+                // Compensations of steps without a handler complete at once
+                // and may unblock their dependencies: go round again.
+                if self
+                    .steps
+                    .iter()
+                    .any(|s| matches!(s, StepState::Succeeded(_)))
+                    && !self.steps.iter().any(|s| {
+                        matches!(
+                            s,
+                            StepState::Compensating(_) | StepState::RetryingCompensation(_)
+                        )
+                    })
+                {
+                    return Box::pin(self.drive(me)).await;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, me: &ActorRef<SagaMsg>) -> Result<(), ActorProcessingErr> {
+        if let Some(tx) = &self.args.on_end {
+            let _ = tx.send(self.status());
+        }
+        me.stop(None);
+        Ok(())
+    }
+
+    async fn fail_for_good(
+        &mut self,
+        i: usize,
+        attempt: u32,
+        error: String,
+    ) -> Result<(), ActorProcessingErr> {
+        self.journal(vec![SagaEvent::StepFailed {
+            step: i,
+            attempt,
+            error: error.clone(),
+            last: true,
+        }])
+        .await?;
+        self.steps[i] = StepState::Failed(error.clone());
+        if self.phase == Phase::Running {
+            self.phase = Phase::Compensating;
+            self.error = Some(format!(
+                "step `{}` failed: {error}",
+                self.args.definition.steps()[i].name
+            ));
+        }
+        // Steps waiting to retry, or waiting for a signal, never did
+        // anything: nothing to undo.
+        let def = self.args.definition.clone();
+        for (j, s) in self.steps.iter_mut().enumerate() {
+            let waiting_signal =
+                def.steps()[j].signal.is_some() && matches!(s, StepState::Running(_));
+            if matches!(s, StepState::Retrying(_)) || waiting_signal {
+                *s = StepState::Pending;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ractor::Actor for SagaActor {
+    type Msg = SagaMsg;
+    type State = SagaRun;
+    type Arguments = SagaArgs;
+
+    async fn pre_start(
+        &self,
+        _me: ActorRef<SagaMsg>,
+        args: SagaArgs,
+    ) -> Result<SagaRun, ActorProcessingErr> {
+        let pid = PersistenceId::new("saga", &args.id)?;
+        let n = args.definition.steps().len();
+        let Some((_, input, steps, phase, error, seq)) = replay(&*args.journal, &pid, n).await?
+        else {
+            return Err(Box::new(SagaError::UnknownSaga(args.id.clone())));
+        };
+        Ok(SagaRun {
+            args,
+            pid,
+            seq,
+            input,
+            outputs: vec![None; n],
+            steps,
+            phase,
+            error,
+            started: vec![None; n],
+            pending: Vec::new(),
+            flush_scheduled: false,
+        })
+    }
+
+    async fn post_start(
+        &self,
+        me: ActorRef<SagaMsg>,
+        run: &mut SagaRun,
+    ) -> Result<(), ActorProcessingErr> {
+        if run.phase.is_final() {
+            return run.finish(&me);
+        }
+        // Resume: re-run attempts whose outcome was lost, with the same
+        // attempt number (and so the same idempotency key).
+        for i in 0..run.steps.len() {
+            match run.steps[i].clone() {
+                StepState::Running(a) => {
+                    if run.phase == Phase::Compensating
+                        && run.args.definition.steps()[i].signal.is_some()
+                    {
+                        run.steps[i] = StepState::Pending;
+                    } else {
+                        run.launch(&me, i, a, false);
+                    }
+                }
+                StepState::Retrying(a) => {
+                    me.cast(SagaMsg::Retry {
+                        step: i,
+                        attempt: a,
+                        compensation: false,
+                    })?;
+                }
+                StepState::Compensating(a) => run.launch(&me, i, a, true),
+                StepState::RetryingCompensation(a) => {
+                    me.cast(SagaMsg::Retry {
+                        step: i,
+                        attempt: a,
+                        compensation: true,
+                    })?;
+                }
+                StepState::Succeeded(out) => run.outputs[i] = Some(out),
+                _ => {}
+            }
+        }
+        run.drive(&me).await
+    }
+
+    async fn handle(
+        &self,
+        me: ActorRef<SagaMsg>,
+        msg: SagaMsg,
+        run: &mut SagaRun,
+    ) -> Result<(), ActorProcessingErr> {
+        // Anything but another success settles the buffered successes
+        // first, so the journal keeps the order things happened in.
+        let buffered_success = matches!(
+            &msg,
+            SagaMsg::Done {
+                compensation: false,
+                result: Ok(_),
+                ..
+            } | SagaMsg::Status(_)
+        );
+        if !buffered_success {
+            run.flush().await?;
+        }
+        match msg {
+            SagaMsg::Flush => run.flush_scheduled = false,
+            SagaMsg::Status(reply) => {
+                let _ = reply.send(run.status());
+                return Ok(());
+            }
+            SagaMsg::Signal(name, payload, reply) => {
+                let def = run.args.definition.clone();
+                let waiting = (0..run.steps.len()).find(|&i| {
+                    def.steps()[i].signal.as_deref() == Some(name.as_str())
+                        && matches!(run.steps[i], StepState::Running(_))
+                });
+                let _ = reply.send(waiting.is_some());
+                if let Some(i) = waiting {
+                    let StepState::Running(attempt) = run.steps[i] else {
+                        return Ok(());
+                    };
+                    me.cast(SagaMsg::Done {
+                        step: i,
+                        attempt,
+                        compensation: false,
+                        result: Ok(payload),
+                    })?;
+                }
+                return Ok(());
+            }
+            SagaMsg::SignalDeadline { step, attempt } => {
+                if run.steps[step] == StepState::Running(attempt) {
+                    let signal = run.args.definition.steps()[step]
+                        .signal
+                        .clone()
+                        .unwrap_or_default();
+                    run.fail_for_good(
+                        step,
+                        attempt,
+                        format!("signal `{signal}` did not arrive before its deadline"),
+                    )
+                    .await?;
+                }
+            }
+            SagaMsg::Retry {
+                step,
+                attempt,
+                compensation: false,
+            } => {
+                if run.steps[step] == StepState::Retrying(attempt) && run.phase == Phase::Running {
+                    let next = attempt + 1;
+                    run.journal(vec![SagaEvent::StepStarted {
+                        step,
+                        attempt: next,
+                    }])
+                    .await?;
+                    run.steps[step] = StepState::Running(next);
+                    run.launch(&me, step, next, false);
+                }
+            }
+            SagaMsg::Retry {
+                step,
+                attempt,
+                compensation: true,
+            } => {
+                if run.steps[step] == StepState::RetryingCompensation(attempt) {
+                    let next = attempt + 1;
+                    run.journal(vec![SagaEvent::CompensationStarted {
+                        step,
+                        attempt: next,
+                    }])
+                    .await?;
+                    run.steps[step] = StepState::Compensating(next);
+                    run.launch(&me, step, next, true);
+                }
+            }
+            SagaMsg::Done {
+                step,
+                attempt,
+                compensation: false,
+                result,
+            } => {
+                if run.steps[step] != StepState::Running(attempt) {
+                    return Ok(()); // a late answer for an attempt already settled
+                }
+                if let Some(t) = run.started[step] {
+                    metrics::histogram!("troupe_saga_step_seconds")
+                        .record(t.elapsed().as_secs_f64());
+                }
+                let policy = run.args.definition.steps()[step].retry;
+                match result {
+                    Ok(output) => {
+                        if run.pending.iter().any(|(s, _, _)| *s == step) {
+                            return Ok(());
+                        }
+                        run.pending.push((step, attempt, output));
+                        if !run.flush_scheduled {
+                            run.flush_scheduled = true;
+                            me.cast(SagaMsg::Flush)?;
+                        }
+                        return Ok(());
+                    }
+                    Err(e)
+                        if e.retryable
+                            && attempt < policy.max_attempts
+                            && run.phase == Phase::Running =>
+                    {
+                        run.journal(vec![SagaEvent::StepFailed {
+                            step,
+                            attempt,
+                            error: e.message.clone(),
+                            last: false,
+                        }])
+                        .await?;
+                        run.steps[step] = StepState::Retrying(attempt);
+                        let delay = policy.backoff(attempt);
+                        me.send_after(delay, move || SagaMsg::Retry {
+                            step,
+                            attempt,
+                            compensation: false,
+                        });
+                    }
+                    Err(e) => run.fail_for_good(step, attempt, e.message).await?,
+                }
+            }
+            SagaMsg::Done {
+                step,
+                attempt,
+                compensation: true,
+                result,
+            } => {
+                if run.steps[step] != StepState::Compensating(attempt) {
+                    return Ok(());
+                }
+                let policy = run.args.definition.steps()[step].compensation_retry;
+                match result {
+                    Ok(_) => {
+                        run.journal(vec![SagaEvent::Compensated { step, attempt }])
+                            .await?;
+                        run.steps[step] = StepState::Compensated;
+                    }
+                    Err(e) if attempt < policy.max_attempts => {
+                        run.journal(vec![SagaEvent::CompensationFailed {
+                            step,
+                            attempt,
+                            error: e.message,
+                        }])
+                        .await?;
+                        run.steps[step] = StepState::RetryingCompensation(attempt);
+                        let delay = policy.backoff(attempt);
+                        me.send_after(delay, move || SagaMsg::Retry {
+                            step,
+                            attempt,
+                            compensation: true,
+                        });
+                    }
+                    Err(e) => {
+                        let error = format!(
+                            "compensation of `{}` failed {attempt} times: {}",
+                            run.args.definition.steps()[step].name,
+                            e.message
+                        );
+                        run.journal(vec![SagaEvent::NeedsAttention {
+                            step,
+                            error: error.clone(),
+                        }])
+                        .await?;
+                        run.phase = Phase::NeedsAttention;
+                        run.error = Some(error);
+                        metrics::counter!("troupe_sagas_parked_total").increment(1);
+                        tracing::error!(saga = %run.args.id, "saga parked: needs attention");
+                        return run.finish(&me);
+                    }
+                }
+            }
+        }
+        run.drive(&me).await
+    }
+}
