@@ -11,6 +11,7 @@
 //! | [`journal`] | `troupe_journal` | the event journal: append, replay, snapshots, tags |
 //! | [`actor`] | `troupe_actor` | bounded mailboxes, supervision, durable actors, entities |
 //! | [`gpu`] | `troupe_gpu` | GPU probes, leases, deadline-aware admission |
+//! | [`saga`] | `troupe_saga` | DAG workflows with retries, compensation, signals |
 //! | [`Troupe`] | (here) | the system handle: journal + root supervisor + orderly shutdown |
 //!
 //! Most programs start with `use troupe::prelude::*;`.
@@ -21,6 +22,7 @@ pub use ractor;
 pub use troupe_actor as actor;
 pub use troupe_gpu as gpu;
 pub use troupe_journal as journal;
+pub use troupe_saga as saga;
 
 pub use system::{Troupe, TroupeBuilder};
 

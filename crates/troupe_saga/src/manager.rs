@@ -13,7 +13,7 @@ use troupe_journal::{Journal, NewEvent, PersistenceId, now_ms};
 use crate::definition::SagaDefinition;
 use crate::error::SagaError;
 use crate::handler::Handlers;
-use crate::saga::{SagaActor, SagaArgs, SagaEvent, SagaMsg, SagaStatus, replay};
+use crate::saga::{Replayed, SagaActor, SagaArgs, SagaEvent, SagaMsg, SagaStatus, replay};
 
 /// A request to start an instance, as it arrives over HTTP.
 #[derive(Debug, Clone, Deserialize)]
@@ -208,13 +208,17 @@ impl Sagas {
             PersistenceId::new("saga", id).map_err(|_| SagaError::UnknownSaga(id.to_owned()))?;
         // The journal names its workflow: read it with room for the largest
         // workflow, then again with the real one for the step states.
-        let Some((def_name, ..)) = replay(&*self.inner.journal, &pid, MAX_PROBE_STEPS).await?
-        else {
+        let Some(probe) = replay(&*self.inner.journal, &pid, MAX_PROBE_STEPS).await? else {
             return Ok(None);
         };
+        let def_name = probe.definition;
         let def = self.definition(&def_name)?;
-        let Some((_, _, steps, phase, error, _)) =
-            replay(&*self.inner.journal, &pid, def.steps().len()).await?
+        let Some(Replayed {
+            steps,
+            phase,
+            error,
+            ..
+        }) = replay(&*self.inner.journal, &pid, def.steps().len()).await?
         else {
             return Ok(None);
         };

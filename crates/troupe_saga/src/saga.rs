@@ -227,11 +227,23 @@ fn jerr(e: impl std::fmt::Display) -> SagaError {
 }
 
 /// Folds a journal into (input, step states, phase, error, seq).
+/// A saga's journal, folded.
+pub(crate) struct Replayed {
+    pub definition: String,
+    pub input: Value,
+    pub steps: Vec<StepState>,
+    /// Outputs of every action that succeeded (kept for compensations).
+    pub outputs: Vec<Option<Value>>,
+    pub phase: Phase,
+    pub error: Option<String>,
+    pub seq: u64,
+}
+
 pub(crate) async fn replay(
     journal: &dyn Journal,
     pid: &PersistenceId,
     steps: usize,
-) -> Result<Option<(String, Value, Vec<StepState>, Phase, Option<String>, u64)>, SagaError> {
+) -> Result<Option<Replayed>, SagaError> {
     let mut st = vec![StepState::Pending; steps];
     let set = |st: &mut Vec<StepState>, step: usize, v: StepState| -> Result<(), SagaError> {
         let slot = st.get_mut(step).ok_or_else(|| {
@@ -245,6 +257,7 @@ pub(crate) async fn replay(
     };
     let (mut def, mut input, mut phase, mut error, mut seq) =
         (None, Value::Null, Phase::Running, None, 0);
+    let mut outputs: Vec<Option<Value>> = vec![None; steps];
     let mut r = journal.replay(pid, 1, u64::MAX);
     while let Some(batch) = r.next().await {
         for ev in batch.map_err(jerr)? {
@@ -261,6 +274,9 @@ pub(crate) async fn replay(
                     set(&mut st, step, StepState::Running(attempt))?
                 }
                 SagaEvent::StepSucceeded { step, output, .. } => {
+                    if let Some(o) = outputs.get_mut(step) {
+                        *o = Some(output.clone());
+                    }
                     set(&mut st, step, StepState::Succeeded(output))?
                 }
                 SagaEvent::StepFailed {
@@ -293,7 +309,15 @@ pub(crate) async fn replay(
             }
         }
     }
-    Ok(def.map(|d| (d, input, st, phase, error, seq)))
+    Ok(def.map(|definition| Replayed {
+        definition,
+        input,
+        steps: st,
+        outputs,
+        phase,
+        error,
+        seq,
+    }))
 }
 
 impl SagaRun {
@@ -395,9 +419,12 @@ impl SagaRun {
                     "handler `{}` is not registered",
                     name.unwrap_or_default()
                 ))),
-                Some(h) => match tokio::time::timeout(timeout, h.run(ctx)).await {
-                    Ok(r) => r,
-                    Err(_) => Err(StepError::retryable(format!("timed out after {timeout:?}"))),
+                // Run in a task of its own: a panicking handler fails its
+                // attempt instead of leaving the step running forever.
+                Some(h) => match tokio::spawn(tokio::time::timeout(timeout, h.run(ctx))).await {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(_)) => Err(StepError::retryable(format!("timed out after {timeout:?}"))),
+                    Err(e) => Err(StepError::retryable(format!("handler panicked: {e}"))),
                 },
             };
             let _ = me.cast(SagaMsg::Done {
@@ -599,7 +626,15 @@ impl ractor::Actor for SagaActor {
     ) -> Result<SagaRun, ActorProcessingErr> {
         let pid = PersistenceId::new("saga", &args.id)?;
         let n = args.definition.steps().len();
-        let Some((_, input, steps, phase, error, seq)) = replay(&*args.journal, &pid, n).await?
+        let Some(Replayed {
+            input,
+            steps,
+            outputs,
+            phase,
+            error,
+            seq,
+            ..
+        }) = replay(&*args.journal, &pid, n).await?
         else {
             return Err(Box::new(SagaError::UnknownSaga(args.id.clone())));
         };
@@ -608,7 +643,7 @@ impl ractor::Actor for SagaActor {
             pid,
             seq,
             input,
-            outputs: vec![None; n],
+            outputs,
             steps,
             phase,
             error,
