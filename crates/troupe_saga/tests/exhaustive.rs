@@ -285,3 +285,88 @@ async fn a_step_past_its_timeout_fails_and_is_retried() {
     assert_eq!(status.phase, Phase::Completed);
     assert_eq!(status.steps[0].1, StepState::Succeeded(json!(1)));
 }
+
+struct Inventory;
+
+enum InventoryMsg {
+    Reserve(
+        String,
+        ractor::RpcReplyPort<Result<serde_json::Value, StepError>>,
+    ),
+}
+
+impl ractor::Actor for Inventory {
+    type Msg = InventoryMsg;
+    type State = u32;
+    type Arguments = ();
+    async fn pre_start(
+        &self,
+        _: ractor::ActorRef<InventoryMsg>,
+        _: (),
+    ) -> Result<u32, ractor::ActorProcessingErr> {
+        Ok(0)
+    }
+    async fn handle(
+        &self,
+        _: ractor::ActorRef<InventoryMsg>,
+        msg: InventoryMsg,
+        n: &mut u32,
+    ) -> Result<(), ractor::ActorProcessingErr> {
+        let InventoryMsg::Reserve(key, reply) = msg;
+        *n += 1;
+        let _ = reply.send(Ok(json!({ "reserved_by": key, "count": *n })));
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_can_target_an_actor_by_its_registered_name() {
+    let (actor, _) = ractor::Actor::spawn(Some("inventory-test".into()), Inventory, ())
+        .await
+        .expect("spawn");
+    let mut h = Handlers::default();
+    h.register_actor("reserve", "inventory-test", |ctx: StepContext, reply| {
+        InventoryMsg::Reserve(ctx.idempotency_key(), reply)
+    });
+    h.register_actor(
+        "missing",
+        "nobody-registered-this",
+        |ctx: StepContext, reply| InventoryMsg::Reserve(ctx.idempotency_key(), reply),
+    );
+    let sagas = Sagas::new(Arc::new(InMemoryJournal::new()), h);
+    sagas
+        .register(SagaDefinition::new("inv", vec![StepDef::new("r", "reserve")]).expect("def"))
+        .expect("register");
+    let id = sagas.start("inv", json!({})).await.expect("start");
+    let status = sagas.wait(&id, T).await.expect("wait");
+    assert_eq!(status.phase, Phase::Completed);
+    match &status.steps[0].1 {
+        StepState::Succeeded(v) => assert!(
+            v["reserved_by"]
+                .as_str()
+                .is_some_and(|k| k.ends_with("/r/1")),
+            "{v}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    sagas
+        .register(
+            SagaDefinition::new(
+                "gone",
+                vec![StepDef::new("m", "missing").retry(RetryPolicy::immediate(2))],
+            )
+            .expect("def"),
+        )
+        .expect("register");
+    let id = sagas.start("gone", json!({})).await.expect("start");
+    let status = sagas.wait(&id, T).await.expect("wait");
+    assert_eq!(status.phase, Phase::Aborted);
+    assert!(
+        status
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("nobody-registered-this")),
+        "{status:?}"
+    );
+    actor.stop(None);
+}
