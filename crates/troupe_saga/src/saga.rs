@@ -220,6 +220,8 @@ pub struct SagaRun {
     /// Successes received but not yet journaled (see `flush`).
     pending: Vec<(usize, u32, Value)>,
     flush_scheduled: bool,
+    /// Events already applied in memory, written with the next append.
+    unwritten: Vec<SagaEvent>,
 }
 
 fn jerr(e: impl std::fmt::Display) -> SagaError {
@@ -322,7 +324,14 @@ pub(crate) async fn replay(
 
 impl SagaRun {
     async fn journal(&mut self, events: Vec<SagaEvent>) -> Result<(), ActorProcessingErr> {
-        let new: Vec<NewEvent> = events.iter().map(NewEvent::new).collect::<Result<_, _>>()?;
+        // Successes applied in memory but not yet written go first, in the
+        // same append (see `SagaMsg::Flush`).
+        let mut all = std::mem::take(&mut self.unwritten);
+        all.extend(events);
+        if all.is_empty() {
+            return Ok(());
+        }
+        let new: Vec<NewEvent> = all.iter().map(NewEvent::new).collect::<Result<_, _>>()?;
         let n = new.len() as u64;
         self.args.journal.append(&self.pid, self.seq, new).await?;
         self.seq += n;
@@ -650,6 +659,7 @@ impl ractor::Actor for SagaActor {
             started: vec![None; n],
             pending: Vec::new(),
             flush_scheduled: false,
+            unwritten: Vec::new(),
         })
     }
 
@@ -716,7 +726,23 @@ impl ractor::Actor for SagaActor {
             run.flush().await?;
         }
         match msg {
-            SagaMsg::Flush => run.flush_scheduled = false,
+            SagaMsg::Flush => {
+                // The buffered successes and the starts they make ready are
+                // written in one append: applied here, written by `drive`
+                // (or just below if it writes nothing).
+                run.flush_scheduled = false;
+                for (step, attempt, output) in std::mem::take(&mut run.pending) {
+                    run.unwritten.push(SagaEvent::StepSucceeded {
+                        step,
+                        attempt,
+                        output: output.clone(),
+                    });
+                    run.outputs[step] = Some(output.clone());
+                    run.steps[step] = StepState::Succeeded(output);
+                }
+                run.drive(&me).await?;
+                return run.journal(Vec::new()).await;
+            }
             SagaMsg::Status(reply) => {
                 let _ = reply.send(run.status());
                 return Ok(());

@@ -135,7 +135,7 @@ async fn run(c: Case) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(64), ..ProptestConfig::default() })]
 
     #[test]
     fn compensation_is_exact_and_ordered_for_random_dags(c in case()) {
