@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 export CARGO_TARGET_DIR ?= /var/tmp/troupe-target
 CARGO ?= cargo
-DEMO ?= journal_tour durable_agents
+DEMO ?= journal_tour durable_agents gpu_leases order_saga
 EXAMPLES := journal_tour durable_agents gpu_leases order_saga
 
 .PHONY: all deps demo test fmt-check clippy unit examples book bench
