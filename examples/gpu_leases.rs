@@ -116,13 +116,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "  urgent: lease {} on GPU {} after the grace period",
         urgent.id, urgent.device
     );
-    let stale = gpu
-        .check_fence(batch.device, batch.id, batch.generation)
-        .await;
+    // The device actor refuses work under the preempted lease.
+    let stale = gpu.admit(&batch).await;
     println!(
-        "  a device now refuses batch-render's old generation: {}",
+        "  GPU {} refuses batch-render's old lease: {}",
+        batch.device,
         stale.is_err()
     );
+    gpu.admit(&urgent).await?;
     // ANCHOR_END: preempt
 
     simulated.set_fault(chat.device, Some("Xid 79: GPU has fallen off the bus"));

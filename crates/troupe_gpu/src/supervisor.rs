@@ -8,9 +8,12 @@
 //!   them: it recovers the lease table, continues lease ids and fencing
 //!   generations past the highest ever issued, and lets leases whose holders
 //!   are gone run out at their TTL. It never grants the same capacity twice.
-//! - Devices are polled every `poll_interval`; a reading that fails marks
+//! - One [device actor](crate::device) per GPU, linked to the supervisor
+//!   (and restarted by it), polls its probe every `poll_interval`, exports
+//!   the device's metrics and reports each reading; a failed reading marks
 //!   the device unhealthy (its leases are revoked and their holders told),
-//!   a good reading heals it.
+//!   a good one heals it. Device actors admit work only under a current
+//!   lease and fencing generation ([`GpuSupervisorHandle::admit`]).
 //! - Holders that pass their actor cell are watched: when the actor stops,
 //!   its leases end at the next tick.
 //!
@@ -28,8 +31,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use troupe_journal::{Journal, NewEvent, NewSnapshot, PersistenceId, Schema, now_ms};
 
+use crate::device::{DeviceActor, DeviceArgs, DeviceMsg, FenceTable};
 use crate::error::GpuError;
-use crate::probe::GpuProbe;
+use crate::probe::{DeviceSample, GpuProbe};
 use crate::scheduler::{
     DeviceCapacity, EndReason, Lease, LeaseRequest, Ms, Outcome, PRIORITIES, Scheduler,
     SchedulerConfig,
@@ -161,10 +165,13 @@ pub enum GpuMsg {
     Fence(u32, u64, u64, RpcReplyPort<Result<(), GpuError>>),
     /// Device status.
     Status(RpcReplyPort<Vec<GpuStatus>>),
+    /// The actor of device `index`.
+    Device(u32, RpcReplyPort<Option<ActorRef<DeviceMsg>>>),
     #[doc(hidden)]
     Tick,
+    /// A device actor's reading (or why it failed).
     #[doc(hidden)]
-    Poll,
+    DeviceReport(u32, Result<DeviceSample, String>),
 }
 
 /// Arguments of the supervisor.
@@ -200,6 +207,8 @@ pub struct GpuState {
     waiting: HashMap<u64, Waiting>,
     holders: HashMap<u64, HolderEntry>,
     utilization: HashMap<u32, u32>,
+    fences: Arc<FenceTable>,
+    devices: Vec<ActorRef<DeviceMsg>>,
 }
 
 fn journal_err(e: impl std::fmt::Display) -> GpuError {
@@ -265,6 +274,7 @@ impl GpuState {
             match o {
                 Outcome::Granted { ticket, lease } => {
                     metrics::counter!("troupe_gpu_leases_granted_total").increment(1);
+                    self.fences.grant(lease.id, lease.device, lease.generation);
                     if let Some(w) = self.waiting.remove(&ticket) {
                         self.holders
                             .insert(lease.id, (lease.holder.clone(), w.holder, w.notices));
@@ -287,6 +297,7 @@ impl GpuState {
                     );
                 }
                 Outcome::Ended { lease, reason } => {
+                    self.fences.revoke(lease.id);
                     if reason != EndReason::Released {
                         self.notify(
                             lease.id,
@@ -393,7 +404,10 @@ impl ractor::Actor for GpuSupervisor {
             table.next_generation,
         );
         myself.send_interval(args.config.tick_interval, || GpuMsg::Tick);
-        myself.send_interval(args.config.poll_interval, || GpuMsg::Poll);
+        let fences = Arc::new(FenceTable::default());
+        for l in sched.leases() {
+            fences.grant(l.id, l.device, l.generation);
+        }
         Ok(GpuState {
             sched,
             args,
@@ -404,7 +418,53 @@ impl ractor::Actor for GpuSupervisor {
             waiting: HashMap::new(),
             holders: HashMap::new(),
             utilization: HashMap::new(),
+            fences,
+            devices: Vec::new(),
         })
+    }
+
+    async fn post_start(
+        &self,
+        me: ActorRef<GpuMsg>,
+        st: &mut GpuState,
+    ) -> Result<(), ActorProcessingErr> {
+        for d in st.sched.devices().to_vec() {
+            let actor = spawn_device(&me, st, d.index).await?;
+            st.devices.push(actor);
+        }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _me: ActorRef<GpuMsg>,
+        st: &mut GpuState,
+    ) -> Result<(), ActorProcessingErr> {
+        for d in &st.devices {
+            d.stop(None);
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        me: ActorRef<GpuMsg>,
+        event: ractor::SupervisionEvent,
+        st: &mut GpuState,
+    ) -> Result<(), ActorProcessingErr> {
+        // A device actor that dies is started again; the device keeps its
+        // health state in the scheduler meanwhile.
+        let cell = match event {
+            ractor::SupervisionEvent::ActorFailed(cell, _)
+            | ractor::SupervisionEvent::ActorTerminated(cell, _, _) => cell,
+            _ => return Ok(()),
+        };
+        if let Some(pos) = st.devices.iter().position(|d| d.get_id() == cell.get_id()) {
+            let index = st.sched.devices()[pos].index;
+            tracing::warn!(device = index, "device actor ended; starting it again");
+            st.devices[pos] = spawn_device(&me, st, index).await?;
+        }
+        Ok(())
     }
 
     async fn handle(
@@ -510,43 +570,61 @@ impl ractor::Actor for GpuSupervisor {
                 out.extend(st.sched.tick(now));
                 st.settle(out).await?;
             }
-            GpuMsg::Poll => {
-                let mut out = Vec::new();
-                let devices = st.sched.devices().to_vec();
-                for d in devices {
-                    match st.args.probe.sample(d.index) {
-                        Ok(s) => {
-                            let label = d.index.to_string();
-                            metrics::gauge!("troupe_gpu_utilization_percent", "device" => label.clone()).set(s.utilization_pct as f64);
-                            metrics::gauge!("troupe_gpu_memory_used_bytes", "device" => label.clone()).set(s.memory_used as f64);
-                            metrics::gauge!("troupe_gpu_memory_total_bytes", "device" => label.clone()).set(s.memory_total as f64);
-                            if let Some(t) = s.temperature_c {
-                                metrics::gauge!("troupe_gpu_temperature_celsius", "device" => label.clone()).set(t as f64);
-                            }
-                            if let Some(p) = s.power_mw {
-                                metrics::gauge!("troupe_gpu_power_watts", "device" => label)
-                                    .set(p as f64 / 1000.0);
-                            }
-                            st.utilization.insert(d.index, s.utilization_pct);
-                            if !d.healthy {
-                                tracing::info!(device = d.index, "device healthy again");
-                                out.extend(st.sched.device_recovered(d.index, now));
-                            }
-                        }
-                        Err(e) => {
-                            st.utilization.remove(&d.index);
-                            if d.healthy {
-                                tracing::warn!(device = d.index, error = %e, "device unhealthy; revoking its leases");
-                                out.extend(st.sched.device_failed(d.index, now));
-                            }
+            GpuMsg::Device(index, reply) => {
+                let pos = st.sched.devices().iter().position(|d| d.index == index);
+                let _ = reply.send(pos.and_then(|p| st.devices.get(p).cloned()));
+            }
+            GpuMsg::DeviceReport(index, report) => {
+                let Some(d) = st
+                    .sched
+                    .devices()
+                    .iter()
+                    .find(|d| d.index == index)
+                    .cloned()
+                else {
+                    return Ok(());
+                };
+                let out = match report {
+                    Ok(sample) => {
+                        st.utilization.insert(index, sample.utilization_pct);
+                        if d.healthy {
+                            Vec::new()
+                        } else {
+                            tracing::info!(device = index, "device healthy again");
+                            st.sched.device_recovered(index, now)
                         }
                     }
-                }
+                    Err(e) => {
+                        st.utilization.remove(&index);
+                        if d.healthy {
+                            tracing::warn!(device = index, error = %e, "device unhealthy; revoking its leases");
+                            st.sched.device_failed(index, now)
+                        } else {
+                            Vec::new()
+                        }
+                    }
+                };
                 st.settle(out).await?;
             }
         }
         Ok(())
     }
+}
+
+async fn spawn_device(
+    me: &ActorRef<GpuMsg>,
+    st: &GpuState,
+    index: u32,
+) -> Result<ActorRef<DeviceMsg>, ActorProcessingErr> {
+    let args = DeviceArgs {
+        index,
+        probe: st.args.probe.clone(),
+        supervisor: me.clone(),
+        poll_interval: st.args.config.poll_interval,
+        fences: st.fences.clone(),
+    };
+    let (actor, _) = ractor::Actor::spawn_linked(None, DeviceActor, args, me.get_cell()).await?;
+    Ok(actor)
 }
 
 /// A handle on a running [`GpuSupervisor`].
@@ -644,6 +722,33 @@ impl GpuSupervisorHandle {
             )
             .await;
         unavailable(r)?
+    }
+
+    /// Asks the device actor of `lease.device` to admit work under `lease`:
+    /// refused with `StaleGeneration` once the lease has ended (released,
+    /// expired, preempted, revoked) or was never this one.
+    pub async fn admit(&self, lease: &Lease) -> Result<(), GpuError> {
+        let r = self
+            .actor
+            .call(
+                |reply| GpuMsg::Device(lease.device, reply),
+                Some(Duration::from_secs(10)),
+            )
+            .await;
+        let device = unavailable(r)?.ok_or(GpuError::Probe {
+            device: Some(lease.device),
+            message: "no such device".into(),
+        })?;
+        match device
+            .call(
+                |reply| DeviceMsg::Admit(lease.id, lease.generation, reply),
+                Some(Duration::from_secs(10)),
+            )
+            .await
+        {
+            Ok(ractor::rpc::CallResult::Success(v)) => v,
+            _ => Err(GpuError::Unavailable),
+        }
     }
 
     /// Every device's status.
