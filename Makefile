@@ -45,4 +45,6 @@ book:
 
 # Benchmarks are not part of `make test`: run them on a quiet machine.
 bench:
-	$(CARGO) run --release -p troupe_cli -- bench journal
+	@set -e; for suite in journal mailbox leases saga; do \
+		$(CARGO) run -q --release -p troupe_cli -- bench $$suite; \
+	done
