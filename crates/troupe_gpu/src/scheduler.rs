@@ -224,6 +224,19 @@ impl Scheduler {
         std::array::from_fn(|p| self.queues[p].len())
     }
 
+    /// Waiting requests with when they were queued, by priority then arrival.
+    pub fn waiting(&self) -> impl Iterator<Item = (&LeaseRequest, Ms)> {
+        self.queues
+            .iter()
+            .rev()
+            .flat_map(|q| q.iter().map(|p| (&p.req, p.enqueued_ms)))
+    }
+
+    /// Would `memory` and `compute` fit on some healthy device now?
+    pub fn fits(&self, memory: u64, compute: u32) -> bool {
+        self.place(memory, compute).is_some()
+    }
+
     /// Memory and compute leased on `device` (grace periods included).
     pub fn used(&self, device: u32) -> (u64, u32) {
         self.leases

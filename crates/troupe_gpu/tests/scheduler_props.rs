@@ -144,6 +144,15 @@ impl Run {
                 "an ended lease still passes the fence"
             );
         }
+        // Nothing waits that fits: together with serving by effective
+        // priority, a request is only passed over while it cannot be placed.
+        for (req, _) in self.s.waiting() {
+            assert!(
+                !self.s.fits(req.memory, req.compute),
+                "{} waits although it fits",
+                req.holder
+            );
+        }
         for (t, n) in &self.finals {
             assert_eq!(*n, 1, "ticket {t} has {n} outcomes");
         }
