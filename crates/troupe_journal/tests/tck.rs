@@ -96,3 +96,56 @@ mod rocks_buffered {
     use super::*;
     troupe_journal::journal_tck!(Rocks::new(Durability::Buffered));
 }
+
+/// A journal opened inside one runtime keeps answering appends made from
+/// another, even when the first is a current-thread runtime nobody drives.
+#[test]
+fn a_journal_outlives_the_runtime_it_was_opened_in() {
+    use troupe_journal::{Journal, NewEvent};
+    let dir = tempfile::tempdir().expect("tempdir");
+    for flavor in ["current", "multi"] {
+        let opener = match flavor {
+            "current" => tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build(),
+            _ => tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build(),
+        }
+        .expect("runtime");
+        let path = dir.path().join(flavor);
+        let journal = opener
+            .block_on(async { RocksJournal::open(RocksConfig::new(&path)) })
+            .expect("open");
+        let user = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let id = PersistenceId::parse("rt/1").expect("id");
+        user.block_on(async {
+            let ev = NewEvent::raw("t", 1, vec![0xc0]).expect("event");
+            let out = tokio::time::timeout(
+                std::time::Duration::from_secs(20),
+                journal.append(&id, 0, vec![ev]),
+            )
+            .await
+            .expect("append answered")
+            .expect("append");
+            assert_eq!(out.last_seq, 1);
+        });
+        drop(opener);
+        user.block_on(async {
+            let ev = NewEvent::raw("t", 1, vec![0xc0]).expect("event");
+            let out = tokio::time::timeout(
+                std::time::Duration::from_secs(20),
+                journal.append(&id, 1, vec![ev]),
+            )
+            .await
+            .expect("append answered after the opening runtime is gone")
+            .expect("append");
+            assert_eq!(out.last_seq, 2);
+            journal.close().await;
+        });
+    }
+}

@@ -266,11 +266,17 @@ impl RocksJournal {
         let mut write_opts = WriteOptions::default();
         write_opts.set_sync(config.durability == Durability::Fsync);
         let stats = Arc::new(WriterStats::default());
-        let acker = tokio::runtime::Handle::try_current().ok().map(|rt| {
-            let (tx, rx) = mpsc::channel(ACKER_QUEUE);
-            rt.spawn(writer::acker(rx));
-            tx
-        });
+        // Only a multi-thread runtime runs the acker on its own; a
+        // current-thread runtime runs tasks only inside its `block_on`, and
+        // a journal used from elsewhere would wait on it forever.
+        let acker = tokio::runtime::Handle::try_current()
+            .ok()
+            .filter(|rt| rt.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+            .map(|rt| {
+                let (tx, rx) = mpsc::channel(ACKER_QUEUE);
+                rt.spawn(writer::acker(rx));
+                tx
+            });
         let writer = Writer::new(
             db.clone(),
             &config,
