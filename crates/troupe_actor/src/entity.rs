@@ -208,14 +208,15 @@ impl<E: EventSourced> Entities<E> {
                 journal: inner.journal.clone(),
                 config: inner.config.durable.clone(),
             };
-            let result = mailbox::spawn(
+            let handle = ActorHandle::detached_with_label(
                 id.as_str(),
-                DurableActor(inner.entity.clone()),
-                args,
+                E::KIND,
                 inner.config.mailbox_capacity,
-                None,
-            )
-            .await;
+            );
+            let result =
+                mailbox::start_into(&handle, DurableActor(inner.entity.clone()), args, None)
+                    .await
+                    .map(|_| handle);
             let mut slots = Self::slots(&inner);
             match &result {
                 Ok(handle) => {

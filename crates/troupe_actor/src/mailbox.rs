@@ -222,14 +222,29 @@ impl MailboxPermits {
 }
 
 impl<M: Message> ActorHandle<M> {
-    /// A handle with no actor attached yet.
+    /// A handle with no actor attached yet; its metrics carry the label
+    /// `actor = name`.
     pub fn detached(name: impl Into<String>, capacity: usize) -> Self {
         let name = name.into();
+        let label = name.clone();
+        Self::detached_with_label(name, label, capacity)
+    }
+
+    /// A handle whose metrics are labelled `actor = label` rather than its
+    /// name: actors that come and go by the thousand (entities) share their
+    /// kind as a label, so the metrics backend does not get a series each.
+    pub fn detached_with_label(
+        name: impl Into<String>,
+        label: impl Into<String>,
+        capacity: usize,
+    ) -> Self {
+        let name = name.into();
+        let label = label.into();
         let capacity = capacity.max(1);
         Self {
             shared: Arc::new(Shared {
-                refused: metrics::counter!("troupe_mailbox_refused_total", "actor" => name.clone()),
-                depth: metrics::gauge!("troupe_mailbox_depth", "actor" => name.clone()),
+                refused: metrics::counter!("troupe_mailbox_refused_total", "actor" => label.clone()),
+                depth: metrics::gauge!("troupe_mailbox_depth", "actor" => label),
                 name,
                 capacity,
                 current: ArcSwapOption::empty(),
@@ -512,7 +527,9 @@ impl<A: ractor::Actor> ractor::Actor for Bounded<A> {
 }
 
 /// Spawns `actor` with a bounded mailbox, linked to `supervisor` if given,
-/// and returns its handle.
+/// and returns its handle (metrics labelled with `name`; see
+/// [`ActorHandle::detached_with_label`] for actors that come and go in
+/// large numbers).
 pub async fn spawn<A: ractor::Actor>(
     name: impl Into<String>,
     actor: A,
