@@ -292,6 +292,12 @@ impl<E: EventSourced> Entities<E> {
             let mut slots = Self::slots(&inner);
             if matches!(slots.get(&key), Some(Slot::Passivating(_))) {
                 slots.remove(&key);
+                // Give memory back after a wave of passivations: a
+                // passivated entity should cost nothing, table slots included.
+                if slots.capacity() > 64 && slots.len() * 4 < slots.capacity() {
+                    let keep = slots.len() * 2;
+                    slots.shrink_to(keep);
+                }
             }
             metrics::counter!("troupe_entity_passivations_total", "kind" => E::KIND).increment(1);
         });
