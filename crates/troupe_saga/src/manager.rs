@@ -151,13 +151,21 @@ impl Sagas {
             .insert(id.clone(), actor);
         let inner = self.inner.clone();
         tokio::spawn(async move {
-            if let Some(status) = rx.recv().await {
-                inner
-                    .running
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&status.id);
-                let _ = inner.ended.send(status);
+            let ended = rx.recv().await;
+            // Ended, or failed (its journal failed): either way it is no
+            // longer running, and `resume_all` may pick a failed one up.
+            inner
+                .running
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+            match ended {
+                Some(status) => {
+                    let _ = inner.ended.send(status);
+                }
+                None => {
+                    tracing::error!(saga = %id, "saga actor failed; resume it with `resume_all`")
+                }
             }
         });
         Ok(())

@@ -370,3 +370,37 @@ async fn a_step_can_target_an_actor_by_its_registered_name() {
     );
     actor.stop(None);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saga_whose_journal_fails_stops_and_resumes_when_asked() {
+    let log = Shared::default();
+    let (journal, faults) = troupe_journal::FaultyJournal::new(InMemoryJournal::new());
+    let sagas = Sagas::new(Arc::new(journal), handlers(&log, &Faults::default()));
+    let def = SagaDefinition::new(
+        "j",
+        vec![step("a", &[]), step("b", &["a"]), step("c", &["b"])],
+    )
+    .expect("def");
+    sagas.register(def.clone()).expect("register");
+    // The start is journaled; the next write (a's start) fails: the saga
+    // actor fails rather than run a step it could not journal.
+    let id = sagas.start("j", json!({})).await.expect("start");
+    faults.fail_appends(1);
+    let deadline = tokio::time::Instant::now() + T;
+    while sagas.running() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "saga neither failed nor finished"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let status = sagas.status(&id).await.expect("status");
+    if status.phase != Phase::Completed {
+        assert_eq!(sagas.resume_all().await.expect("resume"), 1);
+        let status = sagas.wait(&id, T).await.expect("wait");
+        assert_eq!(status.phase, Phase::Completed);
+    }
+    let status = sagas.status(&id).await.expect("status");
+    let log = log.lock().expect("log");
+    check_outcome(&def, &status, &log);
+}
