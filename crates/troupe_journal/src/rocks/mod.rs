@@ -592,6 +592,14 @@ impl Journal for RocksJournal {
                 buf
             })
             .collect();
+        // Untagged events are only needed as envelopes: free them here, not
+        // on the writer thread every append goes through.
+        let events = if events.iter().any(|e| !e.tags.is_empty()) {
+            events
+        } else {
+            drop(events);
+            Vec::new()
+        };
         let (reply, rx) = oneshot::channel();
         self.send(|| Command::Append {
             id: id.clone(),

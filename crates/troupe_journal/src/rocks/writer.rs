@@ -71,8 +71,11 @@ pub(crate) struct Writer {
     stats: Arc<WriterStats>,
     key_arena: Vec<u8>,
     puts: Vec<(std::ops::Range<usize>, Vec<u8>)>,
-    acker: Option<mpsc::Sender<Vec<Pending>>>,
+    acker: Option<mpsc::Sender<Acked>>,
 }
+
+/// A committed batch's replies, and buffers to free off the writer thread.
+pub(crate) type Acked = (Vec<Pending>, Vec<Vec<u8>>);
 
 /// Answers a committed batch's callers.
 pub(crate) fn answer(replies: Vec<Pending>) {
@@ -92,23 +95,24 @@ pub(crate) fn answer(replies: Vec<Pending>) {
 /// callers from inside the runtime schedules them on local run queues,
 /// where the same wakes from the writer thread would each cost a
 /// cross-thread unpark. It also takes that work off the writer's path.
-pub(crate) async fn acker(mut rx: mpsc::Receiver<Vec<Pending>>) {
-    while let Some(replies) = rx.recv().await {
+pub(crate) async fn acker(mut rx: mpsc::Receiver<Acked>) {
+    while let Some((replies, garbage)) = rx.recv().await {
         answer(replies);
+        drop(garbage);
     }
 }
 
 impl Writer {
     /// Hands replies to the acker task, or answers them here when there is
     /// none (no runtime at open, or it is gone or behind).
-    fn deliver(&mut self, replies: Vec<Pending>) {
+    fn deliver(&mut self, replies: Vec<Pending>, garbage: Vec<Vec<u8>>) {
         let Some(tx) = &self.acker else {
             return answer(replies);
         };
-        match tx.try_send(replies) {
+        match tx.try_send((replies, garbage)) {
             Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(replies)) => answer(replies),
-            Err(mpsc::error::TrySendError::Closed(replies)) => {
+            Err(mpsc::error::TrySendError::Full((replies, _))) => answer(replies),
+            Err(mpsc::error::TrySendError::Closed((replies, _))) => {
                 self.acker = None;
                 answer(replies);
             }
@@ -122,7 +126,7 @@ impl Writer {
         next_offset: u64,
         live: broadcast::Sender<TaggedEvent>,
         stats: Arc<WriterStats>,
-        acker: Option<mpsc::Sender<Vec<Pending>>>,
+        acker: Option<mpsc::Sender<Acked>>,
     ) -> Self {
         // Every id touched by one batch must stay cached until the batch is
         // committed, or a later append in the batch would re-read a stale
@@ -247,15 +251,20 @@ impl Writer {
                         batch.put_cf(meta_cf, meta_id_key(&id), 0u64.to_be_bytes());
                     }
                     let first = current + 1;
-                    let count = events.len() as u64;
-                    for (i, (ev, env)) in events.into_iter().zip(envelopes).enumerate() {
+                    let count = envelopes.len() as u64;
+                    // `events` is empty unless some event carries tags.
+                    let mut events = events.into_iter();
+                    for (i, env) in envelopes.into_iter().enumerate() {
+                        let ev = events.next();
                         let seq = first + i as u64;
                         let start = key_arena.len();
                         key_arena.extend_from_slice(id.as_str().as_bytes());
                         key_arena.push(0);
                         key_arena.extend_from_slice(&seq.to_be_bytes());
                         puts.push((start..key_arena.len(), env));
-                        if !ev.tags.is_empty() {
+                        if let Some(ev) = ev
+                            && !ev.tags.is_empty()
+                        {
                             tag_value(&mut value, &id, seq);
                             for tag in &ev.tags {
                                 seq_key(&mut key, tag.as_str(), offset);
@@ -338,8 +347,12 @@ impl Writer {
             }
         }
         puts.sort_unstable_by(|a, b| key_arena[a.0.clone()].cmp(&key_arena[b.0.clone()]));
+        // The envelopes are copied into the batch; their buffers are freed
+        // by the acker, off this thread.
+        let mut garbage = Vec::with_capacity(puts.len());
         for (k, env) in puts.drain(..) {
-            batch.put_cf(events_cf, &key_arena[k], env);
+            batch.put_cf(events_cf, &key_arena[k], &env);
+            garbage.push(env);
         }
         self.key_arena = key_arena;
         self.puts = puts;
@@ -365,7 +378,7 @@ impl Writer {
                     .record(started.elapsed().as_secs_f64());
                 metrics::histogram!("troupe_journal_batch_events").record(appended as f64);
                 metrics::counter!("troupe_journal_events_appended_total").increment(appended);
-                self.deliver(replies);
+                self.deliver(replies, garbage);
                 for ev in live {
                     let _ = self.live.send(ev);
                 }
