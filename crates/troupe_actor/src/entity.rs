@@ -42,16 +42,21 @@ pub struct EntityConfig {
     pub durable: DurableConfig,
     /// Most time a passivation may take to drain a mailbox.
     pub drain_timeout: Duration,
+    /// Most entities of this kind in memory at once (active, activating or
+    /// passivating); a message for one more is refused with `Backpressure`.
+    pub max_entities: usize,
 }
 
 impl Default for EntityConfig {
-    /// Mailboxes of 1,024, passivation after 2 minutes idle.
+    /// Mailboxes of 1,024, passivation after 2 minutes idle, at most
+    /// 100,000 entities in memory.
     fn default() -> Self {
         Self {
             mailbox_capacity: DEFAULT_MAILBOX_CAPACITY,
             idle_timeout: Some(Duration::from_secs(120)),
             durable: DurableConfig::default(),
             drain_timeout: Duration::from_secs(30),
+            max_entities: 100_000,
         }
     }
 }
@@ -180,7 +185,17 @@ impl<E: EventSourced> Entities<E> {
                     }
                     Some(Slot::Activating(a)) => Wait::Activation(a.clone()),
                     Some(Slot::Passivating(p)) => Wait::Passivation(p.clone()),
-                    None => Wait::Activation(self.start_activation(&mut slots, key)?),
+                    None => {
+                        if slots.len() >= self.inner.config.max_entities {
+                            metrics::counter!("troupe_entities_refused_total", "kind" => E::KIND)
+                                .increment(1);
+                            return Err(ActorError::Backpressure {
+                                actor: format!("{} entities", E::KIND),
+                                capacity: self.inner.config.max_entities,
+                            });
+                        }
+                        Wait::Activation(self.start_activation(&mut slots, key)?)
+                    }
                 }
             };
             match wait {
@@ -307,9 +322,29 @@ impl<E: EventSourced> Entities<E> {
     /// Delivers `command` to `key` if its mailbox has room, activating it
     /// first if needed.
     pub async fn tell(&self, key: &str, command: E::Command) -> Result<(), Rejected<E::Command>> {
+        self.deliver(key, command, None).await
+    }
+
+    /// Activates `key` if needed and enqueues `command`; with a deadline,
+    /// waits up to it for mailbox room (and for activation), without one
+    /// fails at once on a full mailbox. A passivation or crash that races
+    /// the delivery is retried on the next incarnation, at most
+    /// `DELIVERY_ATTEMPTS` times.
+    async fn deliver(
+        &self,
+        key: &str,
+        command: E::Command,
+        deadline: Option<(tokio::time::Instant, Duration)>,
+    ) -> Result<(), Rejected<E::Command>> {
         let mut command = command;
         for _ in 0..DELIVERY_ATTEMPTS {
-            let handle = match self.handle(key).await {
+            let handle = match deadline {
+                None => self.handle(key).await,
+                Some((d, timeout)) => tokio::time::timeout_at(d, self.handle(key))
+                    .await
+                    .unwrap_or_else(|_| Err(self.timed_out(key, timeout))),
+            };
+            let handle = match handle {
                 Ok(h) => h,
                 Err(error) => {
                     return Err(Rejected {
@@ -318,13 +353,25 @@ impl<E: EventSourced> Entities<E> {
                     });
                 }
             };
-            match handle.tell(command) {
-                Ok(()) => return Ok(()),
+            let sent = match (handle.tell(command), deadline) {
+                (
+                    Err(Rejected {
+                        error: ActorError::Backpressure { .. },
+                        message,
+                    }),
+                    Some((d, _)),
+                ) => {
+                    let left = d.saturating_duration_since(tokio::time::Instant::now());
+                    handle.send(message, left).await
+                }
+                (other, _) => other,
+            };
+            match sent {
                 Err(Rejected {
                     error: ActorError::NotRunning { .. },
                     message,
                 }) => command = message, // raced with passivation or a crash
-                Err(r) => return Err(r),
+                other => return other,
             }
         }
         Err(Rejected {
@@ -333,6 +380,14 @@ impl<E: EventSourced> Entities<E> {
             },
             message: command,
         })
+    }
+
+    fn timed_out(&self, key: &str, after: Duration) -> ActorError {
+        ActorError::Timeout {
+            actor: format!("{}/{key}", E::KIND),
+            operation: "ask",
+            after,
+        }
     }
 
     /// Sends the command `build` makes and waits for its reply; waits for
@@ -345,42 +400,13 @@ impl<E: EventSourced> Entities<E> {
     ) -> Result<R, ActorError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let mut command = build(RpcReplyPort::from(tx));
-        let mut delivered = false;
-        for _ in 0..DELIVERY_ATTEMPTS {
-            let handle = tokio::time::timeout_at(deadline, self.handle(key))
-                .await
-                .map_err(|_| ActorError::Timeout {
-                    actor: key.to_owned(),
-                    operation: "ask",
-                    after: timeout,
-                })??;
-            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let sent = match handle.tell(command) {
-                Ok(()) => Ok(()),
-                Err(Rejected {
-                    error: ActorError::Backpressure { .. },
-                    message,
-                }) => handle.send(message, remaining).await,
-                Err(r) => Err(r),
-            };
-            match sent {
-                Ok(()) => {
-                    delivered = true;
-                    break;
-                }
-                Err(Rejected {
-                    error: ActorError::NotRunning { .. },
-                    message,
-                }) => command = message,
-                Err(r) => return Err(r.error),
-            }
-        }
-        if !delivered {
-            return Err(ActorError::NotRunning {
-                actor: key.to_owned(),
-            });
-        }
+        self.deliver(
+            key,
+            build(RpcReplyPort::from(tx)),
+            Some((deadline, timeout)),
+        )
+        .await
+        .map_err(Rejected::into_error)?;
         match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(_)) => Err(ActorError::NoReply {

@@ -38,6 +38,10 @@ use crate::error::{ActorError, Rejected};
 /// Default mailbox capacity.
 pub const DEFAULT_MAILBOX_CAPACITY: usize = 1024;
 
+/// How often a `send` waiting for a restarted actor looks again, in case
+/// the new incarnation was attached between its check and its wait.
+const RESTART_POLL: Duration = Duration::from_millis(50);
+
 /// Keeps a hot atomic on a cache line of its own.
 #[repr(align(128))]
 struct Padded<T>(T);
@@ -365,7 +369,9 @@ impl<M: Message> ActorHandle<M> {
             }
             // Not running: wait for the next incarnation, polling in case it
             // was attached between our load and `notified()`.
-            let wait = tokio::time::sleep(Duration::from_millis(50)).min_deadline(deadline);
+            let wait = tokio::time::sleep_until(
+                (tokio::time::Instant::now() + RESTART_POLL).min(deadline),
+            );
             tokio::select! {
                 _ = attached => {}
                 _ = wait => {}
@@ -416,17 +422,6 @@ impl<M: Message> ActorHandle<M> {
             }),
             Err(_) => Err(self.timeout("ask", timeout)),
         }
-    }
-}
-
-trait MinDeadline {
-    fn min_deadline(self, deadline: tokio::time::Instant) -> tokio::time::Sleep;
-}
-
-impl MinDeadline for tokio::time::Sleep {
-    fn min_deadline(self, deadline: tokio::time::Instant) -> tokio::time::Sleep {
-        let at = self.deadline().min(deadline);
-        tokio::time::sleep_until(at)
     }
 }
 

@@ -189,3 +189,42 @@ async fn passivate_all_drains_every_mailbox_first() {
         );
     }
 }
+
+#[tokio::test]
+async fn entities_past_the_bound_are_refused_until_others_passivate() {
+    let mem = InMemoryJournal::new();
+    let config = EntityConfig {
+        idle_timeout: None,
+        max_entities: 2,
+        ..EntityConfig::default()
+    };
+    let entities = Entities::new(Counter, Arc::new(mem), config);
+    entities
+        .ask("a", |r| CounterCmd::Add(1, r), T)
+        .await
+        .expect("a");
+    entities
+        .ask("b", |r| CounterCmd::Add(1, r), T)
+        .await
+        .expect("b");
+    let err = entities
+        .ask("c", |r| CounterCmd::Add(1, r), T)
+        .await
+        .expect_err("third entity");
+    assert!(
+        matches!(err, ActorError::Backpressure { capacity: 2, .. }),
+        "{err}"
+    );
+    entities
+        .ask("a", CounterCmd::Get, T)
+        .await
+        .expect("active ones still answer");
+    entities.passivate_all().await;
+    assert_eq!(
+        entities
+            .ask("c", |r| CounterCmd::Add(1, r), T)
+            .await
+            .expect("room again"),
+        1
+    );
+}

@@ -58,6 +58,9 @@ pub enum GpuError {
     /// The lease table could not be journaled or recovered.
     #[error("lease journal: {0}")]
     Journal(String),
+    /// The GPU supervisor could not start (its probe or its lease journal failed).
+    #[error("the GPU supervisor did not start: {0}")]
+    Start(String),
     /// The GPU supervisor is not running.
     #[error("the GPU supervisor is not running")]
     Unavailable,

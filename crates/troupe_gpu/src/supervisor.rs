@@ -252,6 +252,10 @@ impl GpuState {
 
     /// Journals the outcomes, then tells everyone concerned.
     async fn settle(&mut self, outcomes: Vec<Outcome>) -> Result<(), ActorProcessingErr> {
+        // Most ticks decide nothing: no journal write, no metric update.
+        if outcomes.is_empty() {
+            return Ok(());
+        }
         let events: Vec<LeaseEvent> = outcomes
             .iter()
             .filter_map(|o| match o {
@@ -311,12 +315,16 @@ impl GpuState {
                 }
             }
         }
+        self.export_queues();
+        Ok(())
+    }
+
+    fn export_queues(&self) {
         let queued = self.sched.queued();
         for (p, n) in queued.iter().enumerate().take(PRIORITIES) {
             metrics::gauge!("troupe_gpu_pending_requests", "priority" => p.to_string())
                 .set(*n as f64);
         }
-        Ok(())
     }
 
     fn notify(&self, lease: u64, notice: LeaseNotice) {
@@ -493,6 +501,7 @@ impl ractor::Actor for GpuSupervisor {
                 );
                 let out = st.sched.request(ticket, req, now);
                 st.settle(out).await?;
+                st.export_queues();
             }
             GpuMsg::Renew(id, generation, ttl, reply) => {
                 match st.sched.renew(id, generation, ttl, now) {
@@ -649,8 +658,7 @@ impl GpuSupervisorHandle {
             Some(p) => ractor::Actor::spawn_linked(None, GpuSupervisor, args, p).await,
             None => ractor::Actor::spawn(None, GpuSupervisor, args).await,
         };
-        let (actor, _) =
-            spawned.map_err(|e| GpuError::Journal(format!("GPU supervisor did not start: {e}")))?;
+        let (actor, _) = spawned.map_err(|e| GpuError::Start(e.to_string()))?;
         Ok(Self { actor })
     }
 

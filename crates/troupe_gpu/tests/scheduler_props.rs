@@ -297,6 +297,19 @@ fn req(holder: &str, gb: u64, priority: u8, now: Ms) -> LeaseRequest {
     }
 }
 
+/// One healthy 16 GB device.
+fn one_gpu(config: SchedulerConfig) -> Scheduler {
+    Scheduler::new(
+        vec![DeviceCapacity {
+            index: 0,
+            memory: 16 * GB,
+            compute: 100,
+            healthy: true,
+        }],
+        config,
+    )
+}
+
 fn granted(out: &[Outcome]) -> Vec<u64> {
     out.iter()
         .filter_map(|o| match o {
@@ -312,15 +325,7 @@ fn higher_priority_is_served_first_and_aging_lifts_the_low() {
         aging_ms: 1_000,
         ..SchedulerConfig::default()
     };
-    let mut s = Scheduler::new(
-        vec![DeviceCapacity {
-            index: 0,
-            memory: 16 * GB,
-            compute: 100,
-            healthy: true,
-        }],
-        config,
-    );
+    let mut s = one_gpu(config);
     let hog = granted(&s.request(1, req("hog", 16, 3, 0), 0));
     assert_eq!(hog, [1]);
     assert!(granted(&s.request(2, req("low", 16, 0, 0), 0)).is_empty());
@@ -344,15 +349,7 @@ fn higher_priority_is_served_first_and_aging_lifts_the_low() {
 
 #[test]
 fn a_request_that_cannot_start_by_its_deadline_is_refused_at_once() {
-    let mut s = Scheduler::new(
-        vec![DeviceCapacity {
-            index: 0,
-            memory: 16 * GB,
-            compute: 100,
-            healthy: true,
-        }],
-        SchedulerConfig::default(),
-    );
+    let mut s = one_gpu(SchedulerConfig::default());
     let mut long = req("a", 16, 3, 0);
     long.expected_ms = 5_000;
     assert_eq!(granted(&s.request(1, long, 0)), [1]);
@@ -380,15 +377,7 @@ fn preemption_gives_notice_and_grace_then_grants_the_higher_priority() {
         grace_ms: 500,
         ..SchedulerConfig::default()
     };
-    let mut s = Scheduler::new(
-        vec![DeviceCapacity {
-            index: 0,
-            memory: 16 * GB,
-            compute: 100,
-            healthy: true,
-        }],
-        config,
-    );
+    let mut s = one_gpu(config);
     assert_eq!(granted(&s.request(1, req("batch", 12, 0, 0), 0)), [1]);
     let out = s.request(2, req("interactive", 8, 3, 0), 0);
     assert!(

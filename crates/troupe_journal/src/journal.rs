@@ -231,7 +231,8 @@ impl Stream for Replay {
 /// and falls back to reading from storage if it lags behind live appends.
 pub struct TagSubscription {
     rx: mpsc::Receiver<Result<TaggedEvent>>,
-    task: tokio::task::JoinHandle<()>,
+    /// None for a subscription that failed before it started.
+    task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl TagSubscription {
@@ -239,17 +240,17 @@ impl TagSubscription {
         rx: mpsc::Receiver<Result<TaggedEvent>>,
         task: tokio::task::JoinHandle<()>,
     ) -> Self {
-        Self { rx, task }
+        Self {
+            rx,
+            task: Some(task),
+        }
     }
 
     /// A subscription that yields one error and ends.
     pub fn failed(err: JournalError) -> Self {
         let (tx, rx) = mpsc::channel(1);
         let _ = tx.try_send(Err(err));
-        Self {
-            rx,
-            task: tokio::spawn(async {}),
-        }
+        Self { rx, task: None }
     }
 
     /// The next event, or `None` when the journal closed.
@@ -260,7 +261,9 @@ impl TagSubscription {
 
 impl Drop for TagSubscription {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(task) = &self.task {
+            task.abort();
+        }
     }
 }
 

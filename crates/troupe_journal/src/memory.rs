@@ -245,7 +245,7 @@ impl Journal for InMemoryJournal {
         snapshot.encode_envelope(&mut buf);
         let mut store = self.store();
         let highest = store.streams.get(id).map_or(0, |s| s.highest);
-        check_snapshot(id, &snapshot, highest)?;
+        check_snapshot(id, snapshot.seq, highest)?;
         let newer_exists = store
             .snapshots
             .get(id)
@@ -348,14 +348,11 @@ pub(crate) fn check_append(id: &PersistenceId, events: &[NewEvent]) -> Result<()
     Ok(())
 }
 
-pub(crate) fn check_snapshot(id: &PersistenceId, s: &NewSnapshot, highest: u64) -> Result<()> {
-    if s.seq == 0 || s.seq > highest {
+pub(crate) fn check_snapshot(id: &PersistenceId, seq: u64, highest: u64) -> Result<()> {
+    if seq == 0 || seq > highest {
         return Err(JournalError::InvalidRequest {
             id: id.clone(),
-            reason: format!(
-                "snapshot at sequence {} but the highest event is {highest}",
-                s.seq
-            ),
+            reason: format!("snapshot at sequence {seq} but the highest event is {highest}"),
         });
     }
     Ok(())

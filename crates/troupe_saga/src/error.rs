@@ -33,6 +33,12 @@ pub enum SagaError {
     /// The journal failed.
     #[error("saga journal: {0}")]
     Journal(String),
+    /// Too many sagas running: retry once some have ended.
+    #[error("{running} sagas are running, the most allowed; retry once some end")]
+    Overloaded {
+        /// Sagas running.
+        running: usize,
+    },
     /// The saga actor is not running.
     #[error("saga `{0}` is not running")]
     NotRunning(String),

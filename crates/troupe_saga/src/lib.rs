@@ -21,5 +21,5 @@ pub mod saga;
 pub use definition::{MAX_STEPS, RetryPolicy, SagaDefinition, StepDef};
 pub use error::{SagaError, StepError};
 pub use handler::{Handlers, StepContext, StepHandler};
-pub use manager::{MAX_REQUEST_BYTES, Sagas, StartRequest};
+pub use manager::{DEFAULT_MAX_RUNNING, MAX_REQUEST_BYTES, Sagas, StartRequest};
 pub use saga::{Phase, SagaEvent, SagaStatus, StepState};

@@ -25,6 +25,9 @@ pub struct StartRequest {
     pub input: Value,
 }
 
+/// Most sagas running at once unless [`Sagas::with_max_running`] says otherwise.
+pub const DEFAULT_MAX_RUNNING: usize = 10_000;
+
 /// Largest JSON start request accepted, in bytes.
 pub const MAX_REQUEST_BYTES: usize = 1 << 20;
 
@@ -40,6 +43,7 @@ struct Inner {
     journal: Arc<dyn Journal>,
     running: Mutex<HashMap<String, ActorRef<SagaMsg>>>,
     next: AtomicU64,
+    max_running: std::sync::atomic::AtomicUsize,
     ended: tokio::sync::broadcast::Sender<SagaStatus>,
 }
 
@@ -53,9 +57,17 @@ impl Sagas {
                 journal,
                 running: Mutex::default(),
                 next: AtomicU64::new(1),
+                max_running: std::sync::atomic::AtomicUsize::new(DEFAULT_MAX_RUNNING),
                 ended: tokio::sync::broadcast::channel(1024).0,
             }),
         }
+    }
+
+    /// Sets how many sagas may run at once; `start` refuses one more with
+    /// [`SagaError::Overloaded`] (sagas resumed after a restart are not refused).
+    pub fn with_max_running(self, n: usize) -> Self {
+        self.inner.max_running.store(n.max(1), Ordering::Relaxed);
+        self
     }
 
     /// Registers a workflow; every handler it names must be registered.
@@ -95,6 +107,10 @@ impl Sagas {
     /// Starts an instance; returns its id once its start is journaled.
     pub async fn start(&self, definition: &str, input: Value) -> Result<String, SagaError> {
         let def = self.definition(definition)?;
+        let running = self.running();
+        if running >= self.inner.max_running.load(Ordering::Relaxed) {
+            return Err(SagaError::Overloaded { running });
+        }
         let id = format!(
             "{definition}-{}-{}",
             now_ms(),
@@ -214,22 +230,29 @@ impl Sagas {
     async fn load(&self, id: &str) -> Result<Option<SagaStatus>, SagaError> {
         let pid =
             PersistenceId::new("saga", id).map_err(|_| SagaError::UnknownSaga(id.to_owned()))?;
-        // The journal names its workflow: read it with room for the largest
-        // workflow, then again with the real one for the step states.
-        let Some(probe) = replay(&*self.inner.journal, &pid, MAX_PROBE_STEPS).await? else {
-            return Ok(None);
-        };
-        let def_name = probe.definition;
-        let def = self.definition(&def_name)?;
+        // One read, with room for the largest workflow: the journal names
+        // its workflow, whose length then trims the step states.
         let Some(Replayed {
-            steps,
+            definition: def_name,
+            mut steps,
             phase,
             error,
             ..
-        }) = replay(&*self.inner.journal, &pid, def.steps().len()).await?
+        }) = replay(&*self.inner.journal, &pid, MAX_PROBE_STEPS).await?
         else {
             return Ok(None);
         };
+        let def = self.definition(&def_name)?;
+        if steps[def.steps().len()..]
+            .iter()
+            .any(|s| *s != crate::saga::StepState::Pending)
+        {
+            return Err(SagaError::Journal(format!(
+                "saga `{id}` names steps past the {} of workflow `{def_name}`",
+                def.steps().len()
+            )));
+        }
+        steps.truncate(def.steps().len());
         Ok(Some(SagaStatus {
             id: id.to_owned(),
             definition: def_name,

@@ -342,24 +342,22 @@ impl SagaRun {
     /// Concurrent steps tend to finish together: their successes queue up
     /// in the mailbox behind one `Flush`, and share one write.
     async fn flush(&mut self) -> Result<(), ActorProcessingErr> {
-        if self.pending.is_empty() {
-            return Ok(());
-        }
-        let pending = std::mem::take(&mut self.pending);
-        let events = pending
-            .iter()
-            .map(|(step, attempt, output)| SagaEvent::StepSucceeded {
-                step: *step,
-                attempt: *attempt,
+        self.apply_pending();
+        self.journal(Vec::new()).await
+    }
+
+    /// Applies the buffered successes in memory; the next append writes
+    /// them, ahead of whatever it carries.
+    fn apply_pending(&mut self) {
+        for (step, attempt, output) in std::mem::take(&mut self.pending) {
+            self.unwritten.push(SagaEvent::StepSucceeded {
+                step,
+                attempt,
                 output: output.clone(),
-            })
-            .collect();
-        self.journal(events).await?;
-        for (step, _, output) in pending {
+            });
             self.outputs[step] = Some(output.clone());
             self.steps[step] = StepState::Succeeded(output);
         }
-        Ok(())
     }
 
     fn status(&self) -> SagaStatus {
@@ -502,39 +500,52 @@ impl SagaRun {
                 {
                     return Ok(());
                 }
-                for i in 0..self.steps.len() {
-                    if !matches!(self.steps[i], StepState::Succeeded(_)) {
-                        continue;
-                    }
-                    let dependents_done = def.dependents(i).iter().all(|&d| {
-                        !matches!(
-                            self.steps[d],
-                            StepState::Succeeded(_)
-                                | StepState::Compensating(_)
-                                | StepState::RetryingCompensation(_)
-                        )
-                    });
-                    if !dependents_done {
-                        continue;
-                    }
-                    if let StepState::Succeeded(out) = &self.steps[i] {
+                // Undo every completed step whose completed dependents are
+                // undone. A step with nothing to undo is done at once and may
+                // free its own dependencies: go round until nothing changes.
+                // Everything decided here is written in one append.
+                let mut events = Vec::new();
+                let mut to_launch = Vec::new();
+                loop {
+                    let mut changed = false;
+                    for i in 0..self.steps.len() {
+                        let StepState::Succeeded(out) = &self.steps[i] else {
+                            continue;
+                        };
+                        let dependents_done = def.dependents(i).iter().all(|&d| {
+                            !matches!(
+                                self.steps[d],
+                                StepState::Succeeded(_)
+                                    | StepState::Compensating(_)
+                                    | StepState::RetryingCompensation(_)
+                            )
+                        });
+                        if !dependents_done {
+                            continue;
+                        }
                         self.outputs[i] = Some(out.clone());
+                        if def.steps()[i].compensation.is_none() {
+                            events.push(SagaEvent::Compensated {
+                                step: i,
+                                attempt: 0,
+                            });
+                            self.steps[i] = StepState::Compensated;
+                            changed = true;
+                        } else {
+                            events.push(SagaEvent::CompensationStarted {
+                                step: i,
+                                attempt: 1,
+                            });
+                            self.steps[i] = StepState::Compensating(1);
+                            to_launch.push(i);
+                        }
                     }
-                    if def.steps()[i].compensation.is_none() {
-                        self.journal(vec![SagaEvent::Compensated {
-                            step: i,
-                            attempt: 0,
-                        }])
-                        .await?;
-                        self.steps[i] = StepState::Compensated;
-                        continue;
+                    if !changed {
+                        break;
                     }
-                    self.journal(vec![SagaEvent::CompensationStarted {
-                        step: i,
-                        attempt: 1,
-                    }])
-                    .await?;
-                    self.steps[i] = StepState::Compensating(1);
+                }
+                self.journal(events).await?;
+                for i in to_launch {
                     metrics::counter!("troupe_saga_compensations_total").increment(1);
                     self.launch(me, i, 1, true);
                 }
@@ -547,32 +558,10 @@ impl SagaRun {
                     )
                 });
                 if !busy {
-                    // Any compensation just marked done may unblock others.
-                    let more = self
-                        .steps
-                        .iter()
-                        .any(|s| matches!(s, StepState::Succeeded(_)));
-                    if !more {
-                        self.journal(vec![SagaEvent::Aborted]).await?;
-                        self.phase = Phase::Aborted;
-                        metrics::counter!("troupe_sagas_aborted_total").increment(1);
-                        return self.finish(me);
-                    }
-                }
-                // Compensations of steps without a handler complete at once
-                // and may unblock their dependencies: go round again.
-                if self
-                    .steps
-                    .iter()
-                    .any(|s| matches!(s, StepState::Succeeded(_)))
-                    && !self.steps.iter().any(|s| {
-                        matches!(
-                            s,
-                            StepState::Compensating(_) | StepState::RetryingCompensation(_)
-                        )
-                    })
-                {
-                    return Box::pin(self.drive(me)).await;
+                    self.journal(vec![SagaEvent::Aborted]).await?;
+                    self.phase = Phase::Aborted;
+                    metrics::counter!("troupe_sagas_aborted_total").increment(1);
+                    return self.finish(me);
                 }
             }
             _ => {}
@@ -714,15 +703,17 @@ impl ractor::Actor for SagaActor {
     ) -> Result<(), ActorProcessingErr> {
         // Anything but another success settles the buffered successes
         // first, so the journal keeps the order things happened in.
-        let buffered_success = matches!(
+        // (`Flush` itself writes them together with the starts they enable.)
+        let keeps_buffer = matches!(
             &msg,
             SagaMsg::Done {
                 compensation: false,
                 result: Ok(_),
                 ..
             } | SagaMsg::Status(_)
+                | SagaMsg::Flush
         );
-        if !buffered_success {
+        if !keeps_buffer {
             run.flush().await?;
         }
         match msg {
@@ -731,15 +722,7 @@ impl ractor::Actor for SagaActor {
                 // written in one append: applied here, written by `drive`
                 // (or just below if it writes nothing).
                 run.flush_scheduled = false;
-                for (step, attempt, output) in std::mem::take(&mut run.pending) {
-                    run.unwritten.push(SagaEvent::StepSucceeded {
-                        step,
-                        attempt,
-                        output: output.clone(),
-                    });
-                    run.outputs[step] = Some(output.clone());
-                    run.steps[step] = StepState::Succeeded(output);
-                }
+                run.apply_pending();
                 run.drive(&me).await?;
                 return run.journal(Vec::new()).await;
             }

@@ -371,21 +371,48 @@ async fn a_step_can_target_an_actor_by_its_registered_name() {
     actor.stop(None);
 }
 
+/// Handlers where step "a" waits for `gate` before succeeding.
+fn gated(gate: &Arc<tokio::sync::Notify>, log: &Shared) -> Handlers {
+    let mut h = handlers(log, &Faults::default());
+    let (g, l) = (gate.clone(), log.clone());
+    h.register("gated", move |ctx: StepContext| {
+        let (g, l) = (g.clone(), l.clone());
+        async move {
+            g.notified().await;
+            let mut log = l.lock().unwrap_or_else(|p| p.into_inner());
+            if log.keys.insert(format!("do:{}", ctx.idempotency_key())) {
+                log.entries.push(("do".into(), ctx.step.clone()));
+            }
+            Ok(json!("gated"))
+        }
+    });
+    h
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_saga_whose_journal_fails_stops_and_resumes_when_asked() {
     let log = Shared::default();
+    let gate = Arc::new(tokio::sync::Notify::new());
     let (journal, faults) = troupe_journal::FaultyJournal::new(InMemoryJournal::new());
-    let sagas = Sagas::new(Arc::new(journal), handlers(&log, &Faults::default()));
+    let sagas = Sagas::new(Arc::new(journal), gated(&gate, &log));
     let def = SagaDefinition::new(
         "j",
-        vec![step("a", &[]), step("b", &["a"]), step("c", &["b"])],
+        vec![
+            StepDef::new("a", "gated").compensate_with("undo"),
+            step("b", &["a"]),
+            step("c", &["b"]),
+        ],
     )
     .expect("def");
     sagas.register(def.clone()).expect("register");
-    // The start is journaled; the next write (a's start) fails: the saga
-    // actor fails rather than run a step it could not journal.
     let id = sagas.start("j", json!({})).await.expect("start");
+    // Step a is running (its start is journaled); the write of its success
+    // fails, so the saga actor fails rather than go on unjournaled.
+    while sagas.status(&id).await.expect("status").steps[0].1 != StepState::Running(1) {
+        tokio::task::yield_now().await;
+    }
     faults.fail_appends(1);
+    gate.notify_one();
     let deadline = tokio::time::Instant::now() + T;
     while sagas.running() > 0 {
         assert!(
@@ -394,13 +421,45 @@ async fn a_saga_whose_journal_fails_stops_and_resumes_when_asked() {
         );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let status = sagas.status(&id).await.expect("status");
-    if status.phase != Phase::Completed {
-        assert_eq!(sagas.resume_all().await.expect("resume"), 1);
-        let status = sagas.wait(&id, T).await.expect("wait");
-        assert_eq!(status.phase, Phase::Completed);
-    }
-    let status = sagas.status(&id).await.expect("status");
+    let stopped = sagas.status(&id).await.expect("status");
+    assert_eq!(stopped.phase, Phase::Running, "{stopped:?}");
+    assert_eq!(
+        stopped.steps[0].1,
+        StepState::Running(1),
+        "a's success was not journaled"
+    );
+    // Resumed, a runs again with the same idempotency key (deduplicated).
+    assert_eq!(sagas.resume_all().await.expect("resume"), 1);
+    gate.notify_one();
+    let status = sagas.wait(&id, T).await.expect("wait");
+    assert_eq!(status.phase, Phase::Completed);
     let log = log.lock().expect("log");
     check_outcome(&def, &status, &log);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starting_past_the_running_bound_is_refused() {
+    let log = Shared::default();
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let sagas =
+        Sagas::new(Arc::new(InMemoryJournal::new()), gated(&gate, &log)).with_max_running(1);
+    sagas
+        .register(SagaDefinition::new("one", vec![StepDef::new("a", "gated")]).expect("def"))
+        .expect("register");
+    let first = sagas.start("one", json!({})).await.expect("first");
+    assert!(matches!(
+        sagas.start("one", json!({})).await,
+        Err(SagaError::Overloaded { running: 1 })
+    ));
+    gate.notify_one();
+    assert_eq!(
+        sagas.wait(&first, T).await.expect("wait").phase,
+        Phase::Completed
+    );
+    let deadline = tokio::time::Instant::now() + T;
+    while sagas.running() > 0 {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::task::yield_now().await;
+    }
+    sagas.start("one", json!({})).await.expect("room again");
 }

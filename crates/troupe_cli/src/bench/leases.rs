@@ -13,7 +13,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use troupe_gpu::probe::SimulatedProbe;
 use troupe_gpu::scheduler::{
@@ -250,10 +250,7 @@ fn simulate_troupe(tasks: &[Task], horizon: Ms) -> Stats {
     stats
 }
 
-trait AdmittedSeen {
-    fn admitted_ticket_seen(&self, ticket: u64) -> bool;
-}
-impl AdmittedSeen for Stats {
+impl Stats {
     fn admitted_ticket_seen(&self, ticket: u64) -> bool {
         self.admitted_tickets.binary_search(&ticket).is_ok()
     }
@@ -388,6 +385,5 @@ pub fn run(quick: bool) -> Result<(), BoxError> {
     }
     let decisions = ops as f64 / start.elapsed().as_secs_f64();
     report.figure("lease_decisions", decisions, "/s");
-    let _ = Duration::ZERO;
     Ok(())
 }

@@ -298,13 +298,7 @@ impl Writer {
                     reply,
                 } => {
                     let result = self.highest(&id).and_then(|highest| {
-                        let probe = crate::event::NewSnapshot {
-                            seq,
-                            state_type: "".into(),
-                            schema_version: 0,
-                            payload: Vec::new(),
-                        };
-                        check_snapshot(&id, &probe, highest)?;
+                        check_snapshot(&id, seq, highest)?;
                         let existing = db
                             .get_pinned_cf(snapshots_cf, id.as_str())
                             .map_err(|e| JournalError::storage("reading a snapshot", e))?;
