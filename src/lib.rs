@@ -12,14 +12,17 @@
 //! | [`actor`] | `troupe_actor` | bounded mailboxes, supervision, durable actors, entities |
 //! | [`gpu`] | `troupe_gpu` | GPU probes, leases, deadline-aware admission |
 //! | [`saga`] | `troupe_saga` | DAG workflows with retries, compensation, signals |
+//! | [`agent`] | `troupe_agent` | agents, durable sessions, model backends, tools, topics |
 //! | [`Troupe`] | (here) | the system handle: journal + root supervisor + orderly shutdown |
 //!
 //! Most programs start with `use troupe::prelude::*;`.
 
 mod system;
 
+pub use async_trait::async_trait;
 pub use ractor;
 pub use troupe_actor as actor;
+pub use troupe_agent as agent;
 pub use troupe_gpu as gpu;
 pub use troupe_journal as journal;
 pub use troupe_saga as saga;
@@ -28,10 +31,15 @@ pub use system::{Troupe, TroupeBuilder};
 
 /// The names most programs need.
 pub mod prelude {
-    pub use crate::{Troupe, TroupeBuilder};
+    pub use crate::{Troupe, TroupeBuilder, async_trait};
     pub use troupe_actor::{
         ActorError, ActorHandle, Backoff, ChildSpec, DurableConfig, Effect, Entities, EntityConfig,
         EventSourced, Restart, RpcReplyPort, Strategy, SupervisorHandle, SupervisorSpec,
+    };
+    pub use troupe_agent::{
+        Agent, AgentContext, AgentError, AgentOptions, AgentSystem, Inference, LeaseSpec,
+        LocalBackend, OpenAiBackend, OpenAiConfig, SessionConfig, SessionEvent, SessionItem,
+        Sessions, Tool, Tools,
     };
     pub use troupe_journal::{
         AppendOutcome, Durability, InMemoryJournal, Journal, JournalConfig, JournalError, NewEvent,

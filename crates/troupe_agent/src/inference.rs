@@ -1,0 +1,289 @@
+//! Inference under GPU leases.
+//!
+//! [`Inference`] routes a request to a named [`ModelBackend`] and, when a
+//! [`GpuSupervisorHandle`] is configured, runs it under a lease:
+//!
+//! 1. acquire a lease for the request's memory, compute share and priority,
+//!    waiting at most [`LeaseSpec::wait`]: a refusal reaches the caller as
+//!    [`AgentError::Overloaded`] with the supervisor's retry hint, before
+//!    any model work starts;
+//! 2. renew it every third of its TTL while chunks stream;
+//! 3. release it once the backend says `Done`, *before* the caller sees
+//!    `Done`; or, if the stream is dropped early, right after; and, if the
+//!    holding actor dies, the supervisor frees it on its own.
+//!
+//! A preemption notice lets the stream run until its grace deadline; a
+//! lease that ends before the answer does ends the stream with
+//! [`AgentError::LeaseLost`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use ractor::ActorCell;
+use tokio::sync::mpsc;
+use troupe_gpu::scheduler::{Lease, LeaseRequest};
+use troupe_gpu::{GpuSupervisorHandle, LeaseNotice};
+use troupe_journal::now_ms;
+
+use crate::error::AgentError;
+use crate::model::{ChatRequest, Chunk, ModelBackend};
+
+/// What one inference asks of the GPUs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LeaseSpec {
+    /// Device memory, in bytes.
+    pub memory: u64,
+    /// Compute share, in percent of one device.
+    pub compute: u32,
+    /// 0 (lowest) to `PRIORITIES - 1` (highest; see [`troupe_gpu::scheduler::PRIORITIES`]).
+    pub priority: u8,
+    /// Longest wait for the lease before the request is refused.
+    pub wait: Duration,
+    /// Lease lifetime between renewals.
+    pub ttl: Duration,
+    /// How long the inference is expected to hold the lease (for the
+    /// supervisor's wait estimates).
+    pub expected: Duration,
+}
+
+impl Default for LeaseSpec {
+    /// 4 GiB, 25 % of a device, priority 1, wait up to 5 s, TTL 30 s,
+    /// expected 2 s.
+    fn default() -> Self {
+        Self {
+            memory: 4 << 30,
+            compute: 25,
+            priority: 1,
+            wait: Duration::from_secs(5),
+            ttl: Duration::from_secs(30),
+            expected: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Who holds a lease: a name, and the actor whose death frees it.
+#[derive(Debug, Clone)]
+pub struct Holder {
+    /// Name (an agent, a task id).
+    pub name: String,
+    /// The actor watched for death.
+    pub actor: Option<ActorCell>,
+}
+
+/// A stream of chunks under a lease; ends after `Done` or at the first error.
+pub type InferenceStream = BoxStream<'static, Result<Chunk, AgentError>>;
+
+/// Bound on the notices queued for one lease.
+const NOTICE_BUFFER: usize = 8;
+
+/// Model backends by name, and the GPU supervisor they run under. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct Inference {
+    backends: HashMap<String, Arc<dyn ModelBackend>>,
+    gpu: Option<GpuSupervisorHandle>,
+}
+
+impl Inference {
+    /// No backends, no GPUs.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a backend under its own name.
+    pub fn with_backend(mut self, backend: impl ModelBackend) -> Self {
+        self.backends
+            .insert(backend.name().to_owned(), Arc::new(backend));
+        self
+    }
+
+    /// Adds a shared backend under `name`.
+    pub fn with_shared_backend(mut self, name: &str, backend: Arc<dyn ModelBackend>) -> Self {
+        self.backends.insert(name.to_owned(), backend);
+        self
+    }
+
+    /// Runs every inference under a lease of `gpu`.
+    pub fn with_gpu(mut self, gpu: GpuSupervisorHandle) -> Self {
+        self.gpu = Some(gpu);
+        self
+    }
+
+    /// The GPU supervisor, if leases are taken.
+    pub fn gpu(&self) -> Option<&GpuSupervisorHandle> {
+        self.gpu.as_ref()
+    }
+
+    /// The backend named `name`.
+    pub fn backend(&self, name: &str) -> Result<Arc<dyn ModelBackend>, AgentError> {
+        self.backends
+            .get(name)
+            .cloned()
+            .ok_or_else(|| AgentError::UnknownModel(name.to_owned()))
+    }
+
+    /// Streams `request` from backend `model` under a lease (see the
+    /// [module docs](self)).
+    pub async fn stream(
+        &self,
+        model: &str,
+        request: ChatRequest,
+        lease: &LeaseSpec,
+        holder: &Holder,
+    ) -> Result<InferenceStream, AgentError> {
+        let backend = self.backend(model)?;
+        let started = Instant::now();
+        let labels = [("model", model.to_owned())];
+        let guard = match &self.gpu {
+            Some(gpu) => match LeaseGuard::acquire(gpu, lease, holder).await {
+                Ok(g) => Some(g),
+                Err(e) => {
+                    metrics::counter!("troupe_inference_refused_total", &labels).increment(1);
+                    return Err(e);
+                }
+            },
+            None => None,
+        };
+        let inner = match backend.stream(request).await {
+            Ok(s) => s,
+            Err(e) => {
+                if let Some(g) = guard {
+                    g.release().await;
+                }
+                return Err(e);
+            }
+        };
+        let latency = metrics::histogram!("inference_latency_seconds", &labels);
+        Ok(async_stream::try_stream! {
+            let mut guard = guard;
+            let mut inner = inner;
+            let mut grace: Option<tokio::time::Instant> = None;
+            loop {
+                let lease_id = guard.as_ref().and_then(|g| g.lease.as_ref()).map_or(0, |l| l.id);
+                let notice = async {
+                    match guard.as_mut() {
+                        Some(g) => g.notices.recv().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                let deadline = async {
+                    match grace {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                let step = tokio::select! {
+                    biased;
+                    n = notice => Step::Notice(n),
+                    _ = deadline => Step::GraceOver,
+                    chunk = inner.next() => Step::Chunk(chunk),
+                };
+                match step {
+                    Step::Notice(Some(LeaseNotice::Preempt { grace_until, .. })) => {
+                        let left = grace_until.saturating_sub(now_ms());
+                        grace = Some(tokio::time::Instant::now() + Duration::from_millis(left));
+                    }
+                    Step::Notice(Some(LeaseNotice::Ended { reason, .. })) => {
+                        Err(AgentError::LeaseLost { lease: lease_id, reason: format!("{reason:?}") })?;
+                    }
+                    // The supervisor dropped our notice channel: no more notices.
+                    Step::Notice(None) => {
+                        if let Some(g) = guard.as_mut() {
+                            g.notices = mpsc::channel(1).1;
+                        }
+                    }
+                    Step::GraceOver => {
+                        Err(AgentError::LeaseLost { lease: lease_id, reason: "preempted".into() })?;
+                    }
+                    Step::Chunk(Some(Ok(c @ Chunk::Done { .. }))) => {
+                        if let Some(g) = guard.take() {
+                            g.release().await;
+                        }
+                        latency.record(started.elapsed().as_secs_f64());
+                        yield c;
+                        break;
+                    }
+                    Step::Chunk(Some(c)) => yield c?,
+                    Step::Chunk(None) => break,
+                }
+            }
+        }
+        .boxed())
+    }
+}
+
+enum Step {
+    Notice(Option<LeaseNotice>),
+    GraceOver,
+    Chunk(Option<Result<Chunk, AgentError>>),
+}
+
+/// A held lease: renewed in the background, released on drop.
+struct LeaseGuard {
+    gpu: GpuSupervisorHandle,
+    lease: Option<Lease>,
+    notices: mpsc::Receiver<LeaseNotice>,
+    renew: tokio::task::JoinHandle<()>,
+}
+
+impl LeaseGuard {
+    async fn acquire(
+        gpu: &GpuSupervisorHandle,
+        spec: &LeaseSpec,
+        holder: &Holder,
+    ) -> Result<Self, AgentError> {
+        let (tx, notices) = mpsc::channel(NOTICE_BUFFER);
+        let ttl_ms = spec.ttl.as_millis().max(1) as u64;
+        let req = LeaseRequest {
+            holder: holder.name.clone(),
+            memory: spec.memory,
+            compute: spec.compute,
+            priority: spec.priority,
+            deadline_ms: now_ms() + spec.wait.as_millis() as u64,
+            ttl_ms,
+            expected_ms: spec.expected.as_millis() as u64,
+        };
+        let lease = gpu.acquire(req, holder.actor.clone(), Some(tx)).await?;
+        let renew = {
+            let (gpu, lease) = (gpu.clone(), lease.clone());
+            tokio::spawn(async move {
+                let period = Duration::from_millis((ttl_ms / 3).max(1));
+                loop {
+                    tokio::time::sleep(period).await;
+                    if gpu.renew(&lease, ttl_ms).await.is_err() {
+                        return; // ended: the notice says why
+                    }
+                }
+            })
+        };
+        Ok(Self {
+            gpu: gpu.clone(),
+            lease: Some(lease),
+            notices,
+            renew,
+        })
+    }
+
+    async fn release(mut self) {
+        self.renew.abort();
+        if let Some(lease) = self.lease.take() {
+            let _ = self.gpu.release(&lease).await;
+        }
+    }
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        self.renew.abort();
+        if let Some(lease) = self.lease.take()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            let gpu = self.gpu.clone();
+            rt.spawn(async move {
+                let _ = gpu.release(&lease).await;
+            });
+        }
+    }
+}

@@ -1,0 +1,979 @@
+//! Durable sessions: every turn, chunk, tool call and result is an event.
+//!
+//! A session is an [`EventSourced`] entity (`session/<id>`) run by
+//! [`Entities`]: activated by the first message, passivated when idle,
+//! recovered from the journal on the next one. Its events
+//! ([`SessionEvent`]) are the conversation: user turns, the start of each
+//! reply attempt, streamed model chunks, tool calls and their results, and
+//! the end of each turn.
+//!
+//! [`Sessions::subscribe`] gives a client every event after a sequence
+//! number: first those in the journal, then live ones as they are
+//! appended, with no gap and no duplicate at the seam (live events are
+//! published after they are journaled; the subscriber drops what it already
+//! read and fills any gap from the journal). A subscriber that falls behind
+//! the live buffer reads the journal instead: slow clients never lose
+//! events and never slow the session down. Idle subscriptions yield
+//! [`SessionItem::Heartbeat`] so the server notices a dead client when it
+//! writes one, and frees the subscription by dropping the stream.
+//!
+//! ## Turns and attempts
+//! [`Sessions::post`] journals a user turn (refused while another turn is
+//! in progress). [`Sessions::begin`] starts an *attempt* at answering it;
+//! every later write names that attempt ([`TurnRef`]), so a writer from an
+//! attempt that was superseded (a crash, a restart) is refused with
+//! [`AgentError::StaleTurn`] rather than interleaving two replies. A turn
+//! interrupted by a crash is answered again by beginning a new attempt:
+//! clients see `turn_started` with a higher attempt and discard the partial
+//! text of the previous one.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use ractor::RpcReplyPort;
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+use troupe_actor::{DurableConfig, Effect, Entities, EntityConfig, EventSourced};
+use troupe_journal::{Journal, PersistenceId, Schema};
+
+use crate::error::AgentError;
+use crate::model::{ChatMessage, Role, ToolCall, Usage};
+
+/// The kind part of session persistence ids.
+pub const SESSION_KIND: &str = "session";
+
+/// One event of a session (also what clients receive, as JSON with a
+/// `type` field).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum SessionEvent {
+    /// The session was created.
+    Opened {
+        /// Session id.
+        id: String,
+        /// The agent that answers it.
+        agent: String,
+        /// The tenant that owns it.
+        tenant: Option<String>,
+        /// Most messages kept as model context.
+        context_limit: u32,
+    },
+    /// The user said something.
+    UserTurn {
+        /// Turn number, from 1.
+        turn: u32,
+        /// What the user said.
+        text: String,
+    },
+    /// An attempt at answering a turn started (attempt > 1: the previous
+    /// attempt was interrupted and its partial reply is void).
+    TurnStarted {
+        /// Turn number.
+        turn: u32,
+        /// Attempt, from 1.
+        attempt: u32,
+        /// Model backend that answers.
+        model: String,
+    },
+    /// A piece of the model's reply.
+    ModelChunk {
+        /// Turn number.
+        turn: u32,
+        /// The text.
+        text: String,
+    },
+    /// The model called a tool.
+    ToolCalled {
+        /// Turn number.
+        turn: u32,
+        /// The call.
+        call: ToolCall,
+    },
+    /// A tool answered (or failed: `ok` false, `output` is the error).
+    ToolResult {
+        /// Turn number.
+        turn: u32,
+        /// The call it answers.
+        call_id: String,
+        /// Whether the tool succeeded.
+        ok: bool,
+        /// Result (JSON text) or error message.
+        output: String,
+    },
+    /// The turn's reply is complete.
+    TurnCompleted {
+        /// Turn number.
+        turn: u32,
+        /// Why the model stopped.
+        finish_reason: String,
+        /// Token counts, if known.
+        usage: Option<Usage>,
+    },
+    /// The turn failed; the user may post again.
+    TurnFailed {
+        /// Turn number.
+        turn: u32,
+        /// What went wrong.
+        error: String,
+        /// Retry hint, when the failure was an overload.
+        retry_after_ms: Option<u64>,
+    },
+    /// The session was closed; it takes no more turns.
+    Closed {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Schema for SessionEvent {
+    const TYPE_NAME: &'static str = "agent.SessionEvent";
+}
+
+impl SessionEvent {
+    fn turn(&self) -> Option<u32> {
+        match self {
+            SessionEvent::UserTurn { turn, .. }
+            | SessionEvent::TurnStarted { turn, .. }
+            | SessionEvent::ModelChunk { turn, .. }
+            | SessionEvent::ToolCalled { turn, .. }
+            | SessionEvent::ToolResult { turn, .. }
+            | SessionEvent::TurnCompleted { turn, .. }
+            | SessionEvent::TurnFailed { turn, .. } => Some(*turn),
+            SessionEvent::Opened { .. } | SessionEvent::Closed { .. } => None,
+        }
+    }
+
+    fn ends_turn(&self) -> bool {
+        matches!(
+            self,
+            SessionEvent::TurnCompleted { .. } | SessionEvent::TurnFailed { .. }
+        )
+    }
+}
+
+/// A journaled session event with its sequence number.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    /// Sequence number in the session (from 1).
+    pub seq: u64,
+    /// The event.
+    pub event: SessionEvent,
+}
+
+/// A turn being answered.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Pending {
+    /// Turn number.
+    pub turn: u32,
+    /// Current attempt (0: not started).
+    pub attempt: u32,
+    /// Messages before this turn's reply (restart point).
+    base: usize,
+    /// Reply text so far.
+    pub text: String,
+    /// Tool calls not yet answered.
+    calls: Vec<ToolCall>,
+}
+
+/// What a session's events fold into (also its snapshot).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SessionState {
+    /// Session id ("" until opened).
+    pub id: String,
+    /// Answering agent.
+    pub agent: String,
+    /// Owning tenant.
+    pub tenant: Option<String>,
+    /// Most messages kept as context.
+    pub context_limit: u32,
+    /// Whether it was opened.
+    pub opened: bool,
+    /// Whether it was closed.
+    pub closed: bool,
+    /// Events applied (equals the journal's sequence).
+    pub seq: u64,
+    /// User turns so far.
+    pub turns: u32,
+    /// Turns answered.
+    pub completed: u32,
+    /// Turns failed.
+    pub failed: u32,
+    /// The model context: the latest messages, at most `context_limit`.
+    pub messages: VecDeque<ChatMessage>,
+    /// The turn in progress.
+    pub pending: Option<Pending>,
+}
+
+impl Schema for SessionState {
+    const TYPE_NAME: &'static str = "agent.SessionState";
+}
+
+impl SessionState {
+    fn trim(&mut self) {
+        let limit = self.context_limit.max(1) as usize;
+        while self.messages.len() > limit
+            || self
+                .messages
+                .front()
+                .is_some_and(|m| m.role == Role::Tool || !m.tool_calls.is_empty())
+                && self.messages.len() > 1
+        {
+            self.messages.pop_front();
+        }
+    }
+}
+
+/// Names one attempt at one turn; writes for a superseded attempt are refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TurnRef {
+    /// Turn number.
+    pub turn: u32,
+    /// Attempt.
+    pub attempt: u32,
+}
+
+/// A posted user turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Posted {
+    /// Its turn number.
+    pub turn: u32,
+    /// Its sequence number.
+    pub seq: u64,
+}
+
+/// A read of a session's state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionView {
+    /// Session id.
+    pub id: String,
+    /// Answering agent.
+    pub agent: String,
+    /// Owning tenant.
+    pub tenant: Option<String>,
+    /// Highest sequence.
+    pub seq: u64,
+    /// User turns.
+    pub turns: u32,
+    /// Turns answered.
+    pub completed: u32,
+    /// Turns failed.
+    pub failed: u32,
+    /// Closed?
+    pub closed: bool,
+    /// The turn in progress and its current attempt (0: not started).
+    pub pending: Option<TurnRef>,
+    /// The model context.
+    pub messages: Vec<ChatMessage>,
+}
+
+type Reply<T> = RpcReplyPort<Result<T, AgentError>>;
+
+/// Commands of a session entity (use [`Sessions`]).
+pub enum SessionCommand {
+    /// Create the session.
+    Open {
+        /// Session id.
+        id: String,
+        /// Answering agent.
+        agent: String,
+        /// Owning tenant.
+        tenant: Option<String>,
+        /// Answer: the sequence of the `Opened` event.
+        reply: Reply<u64>,
+    },
+    /// Journal a user turn.
+    Post {
+        /// What the user said.
+        text: String,
+        /// Answer.
+        reply: Reply<Posted>,
+    },
+    /// Start (or restart) an attempt at the pending turn.
+    Begin {
+        /// Model backend name.
+        model: String,
+        /// Answer.
+        reply: Reply<TurnRef>,
+    },
+    /// Journal reply events of an attempt.
+    Append {
+        /// The attempt they belong to.
+        turn: TurnRef,
+        /// Chunks, tool calls and results, and possibly the turn's end.
+        events: Vec<SessionEvent>,
+        /// Answer: the last sequence written.
+        reply: Reply<u64>,
+    },
+    /// Read the state.
+    View {
+        /// Answer.
+        reply: Reply<SessionView>,
+    },
+    /// Close the session.
+    Close {
+        /// Why.
+        reason: String,
+        /// Answer: the sequence of the `Closed` event.
+        reply: Reply<u64>,
+    },
+}
+
+/// Live fan-out of journaled events to subscribers, per session.
+pub(crate) struct Hub {
+    channels: Mutex<HashMap<String, broadcast::Sender<Arc<SessionRecord>>>>,
+    capacity: usize,
+    subscribers: metrics::Gauge,
+}
+
+impl Hub {
+    fn new(capacity: usize) -> Self {
+        Self {
+            channels: Mutex::new(HashMap::new()),
+            capacity: capacity.max(1),
+            subscribers: metrics::gauge!("troupe_session_subscribers"),
+        }
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, broadcast::Sender<Arc<SessionRecord>>>> {
+        self.channels.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn has_subscribers(&self, id: &str) -> bool {
+        self.lock().get(id).is_some_and(|s| s.receiver_count() > 0)
+    }
+
+    fn publish(&self, id: &str, last_seq: u64, events: Vec<SessionEvent>) {
+        let Some(tx) = self.lock().get(id).cloned() else {
+            return;
+        };
+        let first = last_seq + 1 - events.len() as u64;
+        for (i, event) in events.into_iter().enumerate() {
+            let rec = Arc::new(SessionRecord {
+                seq: first + i as u64,
+                event,
+            });
+            if tx.send(rec).is_err() {
+                break; // nobody listens any more
+            }
+        }
+        self.release(id);
+    }
+
+    fn subscribe(self: &Arc<Self>, id: &str) -> Subscription {
+        let rx = self
+            .lock()
+            .entry(id.to_owned())
+            .or_insert_with(|| broadcast::channel(self.capacity).0)
+            .subscribe();
+        self.subscribers.increment(1.0);
+        Subscription {
+            hub: self.clone(),
+            id: id.to_owned(),
+            rx: Some(rx),
+        }
+    }
+
+    /// Forgets the channel of `id` once nobody listens.
+    fn release(&self, id: &str) {
+        let mut map = self.lock();
+        if map.get(id).is_some_and(|s| s.receiver_count() == 0) {
+            map.remove(id);
+        }
+    }
+
+    fn channel_count(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+/// A live receiver that frees its channel when dropped.
+struct Subscription {
+    hub: Arc<Hub>,
+    id: String,
+    rx: Option<broadcast::Receiver<Arc<SessionRecord>>>,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        drop(self.rx.take());
+        self.hub.subscribers.decrement(1.0);
+        self.hub.release(&self.id);
+    }
+}
+
+/// The session entity (see the [module docs](self)).
+pub struct SessionEntity {
+    hub: Arc<Hub>,
+    context_limit: u32,
+    max_text: usize,
+    max_events: usize,
+}
+
+fn fail<T: Send + 'static>(reply: Reply<T>, error: AgentError) -> Effect<SessionEntity> {
+    let _ = reply.send(Err(error));
+    Effect::none()
+}
+
+impl SessionEntity {
+    /// Persists `events`, publishes them live after they are applied, then
+    /// answers with `f(state)`.
+    fn persist<T: Send + 'static>(
+        &self,
+        id: &str,
+        events: Vec<SessionEvent>,
+        reply: Reply<T>,
+        f: impl FnOnce(&SessionState) -> T + Send + 'static,
+    ) -> Effect<Self> {
+        let live = self.hub.has_subscribers(id).then(|| events.clone());
+        let mut effect = Effect::persist(events);
+        if let Some(live) = live {
+            let (hub, id) = (self.hub.clone(), id.to_owned());
+            effect = effect.then(move |st: &SessionState| hub.publish(&id, st.seq, live));
+        }
+        effect.reply(reply, move |st| Ok(f(st)))
+    }
+
+    fn check_open(state: &SessionState) -> Result<(), AgentError> {
+        if !state.opened {
+            Err(AgentError::UnknownSession(state.id.clone()))
+        } else if state.closed {
+            Err(AgentError::SessionClosed(state.id.clone()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl EventSourced for SessionEntity {
+    type Command = SessionCommand;
+    type Event = SessionEvent;
+    type State = SessionState;
+    const KIND: &'static str = SESSION_KIND;
+
+    fn handle(&self, state: &SessionState, command: SessionCommand) -> Effect<Self> {
+        match command {
+            SessionCommand::Open {
+                id,
+                agent,
+                tenant,
+                reply,
+            } => {
+                if state.opened {
+                    // Idempotent for the same owner; anything else is a clash.
+                    return if state.agent == agent && state.tenant == tenant {
+                        let _ = reply.send(Ok(1));
+                        Effect::none()
+                    } else {
+                        fail(
+                            reply,
+                            AgentError::Invalid {
+                                what: "session id".into(),
+                                message: format!("`{id}` already exists"),
+                            },
+                        )
+                    };
+                }
+                let event = SessionEvent::Opened {
+                    id: id.clone(),
+                    agent,
+                    tenant,
+                    context_limit: self.context_limit,
+                };
+                self.persist(&id, vec![event], reply, |st| st.seq)
+            }
+            SessionCommand::Post { text, reply } => {
+                if let Err(e) = Self::check_open(state) {
+                    return fail(reply, e);
+                }
+                if let Some(p) = &state.pending {
+                    return fail(
+                        reply,
+                        AgentError::Busy {
+                            session: state.id.clone(),
+                            turn: p.turn,
+                        },
+                    );
+                }
+                if text.len() > self.max_text {
+                    return fail(
+                        reply,
+                        AgentError::TooLarge {
+                            what: "message text".into(),
+                            limit: self.max_text,
+                        },
+                    );
+                }
+                let turn = state.turns + 1;
+                let event = SessionEvent::UserTurn { turn, text };
+                self.persist(&state.id, vec![event], reply, move |st| Posted {
+                    turn,
+                    seq: st.seq,
+                })
+            }
+            SessionCommand::Begin { model, reply } => {
+                if let Err(e) = Self::check_open(state) {
+                    return fail(reply, e);
+                }
+                let Some(p) = &state.pending else {
+                    return fail(reply, AgentError::NothingToAnswer(state.id.clone()));
+                };
+                let turn = TurnRef {
+                    turn: p.turn,
+                    attempt: p.attempt + 1,
+                };
+                let event = SessionEvent::TurnStarted {
+                    turn: turn.turn,
+                    attempt: turn.attempt,
+                    model,
+                };
+                self.persist(&state.id, vec![event], reply, move |_| turn)
+            }
+            SessionCommand::Append {
+                turn,
+                events,
+                reply,
+            } => {
+                if let Err(e) = Self::check_open(state) {
+                    return fail(reply, e);
+                }
+                let stale = || AgentError::StaleTurn {
+                    session: state.id.clone(),
+                    turn: turn.turn,
+                    attempt: turn.attempt,
+                };
+                match &state.pending {
+                    Some(p) if p.turn == turn.turn && p.attempt == turn.attempt => {}
+                    _ => return fail(reply, stale()),
+                }
+                if events.is_empty() || events.len() > self.max_events {
+                    return fail(
+                        reply,
+                        AgentError::Invalid {
+                            what: "append".into(),
+                            message: format!(
+                                "{} events (1 to {} per append)",
+                                events.len(),
+                                self.max_events
+                            ),
+                        },
+                    );
+                }
+                for (i, e) in events.iter().enumerate() {
+                    let allowed = matches!(
+                        e,
+                        SessionEvent::ModelChunk { .. }
+                            | SessionEvent::ToolCalled { .. }
+                            | SessionEvent::ToolResult { .. }
+                            | SessionEvent::TurnCompleted { .. }
+                            | SessionEvent::TurnFailed { .. }
+                    );
+                    let last = i + 1 == events.len();
+                    if !allowed || e.turn() != Some(turn.turn) || (e.ends_turn() && !last) {
+                        return fail(
+                            reply,
+                            AgentError::Invalid {
+                                what: "append".into(),
+                                message: format!(
+                                    "event {i} ({e:?}) does not belong to turn {}",
+                                    turn.turn
+                                ),
+                            },
+                        );
+                    }
+                }
+                self.persist(&state.id, events, reply, |st| st.seq)
+            }
+            SessionCommand::View { reply } => {
+                if !state.opened {
+                    return fail(reply, AgentError::UnknownSession(state.id.clone()));
+                }
+                let _ = reply.send(Ok(SessionView {
+                    id: state.id.clone(),
+                    agent: state.agent.clone(),
+                    tenant: state.tenant.clone(),
+                    seq: state.seq,
+                    turns: state.turns,
+                    completed: state.completed,
+                    failed: state.failed,
+                    closed: state.closed,
+                    pending: state.pending.as_ref().map(|p| TurnRef {
+                        turn: p.turn,
+                        attempt: p.attempt,
+                    }),
+                    messages: state.messages.iter().cloned().collect(),
+                }));
+                Effect::none()
+            }
+            SessionCommand::Close { reason, reply } => {
+                if let Err(e) = Self::check_open(state) {
+                    return fail(reply, e);
+                }
+                let mut events = Vec::new();
+                if let Some(p) = &state.pending {
+                    events.push(SessionEvent::TurnFailed {
+                        turn: p.turn,
+                        error: "session closed".into(),
+                        retry_after_ms: None,
+                    });
+                }
+                events.push(SessionEvent::Closed { reason });
+                self.persist(&state.id, events, reply, |st| st.seq)
+            }
+        }
+    }
+
+    fn apply(state: &mut SessionState, event: &SessionEvent) {
+        state.seq += 1;
+        match event {
+            SessionEvent::Opened {
+                id,
+                agent,
+                tenant,
+                context_limit,
+            } => {
+                state.id = id.clone();
+                state.agent = agent.clone();
+                state.tenant = tenant.clone();
+                state.context_limit = *context_limit;
+                state.opened = true;
+            }
+            SessionEvent::UserTurn { turn, text } => {
+                state.turns = *turn;
+                state.messages.push_back(ChatMessage::user(text.clone()));
+                state.pending = Some(Pending {
+                    turn: *turn,
+                    base: state.messages.len(),
+                    ..Pending::default()
+                });
+            }
+            SessionEvent::TurnStarted { turn, attempt, .. } => {
+                if let Some(p) = state.pending.as_mut().filter(|p| p.turn == *turn) {
+                    state.messages.truncate(p.base);
+                    p.attempt = *attempt;
+                    p.text.clear();
+                    p.calls.clear();
+                }
+            }
+            SessionEvent::ModelChunk { text, .. } => {
+                if let Some(p) = &mut state.pending {
+                    p.text.push_str(text);
+                }
+            }
+            SessionEvent::ToolCalled { call, .. } => {
+                if let Some(p) = &mut state.pending {
+                    p.calls.push(call.clone());
+                }
+            }
+            SessionEvent::ToolResult {
+                call_id,
+                ok,
+                output,
+                ..
+            } => {
+                if let Some(p) = &mut state.pending {
+                    if !p.calls.is_empty() {
+                        state.messages.push_back(ChatMessage {
+                            role: Role::Assistant,
+                            content: std::mem::take(&mut p.text),
+                            tool_calls: std::mem::take(&mut p.calls),
+                            tool_call_id: None,
+                        });
+                    }
+                    let content = if *ok {
+                        output.clone()
+                    } else {
+                        format!("error: {output}")
+                    };
+                    state.messages.push_back(ChatMessage {
+                        role: Role::Tool,
+                        content,
+                        tool_calls: Vec::new(),
+                        tool_call_id: Some(call_id.clone()),
+                    });
+                }
+            }
+            SessionEvent::TurnCompleted { .. } => {
+                if let Some(p) = state.pending.take() {
+                    state.messages.push_back(ChatMessage::assistant(p.text));
+                }
+                state.completed += 1;
+                state.trim();
+            }
+            SessionEvent::TurnFailed { .. } => {
+                state.pending = None;
+                state.failed += 1;
+                state.trim();
+            }
+            SessionEvent::Closed { .. } => {
+                state.closed = true;
+                state.pending = None;
+            }
+        }
+    }
+}
+
+/// Settings of [`Sessions`].
+#[derive(Clone)]
+pub struct SessionConfig {
+    /// Mailboxes, passivation and snapshots of the session entities.
+    /// Sessions never delete the events a snapshot covers: subscribers
+    /// resume from any sequence.
+    pub entities: EntityConfig,
+    /// Bound on one exchange with a session entity.
+    pub ask_timeout: Duration,
+    /// Live events buffered per session for subscribers; one that falls
+    /// further behind reads the journal instead.
+    pub live_buffer: usize,
+    /// An idle subscription yields a heartbeat this often.
+    pub heartbeat: Duration,
+    /// Most messages kept as model context.
+    pub context_limit: u32,
+    /// Largest user message, in bytes.
+    pub max_text_bytes: usize,
+    /// Most events in one append.
+    pub max_events_per_append: usize,
+}
+
+impl Default for SessionConfig {
+    /// Passivation after 60 s idle, a snapshot every 200 events, 10 s asks,
+    /// 256 live events, a heartbeat every 15 s, 64 context messages,
+    /// 32 KiB messages, 256 events per append.
+    fn default() -> Self {
+        Self {
+            entities: EntityConfig {
+                mailbox_capacity: 256,
+                idle_timeout: Some(Duration::from_secs(60)),
+                durable: DurableConfig::default().snapshot_every(200),
+                ..EntityConfig::default()
+            },
+            ask_timeout: Duration::from_secs(10),
+            live_buffer: 256,
+            heartbeat: Duration::from_secs(15),
+            context_limit: 64,
+            max_text_bytes: 32 * 1024,
+            max_events_per_append: 256,
+        }
+    }
+}
+
+/// What a subscription yields.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SessionItem {
+    /// The next event.
+    Event(Arc<SessionRecord>),
+    /// Nothing happened for a heartbeat interval.
+    Heartbeat,
+}
+
+/// A session subscription: every event after the requested sequence, in
+/// order, then live ones; ends only with an error.
+pub type SessionStream = BoxStream<'static, Result<SessionItem, AgentError>>;
+
+/// The sessions of one system. Cheap to clone.
+#[derive(Clone)]
+pub struct Sessions {
+    entities: Entities<SessionEntity>,
+    hub: Arc<Hub>,
+    journal: Arc<dyn Journal>,
+    config: SessionConfig,
+}
+
+impl Sessions {
+    /// Sessions journaled in `journal` (call inside a Tokio runtime).
+    pub fn new(journal: Arc<dyn Journal>, config: SessionConfig) -> Self {
+        let hub = Arc::new(Hub::new(config.live_buffer));
+        let mut entity_config = config.entities.clone();
+        entity_config.durable.delete_covered_events = false;
+        let entity = SessionEntity {
+            hub: hub.clone(),
+            context_limit: config.context_limit,
+            max_text: config.max_text_bytes,
+            max_events: config.max_events_per_append,
+        };
+        Self {
+            entities: Entities::new(entity, journal.clone(), entity_config),
+            hub,
+            journal,
+            config,
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &SessionConfig {
+        &self.config
+    }
+
+    async fn ask<T: Send + 'static>(
+        &self,
+        id: &str,
+        build: impl FnOnce(Reply<T>) -> SessionCommand,
+    ) -> Result<T, AgentError> {
+        let pid = session_pid(id)?;
+        self.entities
+            .ask(pid.key(), build, self.config.ask_timeout)
+            .await?
+    }
+
+    /// Creates a session with a fresh random id, answered by `agent`,
+    /// owned by `tenant`.
+    pub async fn create(&self, agent: &str, tenant: Option<&str>) -> Result<String, AgentError> {
+        let id = format!("{:032x}", rand::random::<u128>());
+        self.open(&id, agent, tenant).await?;
+        Ok(id)
+    }
+
+    /// Creates the session `id` (idempotent for the same agent and tenant).
+    pub async fn open(
+        &self,
+        id: &str,
+        agent: &str,
+        tenant: Option<&str>,
+    ) -> Result<(), AgentError> {
+        let (id_, agent, tenant) = (id.to_owned(), agent.to_owned(), tenant.map(str::to_owned));
+        self.ask(id, |reply| SessionCommand::Open {
+            id: id_,
+            agent,
+            tenant,
+            reply,
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Journals a user turn; refused with [`AgentError::Busy`] while a turn
+    /// is in progress.
+    pub async fn post(&self, id: &str, text: &str) -> Result<Posted, AgentError> {
+        let text = text.to_owned();
+        self.ask(id, |reply| SessionCommand::Post { text, reply })
+            .await
+    }
+
+    /// Starts an attempt at the pending turn (a new attempt voids an
+    /// interrupted one).
+    pub async fn begin(&self, id: &str, model: &str) -> Result<TurnRef, AgentError> {
+        let model = model.to_owned();
+        self.ask(id, |reply| SessionCommand::Begin { model, reply })
+            .await
+    }
+
+    /// Journals reply events of an attempt; returns the last sequence.
+    pub async fn append(
+        &self,
+        id: &str,
+        turn: TurnRef,
+        events: Vec<SessionEvent>,
+    ) -> Result<u64, AgentError> {
+        self.ask(id, |reply| SessionCommand::Append {
+            turn,
+            events,
+            reply,
+        })
+        .await
+    }
+
+    /// The session's state.
+    pub async fn view(&self, id: &str) -> Result<SessionView, AgentError> {
+        self.ask(id, |reply| SessionCommand::View { reply }).await
+    }
+
+    /// Closes the session (a turn in progress fails).
+    pub async fn close(&self, id: &str, reason: &str) -> Result<u64, AgentError> {
+        let reason = reason.to_owned();
+        self.ask(id, |reply| SessionCommand::Close { reason, reply })
+            .await
+    }
+
+    /// Every event of `id` with a sequence above `after`: journaled ones
+    /// first, then live ones, each exactly once and in order (see the
+    /// [module docs](self)). Unknown sessions are refused.
+    pub async fn subscribe(&self, id: &str, after: u64) -> Result<SessionStream, AgentError> {
+        let pid = session_pid(id)?;
+        // Listen before reading the journal, so nothing falls in between.
+        let mut live = self.hub.subscribe(id);
+        if self.journal.highest_seq(&pid).await? == 0 {
+            return Err(AgentError::UnknownSession(id.to_owned()));
+        }
+        let journal = self.journal.clone();
+        let heartbeat = self.config.heartbeat;
+        let (hub, id) = (self.hub.clone(), id.to_owned());
+        Ok(async_stream::try_stream! {
+            let mut last = after;
+            // Journal phase, then live; `to` bounds gap fills.
+            let mut catch_up = Some(u64::MAX);
+            loop {
+                if let Some(to) = catch_up.take() {
+                    let mut replay = journal.replay(&pid, last + 1, to);
+                    while let Some(batch) = replay.next().await {
+                        for rec in decode_batch(batch?)? {
+                            if rec.seq > last {
+                                last = rec.seq;
+                                yield SessionItem::Event(rec);
+                            }
+                        }
+                    }
+                }
+                let Some(rx) = live.rx.as_mut() else { break };
+                match tokio::time::timeout(heartbeat, rx.recv()).await {
+                    Err(_) => yield SessionItem::Heartbeat,
+                    Ok(Ok(rec)) if rec.seq <= last => {}
+                    Ok(Ok(rec)) if rec.seq == last + 1 => {
+                        last = rec.seq;
+                        yield SessionItem::Event(rec);
+                    }
+                    // A gap (published before we listened, or skipped):
+                    // fill it from the journal, which has everything published.
+                    Ok(Ok(rec)) => catch_up = Some(rec.seq),
+                    Ok(Err(broadcast::error::RecvError::Lagged(_))) => catch_up = Some(u64::MAX),
+                    Ok(Err(broadcast::error::RecvError::Closed)) => {
+                        // Cannot happen while we hold a receiver; listen again.
+                        live = hub.subscribe(&id);
+                        catch_up = Some(u64::MAX);
+                    }
+                }
+            }
+        }
+        .boxed())
+    }
+
+    /// Sessions in memory now.
+    pub fn active_count(&self) -> usize {
+        self.entities.active_count()
+    }
+
+    /// Sessions with live subscribers now.
+    pub fn subscribed_count(&self) -> usize {
+        self.hub.channel_count()
+    }
+
+    /// Passivates every session in memory (draining their mailboxes).
+    pub async fn passivate_all(&self) {
+        self.entities.passivate_all().await
+    }
+}
+
+fn decode_batch(
+    batch: Vec<troupe_journal::PersistedEvent>,
+) -> Result<Vec<Arc<SessionRecord>>, AgentError> {
+    batch
+        .into_iter()
+        .map(|ev| {
+            Ok(Arc::new(SessionRecord {
+                seq: ev.seq,
+                event: ev.decode::<SessionEvent>()?,
+            }))
+        })
+        .collect()
+}
+
+/// The persistence id of session `id`, or a typed error for a bad id.
+pub fn session_pid(id: &str) -> Result<PersistenceId, AgentError> {
+    PersistenceId::new(SESSION_KIND, id).map_err(|e| AgentError::Invalid {
+        what: "session id".into(),
+        message: e.to_string(),
+    })
+}

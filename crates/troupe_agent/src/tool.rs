@@ -1,0 +1,274 @@
+//! Typed tools: a name, a JSON schema of the arguments, an async handler.
+//!
+//! ```
+//! use schemars::JsonSchema;
+//! use serde::Deserialize;
+//! use troupe_agent::Tool;
+//!
+//! #[derive(Deserialize, JsonSchema)]
+//! struct Lookup {
+//!     /// Invoice number.
+//!     invoice: u32,
+//! }
+//!
+//! let tool = Tool::new("lookup_invoice", "Finds an invoice", |a: Lookup| async move {
+//!     Ok::<_, String>(format!("invoice {} is paid", a.invoice))
+//! });
+//! assert_eq!(tool.spec().parameters["required"][0], "invoice");
+//! ```
+//!
+//! The schema is derived from the argument type with `schemars`, the
+//! arguments are checked by deserializing into it (an error names the
+//! field), and every call is bounded: argument and result sizes, and a
+//! time-out. When an agent runs a turn, each call and each result is
+//! journaled in the session.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::AgentError;
+use crate::model::ToolSpec;
+
+/// Largest argument text a tool accepts.
+pub const MAX_TOOL_ARGUMENTS: usize = 64 * 1024;
+/// Largest result a tool may return (JSON text).
+pub const MAX_TOOL_RESULT: usize = 256 * 1024;
+/// Default time-out of one call.
+pub const DEFAULT_TOOL_TIMEOUT: Duration = Duration::from_secs(30);
+
+type Handler =
+    Arc<dyn Fn(serde_json::Value) -> BoxFuture<'static, Result<String, String>> + Send + Sync>;
+
+/// One tool. See the [module docs](self).
+#[derive(Clone)]
+pub struct Tool {
+    spec: ToolSpec,
+    handler: Handler,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Tool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tool").field("spec", &self.spec).finish()
+    }
+}
+
+impl Tool {
+    /// A tool whose arguments are `A` (schema derived with `schemars`) and
+    /// whose result `R` is returned to the model as JSON. The handler's
+    /// `Err` is passed to the model as the tool's error.
+    pub fn new<A, R, F, Fut>(name: &str, description: &str, handler: F) -> Self
+    where
+        A: DeserializeOwned + schemars::JsonSchema + Send + 'static,
+        R: Serialize + Send + 'static,
+        F: Fn(A) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<R, String>> + Send + 'static,
+    {
+        let parameters = serde_json::to_value(schemars::schema_for!(A))
+            .unwrap_or_else(|_| serde_json::json!({"type": "object"}));
+        let tool = name.to_owned();
+        let handler = Arc::new(handler);
+        let handler: Handler = Arc::new(move |value| {
+            let args: Result<A, _> = serde_json::from_value(value);
+            let (handler, tool) = (handler.clone(), tool.clone());
+            async move {
+                let args = args.map_err(|e| format!("bad arguments for `{tool}`: {e}"))?;
+                let out = handler(args).await?;
+                serde_json::to_string(&out).map_err(|e| format!("result not serializable: {e}"))
+            }
+            .boxed()
+        });
+        Self {
+            spec: ToolSpec {
+                name: name.to_owned(),
+                description: description.to_owned(),
+                parameters,
+            },
+            handler,
+            timeout: DEFAULT_TOOL_TIMEOUT,
+        }
+    }
+
+    /// Changes the time-out of one call.
+    pub fn timeout(mut self, t: Duration) -> Self {
+        self.timeout = t;
+        self
+    }
+
+    /// What the model sees.
+    pub fn spec(&self) -> &ToolSpec {
+        &self.spec
+    }
+
+    /// Checks `arguments` (JSON text) and runs the tool. Bad arguments give
+    /// [`AgentError::ToolArguments`] naming the problem; a handler error,
+    /// [`AgentError::Tool`]; a result past [`MAX_TOOL_RESULT`],
+    /// [`AgentError::TooLarge`].
+    pub async fn call(&self, arguments: &str) -> Result<String, AgentError> {
+        let name = &self.spec.name;
+        if arguments.len() > MAX_TOOL_ARGUMENTS {
+            return Err(AgentError::TooLarge {
+                what: format!("arguments of tool `{name}`"),
+                limit: MAX_TOOL_ARGUMENTS,
+            });
+        }
+        let text = if arguments.trim().is_empty() {
+            "{}"
+        } else {
+            arguments
+        };
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| AgentError::ToolArguments {
+                tool: name.clone(),
+                message: format!("not JSON: {e}"),
+            })?;
+        let result = tokio::time::timeout(self.timeout, (self.handler)(value))
+            .await
+            .map_err(|_| AgentError::Timeout {
+                what: format!("tool `{name}`"),
+                after: self.timeout,
+            })?;
+        let out = result.map_err(|message| {
+            if let Some(m) = message.strip_prefix(&format!("bad arguments for `{name}`: ")) {
+                AgentError::ToolArguments {
+                    tool: name.clone(),
+                    message: m.to_owned(),
+                }
+            } else {
+                AgentError::Tool {
+                    tool: name.clone(),
+                    message,
+                }
+            }
+        })?;
+        if out.len() > MAX_TOOL_RESULT {
+            return Err(AgentError::TooLarge {
+                what: format!("result of tool `{name}`"),
+                limit: MAX_TOOL_RESULT,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// The tools of one agent, by name.
+#[derive(Clone, Debug, Default)]
+pub struct Tools {
+    tools: BTreeMap<String, Tool>,
+}
+
+impl Tools {
+    /// No tools.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a tool (replacing one of the same name).
+    pub fn with(mut self, tool: Tool) -> Self {
+        self.tools.insert(tool.spec.name.clone(), tool);
+        self
+    }
+
+    /// The tool named `name`.
+    pub fn get(&self, name: &str) -> Option<&Tool> {
+        self.tools.get(name)
+    }
+
+    /// What the model sees, in name order.
+    pub fn specs(&self) -> Vec<ToolSpec> {
+        self.tools.values().map(|t| t.spec.clone()).collect()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.tools.is_empty()
+    }
+
+    /// Calls the tool named `name`.
+    pub async fn call(&self, name: &str, arguments: &str) -> Result<String, AgentError> {
+        match self.tools.get(name) {
+            Some(t) => t.call(arguments).await,
+            None => Err(AgentError::UnknownTool(name.to_owned())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Deserialize, schemars::JsonSchema)]
+    struct Args {
+        invoice: u32,
+    }
+
+    fn tools() -> Tools {
+        Tools::new()
+            .with(Tool::new(
+                "lookup",
+                "finds an invoice",
+                |a: Args| async move {
+                    if a.invoice == 0 {
+                        Err("invoice 0 does not exist".to_owned())
+                    } else {
+                        Ok(serde_json::json!({"invoice": a.invoice, "paid": true}))
+                    }
+                },
+            ))
+            .with(
+                Tool::new("slow", "never answers in time", |_: Args| async move {
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                    Ok::<_, String>(())
+                })
+                .timeout(Duration::from_millis(10)),
+            )
+    }
+
+    #[tokio::test]
+    async fn arguments_results_and_errors_are_typed() {
+        let t = tools();
+        assert_eq!(
+            t.call("lookup", r#"{"invoice": 7}"#).await.unwrap(),
+            r#"{"invoice":7,"paid":true}"#
+        );
+        let spec = &t.get("lookup").unwrap().spec().parameters;
+        assert_eq!(spec["properties"]["invoice"]["type"], "integer");
+        match t.call("lookup", "{}").await {
+            Err(AgentError::ToolArguments { tool, message }) => {
+                assert_eq!(tool, "lookup");
+                assert!(message.contains("missing field `invoice`"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            t.call("lookup", "{not json").await,
+            Err(AgentError::ToolArguments { .. })
+        ));
+        assert!(matches!(
+            t.call("lookup", r#"{"invoice": 0}"#).await,
+            Err(AgentError::Tool { message, .. }) if message.contains("does not exist")
+        ));
+        assert!(matches!(
+            t.call("slow", r#"{"invoice": 1}"#).await,
+            Err(AgentError::Timeout { .. })
+        ));
+        assert!(
+            matches!(t.call("nope", "{}").await, Err(AgentError::UnknownTool(n)) if n == "nope")
+        );
+        let big = format!(
+            r#"{{"invoice": 1, "pad": "{}"}}"#,
+            "x".repeat(MAX_TOOL_ARGUMENTS)
+        );
+        assert!(matches!(
+            t.call("lookup", &big).await,
+            Err(AgentError::TooLarge { .. })
+        ));
+    }
+}
