@@ -245,18 +245,22 @@ impl Scheduler {
             .fold((0, 0), |(m, c), l| (m + l.memory, c + l.compute))
     }
 
-    fn fits_on(&self, d: &DeviceCapacity, memory: u64, compute: u32) -> bool {
-        let (m, c) = self.used(d.index);
-        d.healthy && m + memory <= d.memory && c + compute <= d.compute
-    }
-
-    /// Best fit: the healthy device with room that leaves the least memory over.
+    /// Best fit: the healthy device with room that leaves the least memory
+    /// over. One pass over the leases, whatever the number of devices.
     fn place(&self, memory: u64, compute: u32) -> Option<u32> {
+        let mut used: Vec<(u64, u32)> = vec![(0, 0); self.devices.len()];
+        for l in self.leases.values() {
+            if let Some(i) = self.devices.iter().position(|d| d.index == l.device) {
+                used[i].0 += l.memory;
+                used[i].1 += l.compute;
+            }
+        }
         self.devices
             .iter()
-            .filter(|d| self.fits_on(d, memory, compute))
-            .min_by_key(|d| (d.memory - self.used(d.index).0 - memory, d.index))
-            .map(|d| d.index)
+            .zip(used)
+            .filter(|(d, (m, c))| d.healthy && m + memory <= d.memory && c + compute <= d.compute)
+            .min_by_key(|(d, (m, _))| (d.memory - m - memory, d.index))
+            .map(|(d, _)| d.index)
     }
 
     fn grant(&mut self, ticket: u64, req: LeaseRequest, device: u32, now: Ms) -> Outcome {

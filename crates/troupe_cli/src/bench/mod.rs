@@ -9,6 +9,7 @@ mod journal;
 mod leases;
 mod mailbox;
 mod saga;
+mod sessions;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -41,6 +42,12 @@ pub enum Suite {
         #[arg(long)]
         quick: bool,
     },
+    /// Agent sessions: turns per second, resume latency, memory.
+    Sessions {
+        /// Smaller counts, well under a minute.
+        #[arg(long)]
+        quick: bool,
+    },
     /// (internal) Replay one id and print the process's peak RSS.
     #[command(hide = true)]
     ReplayRss {
@@ -57,6 +64,7 @@ pub fn run(suite: Suite) -> Result<ExitCode, Box<dyn std::error::Error>> {
         Suite::Mailbox { quick } => mailbox::run(quick)?,
         Suite::Leases { quick } => leases::run(quick)?,
         Suite::Saga { quick } => saga::run(quick)?,
+        Suite::Sessions { quick } => sessions::run(quick)?,
         Suite::ReplayRss { data_dir, id } => journal::replay_rss_child(&data_dir, &id)?,
     }
     Ok(ExitCode::SUCCESS)
