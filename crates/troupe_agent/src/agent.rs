@@ -133,8 +133,14 @@ impl AgentOptions {
     }
 }
 
+/// A registered agent: its handle (typed) and its options.
+struct Registered {
+    handle: Box<dyn Any + Send + Sync>,
+    options: Arc<AgentOptions>,
+}
+
 struct SystemInner {
-    directory: Mutex<HashMap<String, Box<dyn Any + Send + Sync>>>,
+    directory: Mutex<HashMap<String, Registered>>,
     topics: Topics,
     sessions: Sessions,
     inference: Inference,
@@ -196,11 +202,12 @@ impl AgentSystem {
         if dir.contains_key(name) {
             return Err(AgentError::DuplicateAgent(name.to_owned()));
         }
+        let shared = Arc::new(options.clone());
         let template = AgentContext {
             name: Arc::from(name),
             myself: None,
             system: self.clone(),
-            options: Arc::new(options.clone()),
+            options: shared.clone(),
         };
         let make: Arc<dyn Fn() -> A + Send + Sync> = Arc::new(make);
         let (spec, handle) = ChildSpec::actor(name, options.restart, options.mailbox, move || {
@@ -212,7 +219,13 @@ impl AgentSystem {
                 (),
             )
         });
-        dir.insert(name.to_owned(), Box::new(handle.clone()));
+        dir.insert(
+            name.to_owned(),
+            Registered {
+                handle: Box::new(handle.clone()),
+                options: shared,
+            },
+        );
         Ok((spec, handle))
     }
 
@@ -245,12 +258,35 @@ impl AgentSystem {
             .get(name)
             .ok_or_else(|| AgentError::UnknownAgent(name.to_owned()))?;
         entry
+            .handle
             .downcast_ref::<ActorHandle<M>>()
             .cloned()
             .ok_or_else(|| AgentError::WrongMessageType {
                 name: format!("agent `{name}`"),
                 expected: std::any::type_name::<M>(),
             })
+    }
+
+    /// A context of agent `name` outside its actor: for work that belongs
+    /// to the agent (its tools, model, lease) but runs in the caller's task,
+    /// such as a gateway worker answering a session turn. Leases taken
+    /// through it are held by the caller's task and freed when it drops
+    /// them (no actor is watched).
+    pub fn context(&self, name: &str) -> Result<AgentContext, AgentError> {
+        let dir = self
+            .inner
+            .directory
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let entry = dir
+            .get(name)
+            .ok_or_else(|| AgentError::UnknownAgent(name.to_owned()))?;
+        Ok(AgentContext {
+            name: Arc::from(name),
+            myself: None,
+            system: self.clone(),
+            options: entry.options.clone(),
+        })
     }
 
     /// Names of the registered agents, sorted.

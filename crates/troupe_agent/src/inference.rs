@@ -245,7 +245,10 @@ impl LeaseGuard {
             ttl_ms,
             expected_ms: spec.expected.as_millis() as u64,
         };
-        let lease = gpu.acquire(req, holder.actor.clone(), Some(tx)).await?;
+        let asked = Instant::now();
+        let lease = gpu.acquire(req, holder.actor.clone(), Some(tx)).await;
+        metrics::histogram!("troupe_lease_wait_seconds").record(asked.elapsed().as_secs_f64());
+        let lease = lease?;
         let renew = {
             let (gpu, lease) = (gpu.clone(), lease.clone());
             tokio::spawn(async move {

@@ -31,6 +31,9 @@ pub mod session;
 pub mod tool;
 pub mod topic;
 
+/// The JSON-schema crate tool argument types derive `JsonSchema` with.
+pub use schemars;
+
 pub use agent::{Agent, AgentActor, AgentContext, AgentOptions, AgentSystem, TurnOutcome};
 pub use error::AgentError;
 pub use inference::{Holder, Inference, InferenceStream, LeaseSpec};

@@ -1,5 +1,8 @@
-//! The `troupe` command: journal tools and benchmarks.
+//! The `troupe` command: the gateway server, journal tools and benchmarks.
 //!
+//! - `troupe serve [--config troupe.toml]`: the HTTP gateway (embedded
+//!   defaults: data in `./troupe-data`, simulated GPUs without a driver,
+//!   127.0.0.1:8080, the local model backend).
 //! - `troupe journal ls | dump ID | verify --data-dir DIR`: inspect a
 //!   journal (opened read-only, so it works beside a running server).
 //! - `troupe bench journal [--quick]`: measure the journal against raw
@@ -67,6 +70,7 @@ pub mod alloc_count {
 
 mod bench;
 mod journal_cmd;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -86,6 +90,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the HTTP gateway until Ctrl-C or SIGTERM (then drain and flush).
+    Serve {
+        /// TOML configuration (every field optional; see config/troupe.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Inspect and check an event journal.
     Journal {
         /// Journal data directory.
@@ -101,16 +111,26 @@ enum Command {
     },
 }
 
+fn init_logs(default: &str, json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
+}
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve { .. }) {
+        init_logs("warn", false);
+    }
     let result = match cli.command {
+        Command::Serve { config } => serve::run(config.as_deref()),
         Command::Journal { data_dir, command } => journal_cmd::run(&data_dir, command),
         Command::Bench { suite } => bench::run(suite),
     };

@@ -5,6 +5,7 @@
 //! `name_ratio: R x` (Troupe divided by the baseline). Progress notes go to
 //! stderr.
 
+mod gateway;
 mod journal;
 mod leases;
 mod mailbox;
@@ -48,6 +49,13 @@ pub enum Suite {
         #[arg(long)]
         quick: bool,
     },
+    /// The HTTP gateway: 202s per second and their latency while 1,000 SSE
+    /// streams are open, against a bare axum handler that journals too.
+    Gateway {
+        /// Smaller counts, well under a minute.
+        #[arg(long)]
+        quick: bool,
+    },
     /// (internal) Replay one id and print the process's peak RSS.
     #[command(hide = true)]
     ReplayRss {
@@ -65,6 +73,7 @@ pub fn run(suite: Suite) -> Result<ExitCode, Box<dyn std::error::Error>> {
         Suite::Leases { quick } => leases::run(quick)?,
         Suite::Saga { quick } => saga::run(quick)?,
         Suite::Sessions { quick } => sessions::run(quick)?,
+        Suite::Gateway { quick } => gateway::run(quick)?,
         Suite::ReplayRss { data_dir, id } => journal::replay_rss_child(&data_dir, &id)?,
     }
     Ok(ExitCode::SUCCESS)

@@ -1,0 +1,485 @@
+//! Tasks: accepted work, journaled before it is acknowledged, run by a
+//! bounded pool of workers, resumed after a crash.
+//!
+//! A task is a durable entity (`task/<id>`): `submitted`, then per attempt
+//! `started`, then one of `succeeded`, `failed`, `refused` (with a retry
+//! hint) or `cancelled`. The queue between acceptance and the workers is
+//! bounded ([`crate::GatewayConfig::task_queue`]): a full queue refuses new
+//! work with 429 *before* anything is journaled. On start-up every task
+//! that was submitted or running is queued again.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use ractor::RpcReplyPort;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use troupe_actor::{Effect, Entities, EntityConfig, EventSourced};
+use troupe_agent::{
+    AgentError, AgentSystem, ChatMessage, ChatRequest, Chunk, Holder, Inference, LeaseSpec,
+};
+use troupe_journal::{Journal, PersistenceId, Schema, now_ms};
+
+use crate::error::GatewayError;
+
+/// What a task does.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum TaskKind {
+    /// One inference: a prompt, answered by the configured model under a lease.
+    Inference {
+        /// The prompt.
+        prompt: String,
+        /// GPU priority (0 to 3).
+        priority: u8,
+        /// Most tokens to generate.
+        max_tokens: Option<u32>,
+    },
+    /// Answer a turn of a session.
+    SessionTurn {
+        /// Session id.
+        session: String,
+        /// The turn.
+        turn: u32,
+    },
+}
+
+/// Where a task is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum TaskStatus {
+    /// Accepted, waiting for a worker.
+    Queued,
+    /// A worker runs it.
+    Running {
+        /// Attempt (more than 1 after a crash).
+        attempt: u32,
+    },
+    /// Done.
+    Succeeded {
+        /// The result.
+        result: Value,
+    },
+    /// Failed for good.
+    Failed {
+        /// Why.
+        error: String,
+    },
+    /// Refused for overload; may be submitted again after the hint.
+    Refused {
+        /// Why.
+        reason: String,
+        /// Retry hint.
+        retry_after_ms: u64,
+    },
+    /// Cancelled by its tenant.
+    Cancelled,
+}
+
+impl TaskStatus {
+    /// Whether the task is finished.
+    pub fn is_terminal(&self) -> bool {
+        !matches!(self, TaskStatus::Queued | TaskStatus::Running { .. })
+    }
+}
+
+/// Journaled task events.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum TaskEvent {
+    /// Accepted.
+    Submitted {
+        /// Owning tenant.
+        tenant: String,
+        /// What to do.
+        task: TaskKind,
+        /// When.
+        at_ms: u64,
+    },
+    /// An attempt started.
+    Started {
+        /// Attempt.
+        attempt: u32,
+    },
+    /// Ended.
+    Ended {
+        /// How (a terminal status).
+        status: TaskStatus,
+        /// When.
+        at_ms: u64,
+    },
+}
+
+impl Schema for TaskEvent {
+    const TYPE_NAME: &'static str = "gateway.TaskEvent";
+}
+
+/// A task's state.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TaskState {
+    /// Owning tenant ("" if never submitted).
+    pub tenant: String,
+    /// What it does.
+    pub task: Option<TaskKind>,
+    /// Where it is.
+    pub status: Option<TaskStatus>,
+    /// Attempts started.
+    pub attempts: u32,
+    /// Accepted at.
+    pub submitted_ms: u64,
+    /// Ended at.
+    pub ended_ms: Option<u64>,
+}
+
+impl Schema for TaskState {
+    const TYPE_NAME: &'static str = "gateway.TaskState";
+}
+
+type Reply<T> = RpcReplyPort<Result<T, GatewayError>>;
+
+/// Commands of a task entity.
+pub enum TaskCommand {
+    /// Accept.
+    Submit(String, TaskKind, Reply<()>),
+    /// Start an attempt (refused once ended).
+    Start(Reply<u32>),
+    /// End the attempt with a terminal status (ignored once ended).
+    End(TaskStatus, Reply<bool>),
+    /// Read.
+    Get(Reply<TaskState>),
+}
+
+/// The task entity.
+pub struct TaskEntity;
+
+impl EventSourced for TaskEntity {
+    type Command = TaskCommand;
+    type Event = TaskEvent;
+    type State = TaskState;
+    const KIND: &'static str = "task";
+
+    fn handle(&self, state: &TaskState, command: TaskCommand) -> Effect<Self> {
+        let ended = state.status.as_ref().is_some_and(TaskStatus::is_terminal);
+        match command {
+            TaskCommand::Submit(tenant, task, reply) => {
+                if state.status.is_some() {
+                    let _ = reply.send(Err(GatewayError::Conflict("task exists".into())));
+                    return Effect::none();
+                }
+                Effect::persist_one(TaskEvent::Submitted {
+                    tenant,
+                    task,
+                    at_ms: now_ms(),
+                })
+                .reply(reply, |_| Ok(()))
+            }
+            TaskCommand::Start(reply) => {
+                if ended || state.status.is_none() {
+                    let _ = reply.send(Err(GatewayError::Conflict("task has ended".into())));
+                    return Effect::none();
+                }
+                let attempt = state.attempts + 1;
+                Effect::persist_one(TaskEvent::Started { attempt })
+                    .reply(reply, move |_| Ok(attempt))
+            }
+            TaskCommand::End(status, reply) => {
+                if ended || state.status.is_none() || !status.is_terminal() {
+                    let _ = reply.send(Ok(false));
+                    return Effect::none();
+                }
+                Effect::persist_one(TaskEvent::Ended {
+                    status,
+                    at_ms: now_ms(),
+                })
+                .reply(reply, |_| Ok(true))
+            }
+            TaskCommand::Get(reply) => {
+                let _ = reply.send(Ok(state.clone()));
+                Effect::none()
+            }
+        }
+    }
+
+    fn apply(state: &mut TaskState, event: &TaskEvent) {
+        match event {
+            TaskEvent::Submitted {
+                tenant,
+                task,
+                at_ms,
+            } => {
+                state.tenant = tenant.clone();
+                state.task = Some(task.clone());
+                state.status = Some(TaskStatus::Queued);
+                state.submitted_ms = *at_ms;
+            }
+            TaskEvent::Started { attempt } => {
+                state.attempts = *attempt;
+                state.status = Some(TaskStatus::Running { attempt: *attempt });
+            }
+            TaskEvent::Ended { status, at_ms } => {
+                state.status = Some(status.clone());
+                state.ended_ms = Some(*at_ms);
+            }
+        }
+    }
+}
+
+/// Accepts, runs and cancels tasks. Cheap to clone.
+#[derive(Clone)]
+pub struct Tasks {
+    entities: Entities<TaskEntity>,
+    queue: mpsc::Sender<String>,
+    running: Arc<Mutex<HashMap<String, tokio::task::AbortHandle>>>,
+    ask_timeout: Duration,
+}
+
+/// How workers run tasks.
+#[derive(Clone)]
+pub struct Runner {
+    /// Models and leases.
+    pub inference: Inference,
+    /// The agents.
+    pub agents: AgentSystem,
+    /// The agent that answers sessions.
+    pub session_agent: String,
+    /// Backend name and model for inference tasks.
+    pub backend: (String, String),
+    /// Lease of one inference (priority set per task).
+    pub lease: LeaseSpec,
+}
+
+impl Tasks {
+    /// Tasks journaled in `journal`, queue of `queue` slots, `workers` at once.
+    pub fn start(journal: Arc<dyn Journal>, queue: usize, workers: usize, runner: Runner) -> Self {
+        let config = EntityConfig {
+            idle_timeout: Some(Duration::from_secs(30)),
+            ..EntityConfig::default()
+        };
+        let (tx, rx) = mpsc::channel(queue);
+        let tasks = Self {
+            entities: Entities::new(TaskEntity, journal, config),
+            queue: tx,
+            running: Arc::new(Mutex::new(HashMap::new())),
+            ask_timeout: Duration::from_secs(10),
+        };
+        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        for _ in 0..workers {
+            let (tasks, rx, runner) = (tasks.clone(), rx.clone(), runner.clone());
+            tokio::spawn(async move {
+                loop {
+                    let Some(id) = rx.lock().await.recv().await else {
+                        return;
+                    };
+                    tasks.run_one(&id, &runner).await;
+                }
+            });
+        }
+        tasks
+    }
+
+    async fn ask<T: Send + 'static>(
+        &self,
+        id: &str,
+        build: impl FnOnce(Reply<T>) -> TaskCommand,
+    ) -> Result<T, GatewayError> {
+        self.entities.ask(id, build, self.ask_timeout).await?
+    }
+
+    /// A slot in the queue, or 429 when it is full: take it before
+    /// journaling anything the task depends on.
+    pub fn reserve(&self) -> Result<mpsc::Permit<'_, String>, GatewayError> {
+        self.queue.try_reserve().map_err(|_| {
+            metrics::counter!("troupe_gateway_refused_total", "reason" => "queue_full")
+                .increment(1);
+            GatewayError::Overloaded {
+                reason: format!("task queue full ({} waiting)", self.queue.max_capacity()),
+                retry_after: Duration::from_secs(1),
+            }
+        })
+    }
+
+    /// Journals a new task of `tenant` and queues it in the reserved slot.
+    pub async fn submit(
+        &self,
+        permit: mpsc::Permit<'_, String>,
+        tenant: &str,
+        task: TaskKind,
+    ) -> Result<String, GatewayError> {
+        let id = format!("{:024x}", rand::random::<u128>() >> 32);
+        let tenant = tenant.to_owned();
+        self.ask(&id, |r| TaskCommand::Submit(tenant, task, r))
+            .await?;
+        permit.send(id.clone());
+        metrics::counter!("troupe_gateway_tasks_accepted_total").increment(1);
+        Ok(id)
+    }
+
+    /// The task `id` if `tenant` owns it (404 otherwise).
+    pub async fn get(&self, tenant: &str, id: &str) -> Result<TaskState, GatewayError> {
+        let not_found = || GatewayError::NotFound {
+            kind: "task",
+            id: id.to_owned(),
+        };
+        if PersistenceId::new("task", id).is_err() {
+            return Err(not_found());
+        }
+        let state = self.ask(id, TaskCommand::Get).await?;
+        if state.status.is_none() || state.tenant != tenant {
+            return Err(not_found());
+        }
+        Ok(state)
+    }
+
+    /// Cancels a task of `tenant`: journaled, then its run (and lease) is
+    /// dropped. Returns the final state.
+    pub async fn cancel(&self, tenant: &str, id: &str) -> Result<TaskState, GatewayError> {
+        self.get(tenant, id).await?;
+        self.ask(id, |r| TaskCommand::End(TaskStatus::Cancelled, r))
+            .await?;
+        if let Some(run) = self.lock_running().remove(id) {
+            run.abort();
+        }
+        self.get(tenant, id).await
+    }
+
+    fn lock_running(&self) -> std::sync::MutexGuard<'_, HashMap<String, tokio::task::AbortHandle>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues again every task that was submitted or running (after a
+    /// restart). Returns how many.
+    pub async fn resume(&self, journal: &dyn Journal) -> Result<usize, GatewayError> {
+        let mut after = PersistenceId::new("task", "\u{1}")?;
+        let mut n = 0;
+        loop {
+            let page = journal.persistence_ids(Some(&after), 1_000).await?;
+            let Some(last) = page.last().cloned() else {
+                break;
+            };
+            for pid in page.iter().filter(|p| p.kind() == "task") {
+                let state = self.ask(pid.key(), TaskCommand::Get).await?;
+                if state.status.as_ref().is_some_and(|s| !s.is_terminal()) {
+                    self.queue
+                        .send(pid.key().to_owned())
+                        .await
+                        .map_err(|_| GatewayError::Unavailable("task queue closed".into()))?;
+                    n += 1;
+                }
+            }
+            if last.kind() != "task" {
+                break;
+            }
+            after = last;
+        }
+        Ok(n)
+    }
+
+    async fn run_one(&self, id: &str, runner: &Runner) {
+        let Ok(attempt) = self.ask(id, TaskCommand::Start).await else {
+            return; // cancelled while queued
+        };
+        let Ok(state) = self.ask(id, TaskCommand::Get).await else {
+            return;
+        };
+        let Some(task) = state.task else { return };
+        let work = {
+            let runner = runner.clone();
+            let holder = format!("task/{id}#{attempt}");
+            tokio::spawn(async move { execute(&runner, &holder, task).await })
+        };
+        self.lock_running()
+            .insert(id.to_owned(), work.abort_handle());
+        let status = match work.await {
+            Ok(Ok(result)) => TaskStatus::Succeeded { result },
+            Ok(Err(AgentError::Overloaded {
+                retry_after,
+                reason,
+            })) => TaskStatus::Refused {
+                reason,
+                retry_after_ms: retry_after.as_millis() as u64,
+            },
+            Ok(Err(e)) => TaskStatus::Failed {
+                error: e.to_string(),
+            },
+            Err(_) => {
+                // Aborted: `cancel` journaled the end already.
+                self.lock_running().remove(id);
+                return;
+            }
+        };
+        self.lock_running().remove(id);
+        let outcome = match &status {
+            TaskStatus::Succeeded { .. } => "succeeded",
+            TaskStatus::Refused { .. } => "refused",
+            _ => "failed",
+        };
+        metrics::counter!("troupe_gateway_tasks_total", "outcome" => outcome).increment(1);
+        if let Err(e) = self.ask(id, |r| TaskCommand::End(status, r)).await {
+            tracing::warn!(task = id, error = %e, "could not journal a task's end");
+        }
+    }
+}
+
+async fn execute(runner: &Runner, holder: &str, task: TaskKind) -> Result<Value, AgentError> {
+    match task {
+        TaskKind::Inference {
+            prompt,
+            priority,
+            max_tokens,
+        } => {
+            let mut request =
+                ChatRequest::new(runner.backend.1.clone(), vec![ChatMessage::user(prompt)]);
+            request.max_tokens = max_tokens;
+            let lease = LeaseSpec {
+                priority,
+                ..runner.lease.clone()
+            };
+            let holder = Holder {
+                name: holder.to_owned(),
+                actor: None,
+            };
+            let mut stream = runner
+                .inference
+                .stream(&runner.backend.0, request, &lease, &holder)
+                .await?;
+            let mut text = String::new();
+            let mut finish = None;
+            while let Some(chunk) = stream.next().await {
+                match chunk? {
+                    Chunk::Text(t) => text.push_str(&t),
+                    Chunk::ToolCall(_) => {}
+                    Chunk::Done {
+                        finish_reason,
+                        usage,
+                    } => finish = Some((finish_reason, usage)),
+                }
+            }
+            let (finish_reason, usage) = finish.ok_or_else(|| AgentError::StreamClosed {
+                backend: runner.backend.0.clone(),
+                chunks: 0,
+            })?;
+            Ok(json!({ "text": text, "finish_reason": finish_reason, "usage": usage }))
+        }
+        TaskKind::SessionTurn { session, turn } => {
+            let ctx = runner.agents.context(&runner.session_agent)?;
+            let view = ctx.sessions().view(&session).await?;
+            if view.pending.is_none_or(|p| p.turn != turn) {
+                // Answered (or failed) before a restart lost the task's end.
+                return Ok(
+                    json!({ "session": session, "turn": turn, "answered_before_restart": true }),
+                );
+            }
+            let outcome = ctx.reply(&session).await?;
+            Ok(json!({
+                "session": session,
+                "turn": outcome.turn.turn,
+                "attempt": outcome.turn.attempt,
+                "text": outcome.text,
+                "seq": outcome.seq,
+            }))
+        }
+    }
+}
