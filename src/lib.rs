@@ -13,6 +13,7 @@
 //! | [`gpu`] | `troupe_gpu` | GPU probes, leases, deadline-aware admission |
 //! | [`saga`] | `troupe_saga` | DAG workflows with retries, compensation, signals |
 //! | [`agent`] | `troupe_agent` | agents, durable sessions, model backends, tools, topics |
+//! | [`gateway`] | `troupe_gateway` | the HTTP API: 202 submission, resumable SSE, tenants, metrics |
 //! | [`Troupe`] | (here) | the system handle: journal + root supervisor + orderly shutdown |
 //!
 //! Most programs start with `use troupe::prelude::*;`.
@@ -23,6 +24,7 @@ pub use async_trait::async_trait;
 pub use ractor;
 pub use troupe_actor as actor;
 pub use troupe_agent as agent;
+pub use troupe_gateway as gateway;
 pub use troupe_gpu as gpu;
 pub use troupe_journal as journal;
 pub use troupe_saga as saga;

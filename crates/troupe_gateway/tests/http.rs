@@ -608,3 +608,72 @@ async fn a_server_killed_after_202_finishes_the_work() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_degrade_policy_refuses_low_priorities_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path(), 2_000);
+    c.gpus.simulated = 1;
+    c.gpus.lease_compute_pct = 50;
+    c.degrade.refuse_lowest_above_pct = 30;
+    c.degrade.top_only_above_pct = 40;
+    let gw = Gateway::start(c).await.unwrap();
+    let api = Api::new(gw.addr());
+    // Idle GPUs: every priority is accepted.
+    let (s, _, busy) = api
+        .call(
+            "POST",
+            "/v1/tasks",
+            Some(ACME),
+            Some(json!({"prompt": "hold", "priority": 0})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    api.wait_task(ACME, busy["task_id"].as_str().unwrap(), is("running"))
+        .await;
+    // One running task leases 50 % of the only GPU: above both thresholds.
+    let mut refused = None;
+    for _ in 0..2_000 {
+        let (s, h, msg) = api
+            .call(
+                "POST",
+                "/v1/tasks",
+                Some(ACME),
+                Some(json!({"prompt": "x", "priority": 2})),
+            )
+            .await;
+        if s == StatusCode::TOO_MANY_REQUESTS {
+            refused = Some((h, msg));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (h, msg) = refused.expect("priority 2 refused above the top-only threshold");
+    assert!(h.contains_key("retry-after"));
+    assert!(
+        msg["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("degrade policy"),
+        "{msg}"
+    );
+    let (s, _, _) = api
+        .call(
+            "POST",
+            "/v1/tasks",
+            Some(ACME),
+            Some(json!({"prompt": "x", "priority": 0})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
+    let (s, _, _) = api
+        .call(
+            "POST",
+            "/v1/tasks",
+            Some(ACME),
+            Some(json!({"prompt": "x", "priority": 3})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "the top priority still flows");
+    gw.shutdown().await.unwrap();
+}

@@ -70,8 +70,11 @@ pub fn run(quick: bool) -> Result<(), BoxError> {
         let rss_before = rss_kib().unwrap_or(0);
 
         // Without leases first (the framework's own cost), then the real thing.
-        let (plain, _, _, _) =
+        let (plain, plain_sessions, _, plain_journal) =
             troupe_turns(&base.path().join("plain"), None, sessions_n, turns).await?;
+        plain_sessions.passivate_all().await;
+        drop(plain_sessions);
+        plain_journal.close().await;
         // Lease decisions go to a buffered journal, as the leases chapter
         // recommends (a process crash ends every in-process holder anyway).
         let lease_journal: Arc<dyn Journal> = Arc::new(RocksJournal::open(
