@@ -196,15 +196,43 @@ async fn post_message(
     Path(id): Path<String>,
     ApiJson(body): ApiJson<NewMessage>,
 ) -> Result<Response, GatewayError> {
-    st.session(&tenant, &id).await?;
+    let view = st.session(&tenant, &id).await?;
+    if let Some(p) = view.pending {
+        return Err(GatewayError::Conflict(format!(
+            "session `{id}` is busy with turn {}; wait for it to finish",
+            p.turn
+        )));
+    }
     st.admit(st.0.config.session_priority).await?;
     let permit = st.0.tasks.reserve()?;
-    let posted = st.0.sessions.post(&id, &body.content).await?;
+    // The task first, then the turn, then the queue: a crash in between
+    // leaves a task that finds its turn never posted, never a posted turn
+    // that nobody answers.
     let task = TaskKind::SessionTurn {
         session: id.clone(),
-        turn: posted.turn,
+        turn: view.turns + 1,
     };
-    let task_id = st.0.tasks.submit(permit, &tenant, task).await?;
+    let task_id = st.0.tasks.journal_new(&tenant, task).await?;
+    let posted = match st.0.sessions.post(&id, &body.content).await {
+        Ok(p) if p.turn == view.turns + 1 => p,
+        Ok(p) => {
+            // Another request posted in between; this turn is not ours.
+            st.0.tasks
+                .abandon(
+                    &task_id,
+                    format!("turn {} was taken by another message", p.turn),
+                )
+                .await?;
+            return Err(GatewayError::Conflict(format!(
+                "session `{id}` took another message first"
+            )));
+        }
+        Err(e) => {
+            st.0.tasks.abandon(&task_id, e.to_string()).await?;
+            return Err(e.into());
+        }
+    };
+    st.0.tasks.enqueue(permit, task_id.clone());
     Ok(accepted(
         format!("/v1/tasks/{task_id}"),
         json!({ "task_id": task_id, "turn": posted.turn, "seq": posted.seq }),

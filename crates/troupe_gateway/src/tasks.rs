@@ -308,13 +308,33 @@ impl Tasks {
         tenant: &str,
         task: TaskKind,
     ) -> Result<String, GatewayError> {
+        let id = self.journal_new(tenant, task).await?;
+        permit.send(id.clone());
+        Ok(id)
+    }
+
+    /// Journals a new task without queueing it: for work that must be
+    /// journaled before something else is (see [`Tasks::enqueue`],
+    /// [`Tasks::abandon`]).
+    pub async fn journal_new(&self, tenant: &str, task: TaskKind) -> Result<String, GatewayError> {
         let id = format!("{:024x}", rand::random::<u128>() >> 32);
         let tenant = tenant.to_owned();
         self.ask(&id, |r| TaskCommand::Submit(tenant, task, r))
             .await?;
-        permit.send(id.clone());
         metrics::counter!("troupe_gateway_tasks_accepted_total").increment(1);
         Ok(id)
+    }
+
+    /// Queues a task journaled with [`Tasks::journal_new`].
+    pub fn enqueue(&self, permit: mpsc::Permit<'_, String>, id: String) {
+        permit.send(id);
+    }
+
+    /// Ends a journaled task that will not run, with `error`.
+    pub async fn abandon(&self, id: &str, error: String) -> Result<(), GatewayError> {
+        self.ask(id, |r| TaskCommand::End(TaskStatus::Failed { error }, r))
+            .await
+            .map(drop)
     }
 
     /// The task `id` if `tenant` owns it (404 otherwise).
@@ -350,9 +370,11 @@ impl Tasks {
     }
 
     /// Queues again every task that was submitted or running (after a
-    /// restart). Returns how many.
+    /// restart), reading each task's events from the journal (finished
+    /// tasks are not activated). Returns how many.
     pub async fn resume(&self, journal: &dyn Journal) -> Result<usize, GatewayError> {
         let mut after = PersistenceId::new("task", "\u{1}")?;
+        let upcasters = troupe_journal::Upcasters::none();
         let mut n = 0;
         loop {
             let page = journal.persistence_ids(Some(&after), 1_000).await?;
@@ -360,7 +382,8 @@ impl Tasks {
                 break;
             };
             for pid in page.iter().filter(|p| p.kind() == "task") {
-                let state = self.ask(pid.key(), TaskCommand::Get).await?;
+                let (state, _) =
+                    troupe_actor::recover::<TaskEntity>(journal, pid, &upcasters).await?;
                 if state.status.as_ref().is_some_and(|s| !s.is_terminal()) {
                     self.queue
                         .send(pid.key().to_owned())
