@@ -383,7 +383,7 @@ impl Tasks {
             };
             for pid in page.iter().filter(|p| p.kind() == "task") {
                 let (state, _) =
-                    troupe_actor::recover::<TaskEntity>(journal, pid, &upcasters).await?;
+                    troupe_actor::recover::<TaskEntity>(journal, pid, upcasters).await?;
                 if state.status.as_ref().is_some_and(|s| !s.is_terminal()) {
                     self.queue
                         .send(pid.key().to_owned())
