@@ -4,8 +4,9 @@
 SHELL := /bin/bash
 export CARGO_TARGET_DIR ?= /var/tmp/troupe-target
 CARGO ?= cargo
-DEMO ?= journal_tour durable_agents gpu_leases order_saga
-EXAMPLES := journal_tour durable_agents gpu_leases order_saga
+DEMO ?= support_desk
+EXAMPLES := first_agent support_desk doc_pipeline gpu_rush gateway nvml_probe \
+	journal_tour durable_agents gpu_leases order_saga
 
 .PHONY: all deps demo test fmt-check clippy unit examples book bench
 
@@ -45,6 +46,6 @@ book:
 
 # Benchmarks are not part of `make test`: run them on a quiet machine.
 bench:
-	@set -e; for suite in journal mailbox leases saga; do \
+	@set -e; for suite in journal mailbox leases saga sessions gateway; do \
 		$(CARGO) run -q --release -p troupe_cli -- bench $$suite; \
 	done

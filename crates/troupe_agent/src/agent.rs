@@ -406,6 +406,17 @@ impl AgentContext {
             .await
     }
 
+    /// Ends the pending turn of `session` as failed with `error` (and its
+    /// retry hint): for an agent that cannot answer (its own model call
+    /// failed, it routes nowhere) so the client is not left waiting.
+    pub async fn fail_turn(&self, session: &str, error: &AgentError) -> Result<u64, AgentError> {
+        let sessions = self.sessions();
+        let turn = sessions.begin(session, &self.options.backend).await?;
+        sessions
+            .append(session, turn, vec![failed_event(turn, error)])
+            .await
+    }
+
     /// Answers the pending user turn of `session` (see the [module docs](self)).
     /// A failure is journaled as `turn_failed` (with the retry hint of an
     /// overload) and returned.
@@ -421,15 +432,12 @@ impl AgentContext {
                         | AgentError::UnknownSession(_)
                         | AgentError::SessionClosed(_)
                 );
-                if !stale {
-                    let failed = SessionEvent::TurnFailed {
-                        turn: turn.turn,
-                        error: e.to_string(),
-                        retry_after_ms: e.retry_after().map(|d| d.as_millis() as u64),
-                    };
-                    if let Err(j) = sessions.append(session, turn, vec![failed]).await {
-                        tracing::warn!(session, error = %j, "could not journal a failed turn");
-                    }
+                if !stale
+                    && let Err(j) = sessions
+                        .append(session, turn, vec![failed_event(turn, &e)])
+                        .await
+                {
+                    tracing::warn!(session, error = %j, "could not journal a failed turn");
                 }
                 Err(e)
             }
@@ -569,6 +577,14 @@ impl AgentContext {
             what: format!("tool rounds of turn {} in session `{session}`", turn.turn),
             limit: opts.max_tool_rounds as usize,
         })
+    }
+}
+
+fn failed_event(turn: TurnRef, error: &AgentError) -> SessionEvent {
+    SessionEvent::TurnFailed {
+        turn: turn.turn,
+        error: error.to_string(),
+        retry_after_ms: error.retry_after().map(|d| d.as_millis() as u64),
     }
 }
 

@@ -4,9 +4,10 @@
 //! [`GpuSupervisorHandle`] is configured, runs it under a lease:
 //!
 //! 1. acquire a lease for the request's memory, compute share and priority,
-//!    waiting at most [`LeaseSpec::wait`]: a refusal reaches the caller as
-//!    [`AgentError::Overloaded`] with the supervisor's retry hint, before
-//!    any model work starts;
+//!    waiting at most [`LeaseSpec::wait`]: a refusal (or a request still
+//!    waiting at its deadline) reaches the caller as
+//!    [`AgentError::Overloaded`] with a retry hint, before any model work
+//!    starts;
 //! 2. renew it every third of its TTL while chunks stream;
 //! 3. release it once the backend says `Done`, *before* the caller sees
 //!    `Done`; or, if the stream is dropped early, right after; and, if the
@@ -45,7 +46,8 @@ pub struct LeaseSpec {
     /// Lease lifetime between renewals.
     pub ttl: Duration,
     /// How long the inference is expected to hold the lease (for the
-    /// supervisor's wait estimates).
+    /// supervisor's wait estimates): the model's time plus the journal
+    /// writes of the chunks between, which the lease also covers.
     pub expected: Duration,
 }
 
@@ -248,7 +250,21 @@ impl LeaseGuard {
         let asked = Instant::now();
         let lease = gpu.acquire(req, holder.actor.clone(), Some(tx)).await;
         metrics::histogram!("troupe_lease_wait_seconds").record(asked.elapsed().as_secs_f64());
-        let lease = lease?;
+        let lease = match lease {
+            Ok(lease) => lease,
+            // Queued but not granted within `wait` (or past its deadline on
+            // arrival): as much an overload as a refusal up front.
+            Err(troupe_gpu::GpuError::Expired { holder }) => {
+                return Err(AgentError::Overloaded {
+                    retry_after: spec.expected.max(Duration::from_millis(1)),
+                    reason: format!(
+                        "GPU lease for `{holder}` not granted within {:?}",
+                        spec.wait
+                    ),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
         let renew = {
             let (gpu, lease) = (gpu.clone(), lease.clone());
             tokio::spawn(async move {
