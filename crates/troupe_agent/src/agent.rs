@@ -247,20 +247,20 @@ impl AgentSystem {
         Ok((handle, sup))
     }
 
-    /// The handle of agent `name`, if it takes messages of type `M`.
-    pub fn handle<M: Message>(&self, name: &str) -> Result<ActorHandle<M>, AgentError> {
+    fn registered<T>(&self, name: &str, f: impl FnOnce(&Registered) -> T) -> Result<T, AgentError> {
         let dir = self
             .inner
             .directory
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        let entry = dir
-            .get(name)
-            .ok_or_else(|| AgentError::UnknownAgent(name.to_owned()))?;
-        entry
-            .handle
-            .downcast_ref::<ActorHandle<M>>()
-            .cloned()
+        dir.get(name)
+            .map(f)
+            .ok_or_else(|| AgentError::UnknownAgent(name.to_owned()))
+    }
+
+    /// The handle of agent `name`, if it takes messages of type `M`.
+    pub fn handle<M: Message>(&self, name: &str) -> Result<ActorHandle<M>, AgentError> {
+        self.registered(name, |r| r.handle.downcast_ref::<ActorHandle<M>>().cloned())?
             .ok_or_else(|| AgentError::WrongMessageType {
                 name: format!("agent `{name}`"),
                 expected: std::any::type_name::<M>(),
@@ -273,19 +273,12 @@ impl AgentSystem {
     /// through it are held by the caller's task and freed when it drops
     /// them (no actor is watched).
     pub fn context(&self, name: &str) -> Result<AgentContext, AgentError> {
-        let dir = self
-            .inner
-            .directory
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let entry = dir
-            .get(name)
-            .ok_or_else(|| AgentError::UnknownAgent(name.to_owned()))?;
+        let options = self.registered(name, |r| r.options.clone())?;
         Ok(AgentContext {
             name: Arc::from(name),
             myself: None,
             system: self.clone(),
-            options: entry.options.clone(),
+            options,
         })
     }
 

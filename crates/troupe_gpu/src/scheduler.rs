@@ -441,8 +441,15 @@ impl Scheduler {
         }
         let wait = self.expected_wait(&req, now);
         if now.saturating_add(wait) > req.deadline_ms {
-            // Undo nothing: notices already sent stand (the capacity will be
-            // used by whoever is next), but this request is refused now.
+            // Even preempting cannot serve it in time: take the preemption
+            // back (nobody was told yet) and refuse.
+            for o in out.drain(..) {
+                if let Outcome::PreemptNotice { lease, .. } = o
+                    && let Some(l) = self.leases.get_mut(&lease.id)
+                {
+                    l.preempt_at = None;
+                }
+            }
             out.push(Outcome::Refused {
                 ticket,
                 error: overloaded(

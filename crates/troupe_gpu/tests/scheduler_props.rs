@@ -402,3 +402,31 @@ fn preemption_gives_notice_and_grace_then_grants_the_higher_priority() {
     )));
     assert_eq!(granted(&out), [2]);
 }
+
+#[test]
+fn a_request_refused_anyway_evicts_nobody() {
+    let config = SchedulerConfig {
+        grace_ms: 500,
+        ..SchedulerConfig::default()
+    };
+    let mut s = one_gpu(config);
+    assert_eq!(granted(&s.request(1, req("batch", 12, 0, 0), 0)), [1]);
+    // Priority 3 could preempt, but the grace alone outlasts its deadline.
+    let hurried = LeaseRequest {
+        deadline_ms: 100,
+        ..req("interactive", 8, 3, 0)
+    };
+    let out = s.request(2, hurried, 0);
+    assert!(
+        matches!(out.as_slice(), [Outcome::Refused { .. }]),
+        "refused without preempting: {out:?}"
+    );
+    assert_eq!(s.lease(1).and_then(|l| l.preempt_at), None);
+    assert!(s.tick(1_000).is_empty(), "the batch lease runs on");
+    // One that can wait for the grace does preempt.
+    let out = s.request(3, req("interactive", 8, 3, 1_000), 1_000);
+    assert!(
+        matches!(out.as_slice(), [Outcome::PreemptNotice { .. }]),
+        "{out:?}"
+    );
+}

@@ -22,7 +22,7 @@ use troupe_gpu::scheduler::{
 use troupe_gpu::{GpuArgs, GpuConfig, GpuSupervisorHandle};
 use troupe_journal::{Durability, Journal, RocksConfig, RocksJournal, now_ms};
 
-use super::Report;
+use super::{Report, percentile};
 
 type BoxError = Box<dyn std::error::Error>;
 
@@ -140,15 +140,6 @@ impl Stats {
             "tasks/s",
         );
     }
-}
-
-fn percentile(v: &[f64], q: f64) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    s[((s.len() - 1) as f64 * q).round() as usize]
 }
 
 fn simulate_troupe(tasks: &[Task], horizon: Ms) -> Stats {

@@ -105,6 +105,16 @@ fn fmt(v: f64) -> String {
     }
 }
 
+/// The `q` quantile (0 to 1) of `v`, nearest rank; 0 for no values.
+pub fn percentile(v: &[f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s[((s.len() - 1) as f64 * q).round() as usize]
+}
+
 /// Peak resident set size of this process in KiB (Linux `VmHWM`).
 pub fn peak_rss_kib() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

@@ -23,7 +23,7 @@ use troupe_gpu::probe::SimulatedProbe;
 use troupe_gpu::{GpuArgs, GpuConfig, GpuSupervisorHandle};
 use troupe_journal::{Durability, Journal, NewEvent, PersistenceId, RocksConfig, RocksJournal};
 
-use super::{Report, rss_kib};
+use super::{Report, percentile, rss_kib};
 
 type BoxError = Box<dyn std::error::Error>;
 
@@ -300,13 +300,4 @@ async fn raw_turns(
     let per_sec = (sessions_n * turns) as f64 / start.elapsed().as_secs_f64();
     rocks.close().await;
     Ok(per_sec)
-}
-
-fn percentile(v: &[f64], q: f64) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    s[((s.len() - 1) as f64 * q).round() as usize]
 }
