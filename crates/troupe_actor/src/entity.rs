@@ -80,6 +80,23 @@ struct Inner<E: EventSourced> {
     active: metrics::Gauge,
 }
 
+impl<E: EventSourced> Drop for Inner<E> {
+    /// The registry is gone (its last clone dropped): stop the entities it
+    /// still runs, or they would live on with nobody able to reach or
+    /// passivate them. Their events are journaled; messages still queued
+    /// are dropped with them.
+    fn drop(&mut self) {
+        let slots = self.slots.get_mut().unwrap_or_else(|p| p.into_inner());
+        for (_, slot) in slots.drain() {
+            if let Slot::Active { handle, .. } = slot
+                && let Some(cell) = handle.cell()
+            {
+                cell.stop(Some("entity registry dropped".into()));
+            }
+        }
+    }
+}
+
 /// The registry of one entity type. Cheap to clone.
 pub struct Entities<E: EventSourced> {
     inner: Arc<Inner<E>>,

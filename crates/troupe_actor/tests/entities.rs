@@ -228,3 +228,16 @@ async fn entities_past_the_bound_are_refused_until_others_passivate() {
         1
     );
 }
+
+#[tokio::test]
+async fn dropping_the_registry_stops_its_entities() {
+    let (entities, _, _) = registry(None, DurableConfig::default());
+    entities
+        .ask("orphan", |r| CounterCmd::Add(1, r), T)
+        .await
+        .expect("add");
+    let handle = entities.handle("orphan").await.expect("handle");
+    assert!(handle.cell().is_some());
+    drop(entities);
+    eventually("stopped", || handle.cell().is_none()).await;
+}
