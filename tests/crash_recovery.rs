@@ -7,14 +7,13 @@
 //! 50 rounds by default; `TROUPE_CRASH_ROUNDS=1000` for a long run.
 
 use std::collections::{BTreeMap, HashSet};
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use troupe::prelude::*;
+
+mod common;
 
 const CHILD_DIR: &str = "TROUPE_CRASH_CHILD_DIR";
 const CHILD_ROUND: &str = "TROUPE_CRASH_CHILD_ROUND";
@@ -147,52 +146,29 @@ fn crash_recovery_loses_no_acknowledged_event() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(50);
     let dir = tempfile::tempdir().expect("tempdir");
-    let exe = std::env::current_exe().expect("test binary");
     let mut rng = rand::rng();
     let mut acks = Vec::new();
     let mut states = Vec::new();
     for round in 0..rounds {
-        let mut child = Command::new(&exe)
-            .args([
-                "crash_child",
-                "--exact",
-                "--include-ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD_DIR, dir.path())
-            .env(CHILD_ROUND, round.to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn child");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel::<String>();
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let mut child = common::Child::spawn(
+            "crash_child",
+            &[
+                (CHILD_DIR, dir.path().display().to_string()),
+                (CHILD_ROUND, round.to_string()),
+            ],
+        );
         // Kill after a random number of acknowledgements (the moment is
         // random; what is checked does not depend on it).
         let kill_after = rng.random_range(0..400);
-        let mut seen = 0;
         let mut lines = Vec::new();
-        while seen < kill_after + ENTITIES {
-            match rx.recv_timeout(Duration::from_secs(60)) {
-                Ok(line) => {
-                    seen += 1;
-                    lines.push(line);
-                }
-                Err(_) => panic!("round {round}: child made no progress for 60 s"),
+        while lines.len() < (kill_after + ENTITIES) as usize {
+            match child.next_line(Duration::from_secs(60)) {
+                Some(line) => lines.push(line),
+                None => panic!("round {round}: child exited"),
             }
         }
-        child.kill().expect("SIGKILL");
-        child.wait().expect("reap");
-        reader.join().expect("reader");
-        lines.extend(rx.try_iter());
+        child.kill();
+        lines.extend(child.finish());
         for line in lines {
             let parts: Vec<&str> = line.split_whitespace().collect();
             match parts.as_slice() {

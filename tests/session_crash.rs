@@ -4,15 +4,14 @@
 //! in order, interrupted turns are answered again (a new attempt), and the
 //! session carries on to its last turn.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
 use futures::StreamExt;
 use rand::Rng;
 use troupe::agent::{SessionEvent, SessionItem, TurnOutcome};
 use troupe::prelude::*;
+
+mod common;
 
 const CHILD_DIR: &str = "TROUPE_SESSION_CHILD_DIR";
 const CHILD_AFTER: &str = "TROUPE_SESSION_CHILD_AFTER";
@@ -111,7 +110,6 @@ fn session_child() {
 #[test]
 fn a_killed_session_loses_nothing_and_carries_on() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let exe = std::env::current_exe().expect("test binary");
     let mut rng = rand::rng();
     let mut received: Vec<(u64, String)> = Vec::new();
     let mut acked = 0u64;
@@ -119,58 +117,31 @@ fn a_killed_session_loses_nothing_and_carries_on() {
     let mut finished = false;
     for round in 0..40 {
         let after = received.last().map_or(0, |(s, _)| *s);
-        let mut child = Command::new(&exe)
-            .args([
-                "session_child",
-                "--exact",
-                "--include-ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD_DIR, dir.path())
-            .env(CHILD_AFTER, after.to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn child");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel::<String>();
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let mut child = common::Child::spawn(
+            "session_child",
+            &[
+                (CHILD_DIR, dir.path().display().to_string()),
+                (CHILD_AFTER, after.to_string()),
+            ],
+        );
         // Kill right after a streamed chunk reaches the client, a random
         // number of chunks in (no kill after 8 rounds: let it finish).
         let kill_at = (kills < 8).then(|| rng.random_range(1..40));
         let mut chunks = 0;
         let mut lines = Vec::new();
-        loop {
-            let line = match rx.recv_timeout(Duration::from_secs(120)) {
-                // libtest prints `test session_child ... ` before the child's first line.
-                Ok(l) => match l.split_once("session_child ... ") {
-                    Some((_, rest)) => rest.to_owned(),
-                    None => l,
-                },
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                Err(_) => panic!("round {round}: child made no progress for 120 s"),
-            };
+        while let Some(line) = child.next_line(Duration::from_secs(120)) {
             let is_chunk = line.starts_with("EV ") && line.contains(r#""type":"model_chunk""#);
             lines.push(line);
             if is_chunk {
                 chunks += 1;
                 if Some(chunks) == kill_at {
-                    child.kill().expect("SIGKILL");
+                    child.kill();
                     kills += 1;
                     break;
                 }
             }
         }
-        child.wait().expect("reap");
-        reader.join().expect("reader");
-        lines.extend(rx.try_iter());
+        lines.extend(child.finish());
         for line in lines {
             if let Some(rest) = line.strip_prefix("EV ") {
                 let (seq, json) = rest.split_once(' ').expect("EV line");

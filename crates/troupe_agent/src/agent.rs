@@ -84,13 +84,15 @@ pub struct AgentOptions {
     pub lease: LeaseSpec,
     /// Most model calls in one turn that end in tool calls.
     pub max_tool_rounds: u32,
+    /// Most tool calls in one model answer.
+    pub max_tool_calls: usize,
     /// Most chunks journaled in one append.
     pub chunk_batch: usize,
 }
 
 impl Default for AgentOptions {
     /// Permanent, 1,024 messages, no tools, the `local` backend, default
-    /// lease, 4 tool rounds, 64 chunks per append.
+    /// lease, 4 tool rounds of at most 16 calls, 64 chunks per append.
     fn default() -> Self {
         Self {
             restart: Restart::Permanent,
@@ -101,6 +103,7 @@ impl Default for AgentOptions {
             system_prompt: None,
             lease: LeaseSpec::default(),
             max_tool_rounds: 4,
+            max_tool_calls: 16,
             chunk_batch: 64,
         }
     }
@@ -528,6 +531,15 @@ impl AgentContext {
             drop(stream);
             if calls.is_empty() {
                 return Ok(outcome);
+            }
+            if calls.len() > opts.max_tool_calls {
+                return Err(AgentError::TooLarge {
+                    what: format!(
+                        "tool calls in one answer (turn {} of `{session}`)",
+                        turn.turn
+                    ),
+                    limit: opts.max_tool_calls,
+                });
             }
             // Run the calls concurrently; journal every result in one append.
             outcome.tool_calls += calls.len() as u32;

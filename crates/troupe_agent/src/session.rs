@@ -325,14 +325,16 @@ pub enum SessionCommand {
 pub(crate) struct Hub {
     channels: Mutex<HashMap<String, broadcast::Sender<Arc<SessionRecord>>>>,
     capacity: usize,
+    max_subscribers: usize,
     subscribers: metrics::Gauge,
 }
 
 impl Hub {
-    fn new(capacity: usize) -> Self {
+    fn new(capacity: usize, max_subscribers: usize) -> Self {
         Self {
             channels: Mutex::new(HashMap::new()),
             capacity: capacity.max(1),
+            max_subscribers: max_subscribers.max(1),
             subscribers: metrics::gauge!("troupe_session_subscribers"),
         }
     }
@@ -364,18 +366,29 @@ impl Hub {
         self.release(id);
     }
 
-    fn subscribe(self: &Arc<Self>, id: &str) -> Subscription {
-        let rx = self
-            .lock()
-            .entry(id.to_owned())
-            .or_insert_with(|| broadcast::channel(self.capacity).0)
-            .subscribe();
+    fn subscribe(self: &Arc<Self>, id: &str) -> Result<Subscription, AgentError> {
+        let rx = {
+            let mut map = self.lock();
+            let tx = map
+                .entry(id.to_owned())
+                .or_insert_with(|| broadcast::channel(self.capacity).0);
+            if tx.receiver_count() >= self.max_subscribers {
+                return Err(AgentError::Overloaded {
+                    retry_after: Duration::from_secs(1),
+                    reason: format!(
+                        "session `{id}` already has {} subscribers (the most)",
+                        self.max_subscribers
+                    ),
+                });
+            }
+            tx.subscribe()
+        };
         self.subscribers.increment(1.0);
-        Subscription {
+        Ok(Subscription {
             hub: self.clone(),
             id: id.to_owned(),
             rx: Some(rx),
-        }
+        })
     }
 
     /// Forgets the channel of `id` once nobody listens.
@@ -731,6 +744,9 @@ pub struct SessionConfig {
     pub live_buffer: usize,
     /// An idle subscription yields a heartbeat this often.
     pub heartbeat: Duration,
+    /// Most live subscribers of one session; one more is refused with
+    /// [`AgentError::Overloaded`].
+    pub max_subscribers: usize,
     /// Most messages kept as model context.
     pub context_limit: u32,
     /// Largest user message, in bytes.
@@ -741,7 +757,8 @@ pub struct SessionConfig {
 
 impl Default for SessionConfig {
     /// Passivation after 60 s idle, a snapshot every 200 events, 10 s asks,
-    /// 256 live events, a heartbeat every 15 s, 64 context messages,
+    /// 256 live events, a heartbeat every 15 s, 64 subscribers per
+    /// session, 64 context messages,
     /// 32 KiB messages, 256 events per append.
     fn default() -> Self {
         Self {
@@ -754,6 +771,7 @@ impl Default for SessionConfig {
             ask_timeout: Duration::from_secs(10),
             live_buffer: 256,
             heartbeat: Duration::from_secs(15),
+            max_subscribers: 64,
             context_limit: 64,
             max_text_bytes: 32 * 1024,
             max_events_per_append: 256,
@@ -786,7 +804,7 @@ pub struct Sessions {
 impl Sessions {
     /// Sessions journaled in `journal` (call inside a Tokio runtime).
     pub fn new(journal: Arc<dyn Journal>, config: SessionConfig) -> Self {
-        let hub = Arc::new(Hub::new(config.live_buffer));
+        let hub = Arc::new(Hub::new(config.live_buffer, config.max_subscribers));
         let mut entity_config = config.entities.clone();
         entity_config.durable.delete_covered_events = false;
         let entity = SessionEntity {
@@ -894,7 +912,7 @@ impl Sessions {
     pub async fn subscribe(&self, id: &str, after: u64) -> Result<SessionStream, AgentError> {
         let pid = session_pid(id)?;
         // Listen before reading the journal, so nothing falls in between.
-        let mut live = self.hub.subscribe(id);
+        let mut live = self.hub.subscribe(id)?;
         if self.journal.highest_seq(&pid).await? == 0 {
             return Err(AgentError::UnknownSession(id.to_owned()));
         }
@@ -931,7 +949,7 @@ impl Sessions {
                     Ok(Err(broadcast::error::RecvError::Lagged(_))) => catch_up = Some(u64::MAX),
                     Ok(Err(broadcast::error::RecvError::Closed)) => {
                         // Cannot happen while we hold a receiver; listen again.
-                        live = hub.subscribe(&id);
+                        live = hub.subscribe(&id)?;
                         catch_up = Some(u64::MAX);
                     }
                 }

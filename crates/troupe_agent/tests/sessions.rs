@@ -144,6 +144,24 @@ async fn heartbeats_and_freed_subscriptions() {
 }
 
 #[tokio::test]
+async fn subscribers_per_session_are_bounded() {
+    let config = SessionConfig {
+        max_subscribers: 2,
+        ..SessionConfig::default()
+    };
+    let s = Sessions::new(Arc::new(InMemoryJournal::new()), config);
+    let id = s.create("bot", None).await.unwrap();
+    let a = s.subscribe(&id, 0).await.unwrap();
+    let _b = s.subscribe(&id, 0).await.unwrap();
+    assert!(matches!(
+        s.subscribe(&id, 0).await,
+        Err(AgentError::Overloaded { .. })
+    ));
+    drop(a);
+    let _c = s.subscribe(&id, 0).await.expect("room again once one left");
+}
+
+#[tokio::test]
 async fn sessions_recover_from_rocksdb_after_passivation_and_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = SessionConfig::default();
@@ -237,7 +255,6 @@ proptest! {
                 readers.push(tokio::spawn(async move {
                     read_until(&mut sub, after + 1, final_seq).await.len() as u64
                 }));
-                let _ = after;
             }
             writer.await.unwrap();
             for r in readers {

@@ -91,6 +91,7 @@ pub(crate) struct Shared {
     pub tokens: HashMap<String, String>,
     pub journal: Arc<dyn Journal>,
     pub sessions: Sessions,
+    pub agents: AgentSystem,
     pub tasks: Tasks,
     pub sagas: Sagas,
     pub gpu: GpuSupervisorHandle,
@@ -134,16 +135,31 @@ pub struct Gateway {
 /// The agent that answers sessions.
 pub const SESSION_AGENT: &str = "assistant";
 
-struct Idle;
+/// What the `assistant` agent is sent: a session to answer and where the
+/// outcome goes.
+pub type AssistantMsg = (
+    String,
+    ractor::RpcReplyPort<Result<troupe_agent::TurnOutcome, troupe_agent::AgentError>>,
+);
+
+/// The `assistant` agent. The gateway's task workers answer sessions
+/// through its context (cancellable with the task); other agents may also
+/// hand it a session by name. Each turn runs in a task of its own, so one
+/// agent serves many sessions at once.
+struct Assistant;
 
 #[async_trait::async_trait]
-impl troupe_agent::Agent for Idle {
-    type Msg = tasks::TaskKind;
+impl troupe_agent::Agent for Assistant {
+    type Msg = AssistantMsg;
     async fn handle(
         &mut self,
-        _ctx: &troupe_agent::AgentContext,
-        _msg: tasks::TaskKind,
+        ctx: &troupe_agent::AgentContext,
+        (session, reply): AssistantMsg,
     ) -> Result<(), troupe_agent::AgentError> {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let _ = reply.send(ctx.reply(&session).await);
+        });
         Ok(())
     }
 }
@@ -308,7 +324,7 @@ impl Gateway {
                 ..lease.clone()
             });
         let (child, _) = agents
-            .agent(SESSION_AGENT, options, || Idle)
+            .agent(SESSION_AGENT, options, || Assistant)
             .map_err(|e| GatewayError::Config(e.to_string()))?;
         let agents_sup = SupervisorHandle::spawn(
             troupe_actor::SupervisorSpec::new("gateway-agents").child(child),
@@ -348,6 +364,7 @@ impl Gateway {
             tokens,
             journal: journal.clone(),
             sessions,
+            agents,
             tasks: tasks.clone(),
             sagas: sagas.clone(),
             gpu,
@@ -396,6 +413,12 @@ impl Gateway {
     /// Where it listens.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The agents (the `assistant` agent, its sessions and models): for
+    /// programs that embed the gateway and talk to agents in-process.
+    pub fn agents(&self) -> &AgentSystem {
+        &self.state.0.agents
     }
 
     /// Stops accepting, lets in-flight requests finish (up to the

@@ -161,6 +161,22 @@ async fn tasks_sessions_and_workflows_end_to_end_with_tenants() {
         .call("GET", &format!("/v1/sessions/{sid}"), Some(ACME), None)
         .await;
     assert_eq!(view["completed"], 1);
+    // An embedding program hands the same session to the assistant agent.
+    gw.agents()
+        .sessions()
+        .post(&sid, "and my invoice?")
+        .await
+        .unwrap();
+    let assistant = gw
+        .agents()
+        .handle::<troupe_gateway::AssistantMsg>(troupe_gateway::SESSION_AGENT)
+        .unwrap();
+    let outcome = assistant
+        .ask(|p| (sid.clone(), p), Duration::from_secs(30))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(outcome.turn.turn, 2);
 
     // Workflow: waits for its signal, then completes.
     let (s, _, body) = api
