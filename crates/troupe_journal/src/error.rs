@@ -212,9 +212,56 @@ pub enum JournalError {
     /// Replay needs a Tokio runtime to run its blocking reads on.
     #[error("{0} must be called from within a Tokio runtime")]
     NoRuntime(&'static str),
-    /// A fault injected by [`crate::faulty::FaultyJournal`].
+    /// A fault injected by [`crate::faulty::FaultyJournal`] or an archive
+    /// crash point ([`crate::TieredJournal::crash_at`]).
     #[error("injected fault: {0}")]
     Injected(String),
+    /// An archived segment could not be read back.
+    #[error("cold segment `{segment}` holding `{id}` #{from}..#{to} is unreadable: {reason}")]
+    ColdSegment {
+        /// Persistence id.
+        id: PersistenceId,
+        /// First sequence the segment holds.
+        from: u64,
+        /// Last sequence the segment holds.
+        to: u64,
+        /// Object path of the segment in the cold store.
+        segment: String,
+        /// What is wrong (missing, checksum, header, envelope).
+        reason: String,
+    },
+    /// A referenced blob is not in the blob store.
+    #[error("blob {hash} is missing from the blob store")]
+    BlobMissing {
+        /// `sha256:<hex>`.
+        hash: String,
+    },
+    /// A blob's stored bytes do not match its reference.
+    #[error("blob {hash} is corrupt: {reason}")]
+    BlobCorrupt {
+        /// `sha256:<hex>`.
+        hash: String,
+        /// What does not match.
+        reason: String,
+    },
+    /// A blob is larger than the configured limit.
+    #[error("{media_type} blob exceeds the {limit}-byte limit")]
+    BlobTooLarge {
+        /// The limit in bytes.
+        limit: u64,
+        /// Media type of the refused blob.
+        media_type: String,
+    },
+    /// A blob upload's source failed; nothing was stored.
+    #[error("uploading a {media_type} blob failed after {received} bytes: {reason}")]
+    BlobUpload {
+        /// Media type.
+        media_type: String,
+        /// Bytes received before the failure.
+        received: u64,
+        /// The source's error.
+        reason: String,
+    },
 }
 
 impl JournalError {

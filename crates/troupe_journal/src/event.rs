@@ -9,6 +9,7 @@ use serde::de::DeserializeOwned;
 use crate::envelope;
 use crate::error::{JournalError, Result};
 use crate::id::{PersistenceId, Tag};
+use crate::tiered::BlobRef;
 use crate::upcast::Upcasters;
 
 /// Largest encoded payload of one event or snapshot (16 MiB). Larger data
@@ -18,6 +19,8 @@ pub const MAX_PAYLOAD_LEN: usize = 16 << 20;
 pub const MAX_TYPE_NAME_LEN: usize = 255;
 /// Most tags on one event.
 pub const MAX_TAGS_PER_EVENT: usize = 16;
+/// Most blob references on one event.
+pub const MAX_BLOBS_PER_EVENT: usize = 64;
 /// Most events in one `append` call.
 pub const MAX_EVENTS_PER_APPEND: usize = 10_000;
 
@@ -122,6 +125,8 @@ pub struct NewEvent {
     pub tags: Vec<Tag>,
     /// Write time in ms since the Unix epoch.
     pub timestamp_ms: u64,
+    /// Blobs the payload refers to (see [`NewEvent::with_blob`]).
+    pub blobs: Vec<BlobRef>,
 }
 
 impl NewEvent {
@@ -135,6 +140,7 @@ impl NewEvent {
             payload,
             tags: Vec::new(),
             timestamp_ms: now_ms(),
+            blobs: Vec::new(),
         })
     }
 
@@ -147,6 +153,7 @@ impl NewEvent {
             payload,
             tags: Vec::new(),
             timestamp_ms: now_ms(),
+            blobs: Vec::new(),
         })
     }
 
@@ -160,6 +167,24 @@ impl NewEvent {
                 });
             }
             self.tags.push(tag);
+        }
+        Ok(self)
+    }
+
+    /// Records that the payload refers to `blob` (at most
+    /// [`MAX_BLOBS_PER_EVENT`]). The RocksDB backend indexes the reference
+    /// in the same atomic write as the event, and the blob store keeps the
+    /// blob while any stored event refers to it (archived events included);
+    /// [`crate::TieredJournal`] also refuses an event whose blob is missing.
+    pub fn with_blob(mut self, blob: &BlobRef) -> Result<Self> {
+        if !self.blobs.iter().any(|b| b.hash == blob.hash) {
+            if self.blobs.len() >= MAX_BLOBS_PER_EVENT {
+                return Err(JournalError::Encode {
+                    type_name: self.event_type.to_string(),
+                    message: format!("more than {MAX_BLOBS_PER_EVENT} blob references"),
+                });
+            }
+            self.blobs.push(blob.clone());
         }
         Ok(self)
     }

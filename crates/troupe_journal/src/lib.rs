@@ -74,6 +74,7 @@ mod memory;
 pub mod rocks;
 pub mod subscription;
 pub mod tck;
+pub mod tiered;
 mod upcast;
 
 use std::path::PathBuf;
@@ -81,7 +82,7 @@ use std::sync::Arc;
 
 pub use error::{EnvelopeError, JournalError, Result};
 pub use event::{
-    AppendOutcome, MAX_EVENTS_PER_APPEND, MAX_PAYLOAD_LEN, MAX_TAGS_PER_EVENT, MAX_TYPE_NAME_LEN,
+    AppendOutcome, MAX_BLOBS_PER_EVENT, MAX_EVENTS_PER_APPEND, MAX_PAYLOAD_LEN, MAX_TAGS_PER_EVENT, MAX_TYPE_NAME_LEN,
     NewEvent, NewSnapshot, PersistedEvent, Schema, Snapshot, TaggedEvent, TypeName, TypeNameCache,
     now_ms,
 };
@@ -90,8 +91,12 @@ pub use id::{MAX_ID_LEN, MAX_TAG_LEN, PersistenceId, Tag};
 pub use journal::{DEFAULT_REPLAY_BATCH, Durability, Journal, Replay, TagSubscription};
 pub use memory::InMemoryJournal;
 pub use rocks::{
-    BadEntry, MAX_REPORTED_BAD, RocksConfig, RocksJournal, VerifyReport, WriterStats,
-    replay_read_options,
+    BadEntry, Compression, MAX_REPORTED_BAD, RocksConfig, RocksJournal, VerifyReport,
+    WarmCompression, WriterStats, replay_read_options,
+};
+pub use tiered::{
+    ArchivePolicy, ArchiveReport, ArchiveStep, BlobConfig, BlobGcReport, BlobHash, BlobRef,
+    BlobStore, ColdConfig, HotConfig, MAX_REPORTED_FAILURES, Objects, HotLimits, TierConfig, TierStats, TieredJournal,
 };
 pub use upcast::{MAX_UPCAST_STEPS, Upcasters};
 

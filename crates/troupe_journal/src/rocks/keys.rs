@@ -7,6 +7,8 @@
 //! | `tags` | tag, `0x00`, offset (u64 big-endian) | seq (u64 big-endian), id |
 //! | `meta` | `i`, id | deleted-to seq (u64 big-endian) |
 //! | `meta` | `\x01next_offset` | next tag offset (u64 big-endian) |
+//! | `meta` | `c`, id | cold manifest of the id (tiered storage; rmp-serde) |
+//! | `meta` | `r`, blob hash (32 bytes), id, `0x00`, seq | empty: event `seq` of `id` refers to the blob |
 //!
 //! Ids and tags contain no NUL byte, so `id 0x00` is a prefix of exactly one
 //! id's keys and big-endian sequence numbers sort numerically: one id's
@@ -27,6 +29,37 @@ pub const CF_META: &str = "meta";
 pub const META_NEXT_OFFSET: &[u8] = b"\x01next_offset";
 /// Prefix of per-id metadata keys.
 pub const META_ID_PREFIX: u8 = b'i';
+
+/// Prefix of cold manifest keys.
+pub const META_COLD_PREFIX: u8 = b'c';
+/// Prefix of blob reference keys.
+pub const META_BLOB_REF_PREFIX: u8 = b'r';
+
+/// The cold manifest key of `id`.
+pub fn cold_manifest_key(id: &PersistenceId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(id.as_str().len() + 1);
+    k.push(META_COLD_PREFIX);
+    k.extend_from_slice(id.as_str().as_bytes());
+    k
+}
+
+/// `r hash id 0x00 seq` into `out`: event `seq` of `id` refers to blob `hash`.
+pub fn blob_ref_key(out: &mut Vec<u8>, hash: &[u8; 32], id: &PersistenceId, seq: u64) {
+    out.clear();
+    out.push(META_BLOB_REF_PREFIX);
+    out.extend_from_slice(hash);
+    out.extend_from_slice(id.as_str().as_bytes());
+    out.push(0);
+    out.extend_from_slice(&seq.to_be_bytes());
+}
+
+/// The prefix of every reference key of blob `hash`.
+pub fn blob_ref_prefix(hash: &[u8; 32]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(33);
+    k.push(META_BLOB_REF_PREFIX);
+    k.extend_from_slice(hash);
+    k
+}
 
 /// `name 0x00 n` into `out`.
 pub fn seq_key(out: &mut Vec<u8>, name: &str, n: u64) {

@@ -21,6 +21,8 @@ pub(crate) enum Command {
         expected: u64,
         events: Vec<NewEvent>,
         envelopes: Vec<Vec<u8>>,
+        /// Blob references: (index of the event in this append, blob hash).
+        refs: Vec<(usize, [u8; 32])>,
         reply: oneshot::Sender<Result<AppendOutcome>>,
     },
     Snapshot {
@@ -29,9 +31,12 @@ pub(crate) enum Command {
         bytes: Vec<u8>,
         reply: oneshot::Sender<Result<()>>,
     },
+    /// Deletes events up to `to_seq` and, atomically with that, writes
+    /// the id's cold manifest when one is given (archiving, tiered delete).
     Delete {
         id: PersistenceId,
         to_seq: u64,
+        manifest: Option<Vec<u8>>,
         reply: oneshot::Sender<Result<()>>,
     },
     Flush {
@@ -229,6 +234,7 @@ impl Writer {
                     expected,
                     events,
                     envelopes,
+                    refs,
                     reply,
                 } => {
                     let current = match self.highest(&id) {
@@ -280,6 +286,10 @@ impl Writer {
                         }
                         appended += 1;
                     }
+                    for (i, hash) in refs {
+                        blob_ref_key(&mut key, &hash, &id, first + i as u64);
+                        batch.put_cf(meta_cf, &key, []);
+                    }
                     let last_seq = current + count;
                     self.highest.put(id.clone(), last_seq);
                     touched.push(id);
@@ -313,9 +323,17 @@ impl Writer {
                     });
                     replies.push(Pending::Unit(reply, result));
                 }
-                Command::Delete { id, to_seq, reply } => {
+                Command::Delete {
+                    id,
+                    to_seq,
+                    manifest,
+                    reply,
+                } => {
                     let result = self.highest(&id).and_then(|highest| {
                         check_delete(&id, to_seq, highest)?;
+                        if let Some(m) = &manifest {
+                            batch.put_cf(meta_cf, cold_manifest_key(&id), m);
+                        }
                         if to_seq > 0 {
                             batch.delete_range_cf(
                                 events_cf,
