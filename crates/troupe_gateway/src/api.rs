@@ -35,6 +35,11 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/v1/workflows", post(create_workflow))
         .route("/v1/workflows/{id}", get(get_workflow))
         .route("/v1/workflows/{id}/signals/{name}", post(signal_workflow))
+        .route(
+            "/v1/blobs",
+            post(upload_blob).layer(DefaultBodyLimit::disable()),
+        )
+        .route("/v1/blobs/{hash}", get(download_blob))
         .route("/v1/gpus", get(gpus))
         .route("/metrics", get(metrics))
         .route(
@@ -475,4 +480,93 @@ async fn readyz(State(st): State<AppState>) -> Response {
     } else {
         GatewayError::Unavailable("starting or stopping".into()).into_response()
     }
+}
+
+fn blob_store(st: &AppState) -> Result<&troupe_journal::BlobStore, GatewayError> {
+    st.0.tiered
+        .as_ref()
+        .map(|t| t.blobs())
+        .ok_or_else(|| GatewayError::NotFound {
+            kind: "route",
+            id: "/v1/blobs (blob storage is not configured: add a [storage] section)".into(),
+        })
+}
+
+fn blob_error(e: troupe_journal::JournalError) -> GatewayError {
+    use troupe_journal::JournalError as J;
+    match e {
+        J::BlobTooLarge { limit, .. } => GatewayError::TooLarge {
+            limit: usize::try_from(limit).unwrap_or(usize::MAX),
+        },
+        J::InvalidName { .. } | J::BlobUpload { .. } => GatewayError::BadRequest(e.to_string()),
+        J::BlobMissing { hash } => GatewayError::NotFound {
+            kind: "blob",
+            id: hash,
+        },
+        other => other.into(),
+    }
+}
+
+/// `POST /v1/blobs`: the body is stored as it arrives (never held whole);
+/// its `Content-Type` is the media type. 201 with the reference.
+async fn upload_blob(
+    State(st): State<AppState>,
+    TenantName(_tenant): TenantName,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Result<Response, GatewayError> {
+    let blobs = blob_store(&st)?;
+    let media_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(str::trim)
+        .unwrap_or("application/octet-stream")
+        .to_owned();
+    let blob = blobs
+        .put_stream(&media_type, body.into_data_stream())
+        .await
+        .map_err(blob_error)?;
+    let location = format!("/v1/blobs/{}", blob.hash);
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        Json(json!(blob)),
+    )
+        .into_response())
+}
+
+/// `GET /v1/blobs/{hash}`: streams the blob, checking its hash on the way
+/// (a mismatch cuts the response short).
+async fn download_blob(
+    State(st): State<AppState>,
+    TenantName(_tenant): TenantName,
+    Path(hash): Path<String>,
+) -> Result<Response, GatewayError> {
+    let blobs = blob_store(&st)?;
+    let parsed: troupe_journal::BlobHash = hash
+        .parse()
+        .map_err(|e: troupe_journal::JournalError| GatewayError::BadRequest(e.to_string()))?;
+    let size = blobs
+        .size_of(&parsed)
+        .await?
+        .ok_or(GatewayError::NotFound {
+            kind: "blob",
+            id: hash,
+        })?;
+    let blob = troupe_journal::BlobRef {
+        hash: parsed,
+        size,
+        media_type: "application/octet-stream".into(),
+    };
+    let stream = blobs.get_stream(&blob).await.map_err(blob_error)?;
+    let body = axum::body::Body::from_stream(stream.map(|r| r.map_err(std::io::Error::other)));
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+            (header::CONTENT_LENGTH, size.to_string()),
+        ],
+        body,
+    )
+        .into_response())
 }

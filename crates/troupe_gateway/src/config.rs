@@ -141,6 +141,10 @@ pub struct GatewayConfig {
     pub log_format: LogFormat,
     /// Longest wait for in-flight requests on shutdown, in milliseconds.
     pub shutdown_grace_ms: u64,
+    /// Tiered storage and blobs (`[storage]`; none by default): the hot
+    /// tail per kind, archiving to the cold store (`data_dir/cold` unless
+    /// `storage.cold.url` says otherwise), blob limits.
+    pub storage: Option<troupe_journal::TierConfig>,
 }
 
 impl Default for GatewayConfig {
@@ -163,6 +167,7 @@ impl Default for GatewayConfig {
             degrade: DegradeSection::default(),
             log_format: LogFormat::Text,
             shutdown_grace_ms: 10_000,
+            storage: None,
         }
     }
 }
@@ -204,6 +209,14 @@ impl GatewayConfig {
         if d.refuse_lowest_above_pct > d.top_only_above_pct || d.top_only_above_pct > 100 {
             return bad("degrade thresholds must satisfy lowest <= top_only <= 100".into());
         }
+        if let Some(storage) = &self.storage {
+            if self.durability == Durability::InMemory {
+                return bad("[storage] needs durability fsync or buffered".into());
+            }
+            storage
+                .validate()
+                .map_err(|e| GatewayError::Config(e.to_string()))?;
+        }
         let mut tokens = std::collections::HashSet::new();
         for t in &self.tenants {
             if t.name.is_empty() || t.token.len() < 8 {
@@ -234,6 +247,9 @@ mod tests {
         let sample = include_str!("../../../config/troupe.toml");
         let c = GatewayConfig::from_toml(sample).unwrap();
         assert_eq!(c.tenants.len(), 2);
+        let storage = c.storage.as_ref().expect("the sample configures storage");
+        assert_eq!(storage.hot.limits("session").max_events, 512);
+        assert_eq!(storage.archive.interval_s, Some(3600));
         assert_eq!(
             GatewayConfig::from_toml("").unwrap(),
             GatewayConfig::default()

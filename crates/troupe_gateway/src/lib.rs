@@ -47,7 +47,7 @@ use troupe_agent::{
 };
 use troupe_gpu::probe::{GpuProbe, SimulatedProbe};
 use troupe_gpu::{GpuArgs, GpuConfig, GpuSupervisorHandle};
-use troupe_journal::{Durability, Journal, JournalConfig};
+use troupe_journal::{Durability, Journal, JournalConfig, TieredJournal};
 use troupe_saga::{Handlers, RetryPolicy, SagaDefinition, Sagas, StepContext, StepDef, StepError};
 
 pub use config::{DegradeSection, GatewayConfig, GpuSection, LogFormat, ModelConfig, Tenant};
@@ -100,6 +100,8 @@ pub(crate) struct Shared {
     /// GPU utilization (percent), refreshed every [`UTILIZATION_REFRESH`].
     pub utilization: AtomicU32,
     pub lease_journal: Arc<dyn Journal>,
+    /// The tiered journal, when `[storage]` is configured (blobs live there).
+    pub tiered: Option<TieredJournal>,
 }
 
 /// How often the degrade policy's view of GPU utilization is refreshed.
@@ -130,6 +132,7 @@ pub struct Gateway {
     stop: tokio::sync::watch::Sender<bool>,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     agents_sup: SupervisorHandle,
+    archiver: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// The agent that answers sessions.
@@ -262,12 +265,25 @@ impl Gateway {
     pub async fn start(config: GatewayConfig) -> Result<Self, GatewayError> {
         config.validate()?;
         let metrics = metrics_handle();
-        let journal = JournalConfig {
+        let journal_config = JournalConfig {
             data_dir: config.data_dir.join("journal"),
             durability: config.durability,
-        }
-        .open()
-        .map_err(|e| GatewayError::Config(format!("journal: {e}")))?;
+            tiers: config.storage.clone(),
+        };
+        let tiered = journal_config
+            .open_tiered()
+            .map_err(|e| GatewayError::Config(format!("journal: {e}")))?;
+        let journal: Arc<dyn Journal> = match &tiered {
+            Some(t) => Arc::new(t.clone()),
+            None => journal_config
+                .open()
+                .map_err(|e| GatewayError::Config(format!("journal: {e}")))?,
+        };
+        let archiver = tiered.as_ref().and_then(|t| {
+            t.policy()
+                .interval_s
+                .map(|s| t.spawn_archiver(Duration::from_secs(s)))
+        });
         let probe: Arc<dyn GpuProbe> = if config.gpus.force_simulated {
             Arc::new(SimulatedProbe::new(
                 config.gpus.simulated,
@@ -288,6 +304,7 @@ impl Gateway {
                 Durability::InMemory => Durability::InMemory,
                 _ => Durability::Buffered,
             },
+            tiers: None,
         }
         .open()
         .map_err(|e| GatewayError::Config(format!("lease journal: {e}")))?;
@@ -372,6 +389,7 @@ impl Gateway {
             ready: AtomicBool::new(false),
             utilization: AtomicU32::new(0),
             lease_journal,
+            tiered,
         }));
         {
             let weak = Arc::downgrade(&state.0);
@@ -407,6 +425,7 @@ impl Gateway {
             stop,
             server,
             agents_sup,
+            archiver,
         })
     }
 
@@ -419,6 +438,12 @@ impl Gateway {
     /// programs that embed the gateway and talk to agents in-process.
     pub fn agents(&self) -> &AgentSystem {
         &self.state.0.agents
+    }
+
+    /// The tiered journal, when `[storage]` is configured (archive runs,
+    /// blob collection, figures per tier).
+    pub fn tiered(&self) -> Option<&TieredJournal> {
+        self.state.0.tiered.as_ref()
     }
 
     /// Stops accepting, lets in-flight requests finish (up to the
@@ -437,6 +462,9 @@ impl Gateway {
         s.sagas.stop_all().await;
         self.agents_sup.stop(Duration::from_secs(5)).await;
         s.gpu.stop().await;
+        if let Some(a) = self.archiver {
+            a.abort();
+        }
         s.journal.flush().await?;
         s.lease_journal.flush().await?;
         Ok(())

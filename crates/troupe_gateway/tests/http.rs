@@ -534,6 +534,139 @@ async fn sse_clients_that_drop_at_random_resume_with_every_event_once() {
     gw.shutdown().await.unwrap();
 }
 
+/// With `[storage]`, a session's events are archived to the cold tier and
+/// read back unchanged over SSE from there (no hot tail, nothing left
+/// warm); blobs go in and out over HTTP, bounded and checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_archives_sessions_and_serves_blobs_over_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path(), 0);
+    let mut storage = troupe_journal::TierConfig::default();
+    storage.archive.archive_after_s = Some(1);
+    storage.archive.min_segment_events = 1;
+    storage.blobs.max_blob_bytes = 2 << 20;
+    storage.blobs.chunk_bytes = 256 << 10;
+    // No hot tail: once archived, every read below goes to the cold tier.
+    storage.hot = troupe_journal::HotConfig::disabled();
+    c.storage = Some(storage);
+    let gw = Gateway::start(c).await.unwrap();
+    let api = Api::new(gw.addr());
+    let (_, _, sess) = api.call("POST", "/v1/sessions", Some(ACME), None).await;
+    let sid = sess["id"].as_str().unwrap().to_owned();
+    for t in 0..2 {
+        let (s, _, body) = api
+            .call(
+                "POST",
+                &format!("/v1/sessions/{sid}/messages"),
+                Some(ACME),
+                Some(json!({"content": format!("turn {t}")})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{body}");
+        api.wait_task(ACME, body["task_id"].as_str().unwrap(), is("succeeded"))
+            .await;
+    }
+    let read_all = |api: &Api| {
+        let req = api
+            .http
+            .get(format!("{}/v1/sessions/{sid}/events?after=0", api.base))
+            .bearer_auth(ACME);
+        async move {
+            let resp = req.send().await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            let mut out = Vec::new();
+            let _ = tokio::time::timeout(
+                Duration::from_millis(500),
+                read_sse(resp, usize::MAX, &mut out),
+            )
+            .await;
+            out
+        }
+    };
+    let before = read_all(&api).await;
+    assert!(before.len() > 6, "{before:?}");
+    let tiered = gw.tiered().expect("storage configured");
+    let report = tiered
+        .archive_all(troupe_journal::now_ms() + 60_000, |_, _| {})
+        .await
+        .unwrap();
+    assert!(report.events >= before.len() as u64, "{report:?}");
+    let pid = troupe_journal::PersistenceId::new("session", &sid).unwrap();
+    let manifest = tiered.manifest(&pid).await.unwrap().expect("archived");
+    assert_eq!(manifest.archived_to, before.last().unwrap().0);
+    let api = Api::new(gw.addr());
+    assert_eq!(
+        read_all(&api).await,
+        before,
+        "cold events read back unchanged"
+    );
+
+    let payload: Vec<u8> = (0..1_500_000u32).map(|i| (i % 253) as u8).collect();
+    let parts: Vec<Result<Vec<u8>, std::io::Error>> =
+        payload.chunks(64 << 10).map(|c| Ok(c.to_vec())).collect();
+    let resp = api
+        .http
+        .post(format!("{}/v1/blobs", api.base))
+        .bearer_auth(ACME)
+        .header("content-type", "image/png")
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(parts)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let location = resp.headers()["location"].to_str().unwrap().to_owned();
+    let blob: Value = resp.json().await.unwrap();
+    assert_eq!(blob["size"], 1_500_000);
+    assert_eq!(blob["media_type"], "image/png");
+    assert_eq!(
+        location,
+        format!("/v1/blobs/{}", blob["hash"].as_str().unwrap())
+    );
+    let got = api
+        .http
+        .get(format!("{}{location}", api.base))
+        .bearer_auth(ACME)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.status(), StatusCode::OK);
+    assert_eq!(got.bytes().await.unwrap().as_ref(), payload.as_slice());
+
+    let big = vec![0u8; 3 << 20];
+    let resp = api
+        .http
+        .post(format!("{}/v1/blobs", api.base))
+        .bearer_auth(ACME)
+        .header("content-type", "video/mp4")
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let body: Value = resp.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("2097152"),
+        "{body}"
+    );
+    let (s, _, _) = api
+        .call(
+            "GET",
+            &format!("/v1/blobs/sha256:{}", "ab".repeat(32)),
+            Some(ACME),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _, _) = api.call("GET", "/v1/blobs/nothex", Some(ACME), None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (s, _, _) = api.call("GET", &location, None, None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    gw.shutdown().await.unwrap();
+}
+
 const CHILD_DIR: &str = "TROUPE_GATEWAY_CHILD_DIR";
 
 /// The server process of `a_server_killed_after_202_finishes_the_work`.

@@ -82,9 +82,9 @@ use std::sync::Arc;
 
 pub use error::{EnvelopeError, JournalError, Result};
 pub use event::{
-    AppendOutcome, MAX_BLOBS_PER_EVENT, MAX_EVENTS_PER_APPEND, MAX_PAYLOAD_LEN, MAX_TAGS_PER_EVENT, MAX_TYPE_NAME_LEN,
-    NewEvent, NewSnapshot, PersistedEvent, Schema, Snapshot, TaggedEvent, TypeName, TypeNameCache,
-    now_ms,
+    AppendOutcome, MAX_BLOBS_PER_EVENT, MAX_EVENTS_PER_APPEND, MAX_PAYLOAD_LEN, MAX_TAGS_PER_EVENT,
+    MAX_TYPE_NAME_LEN, NewEvent, NewSnapshot, PersistedEvent, Schema, Snapshot, TaggedEvent,
+    TypeName, TypeNameCache, now_ms,
 };
 pub use faulty::{FaultPlan, FaultyJournal};
 pub use id::{MAX_ID_LEN, MAX_TAG_LEN, PersistenceId, Tag};
@@ -96,7 +96,8 @@ pub use rocks::{
 };
 pub use tiered::{
     ArchivePolicy, ArchiveReport, ArchiveStep, BlobConfig, BlobGcReport, BlobHash, BlobRef,
-    BlobStore, ColdConfig, HotConfig, MAX_REPORTED_FAILURES, Objects, HotLimits, TierConfig, TierStats, TieredJournal,
+    BlobStore, ColdConfig, HotConfig, HotLimits, MAX_REPORTED_FAILURES, Objects, TierConfig,
+    TierStats, TieredJournal,
 };
 pub use upcast::{MAX_UPCAST_STEPS, Upcasters};
 
@@ -107,6 +108,10 @@ pub struct JournalConfig {
     pub data_dir: PathBuf,
     /// What an acknowledged append promises.
     pub durability: Durability,
+    /// Hot, cold and blob tiers around the RocksDB journal (none by
+    /// default; not available with `in_memory` durability).
+    #[serde(default)]
+    pub tiers: Option<TierConfig>,
 }
 
 impl Default for JournalConfig {
@@ -114,18 +119,42 @@ impl Default for JournalConfig {
         Self {
             data_dir: PathBuf::from("troupe-data/journal"),
             durability: Durability::Fsync,
+            tiers: None,
         }
     }
 }
 
 impl JournalConfig {
-    /// Opens the backend the durability calls for.
+    /// Opens the backend the durability calls for: a [`TieredJournal`]
+    /// when tiers are configured.
     pub fn open(&self) -> Result<Arc<dyn Journal>> {
+        if let Some(t) = self.open_tiered()? {
+            return Ok(Arc::new(t));
+        }
         Ok(match self.durability {
             Durability::InMemory => Arc::new(InMemoryJournal::new()),
             d => Arc::new(RocksJournal::open(
                 RocksConfig::new(&self.data_dir).durability(d),
             )?),
         })
+    }
+
+    /// Opens the tiered journal when tiers are configured (None otherwise).
+    pub fn open_tiered(&self) -> Result<Option<TieredJournal>> {
+        let Some(tiers) = &self.tiers else {
+            return Ok(None);
+        };
+        if self.durability == Durability::InMemory {
+            return Err(JournalError::InvalidName {
+                what: "journal configuration",
+                value: "in_memory".into(),
+                reason: "tiers need a RocksDB journal (durability fsync or buffered)",
+            });
+        }
+        tiers.validate()?;
+        Ok(Some(TieredJournal::open(
+            RocksConfig::new(&self.data_dir).durability(self.durability),
+            tiers.clone(),
+        )?))
     }
 }

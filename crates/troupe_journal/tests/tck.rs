@@ -95,7 +95,10 @@ impl TckHarness for Tiered {
             dir: tempfile::tempdir().expect("unused"),
             durability: Durability::Fsync,
         };
-        let mut warm = Rocks { dir: std::mem::replace(&mut self.dir, warm.dir), ..warm };
+        let mut warm = Rocks {
+            dir: std::mem::replace(&mut self.dir, warm.dir),
+            ..warm
+        };
         let journal = warm.open().await;
         self.dir = warm.dir;
         let mut config = troupe_journal::TierConfig::default();

@@ -245,21 +245,43 @@ async fn a_crash_at_any_archive_step_loses_nothing_and_duplicates_nothing() {
 
         let j = open(dir.path(), archive_everything()).await;
         for (i, id) in ids.iter().enumerate() {
-            assert_eq!(replay(&j, id, 1, u64::MAX).await, expected[i], "{step:?}: {id}");
-            assert_eq!(replay(&j, id, 130, 140).await, expected[i].iter().filter(|(s, _)| (130..=140).contains(s)).cloned().collect::<Vec<_>>());
+            assert_eq!(
+                replay(&j, id, 1, u64::MAX).await,
+                expected[i],
+                "{step:?}: {id}"
+            );
+            assert_eq!(
+                replay(&j, id, 130, 140).await,
+                expected[i]
+                    .iter()
+                    .filter(|(s, _)| (130..=140).contains(s))
+                    .cloned()
+                    .collect::<Vec<_>>()
+            );
         }
         let report = j.archive_all(NOW + 1000, |_, _| {}).await.unwrap();
-        if step == ArchiveStep::DeleteCommitted || step == ArchiveStep::SegmentWritten || step == ArchiveStep::SegmentVerified {
+        if step == ArchiveStep::DeleteCommitted
+            || step == ArchiveStep::SegmentWritten
+            || step == ArchiveStep::SegmentVerified
+        {
             assert!(report.orphans_removed >= 1, "{step:?}: {report:?}");
         }
         let mut in_manifests = 0;
         for (i, id) in ids.iter().enumerate() {
-            assert_eq!(replay(&j, id, 1, u64::MAX).await, expected[i], "{step:?} after the rerun: {id}");
+            assert_eq!(
+                replay(&j, id, 1, u64::MAX).await,
+                expected[i],
+                "{step:?} after the rerun: {id}"
+            );
             let m = j.manifest(id).await.unwrap().expect("archived");
             assert_eq!(m.archived_to, 150);
             in_manifests += m.segments.len();
         }
-        assert_eq!(segment_files(dir.path()).len(), in_manifests, "{step:?}: orphans left");
+        assert_eq!(
+            segment_files(dir.path()).len(),
+            in_manifests,
+            "{step:?}: orphans left"
+        );
         j.close().await;
     }
 }
@@ -286,7 +308,13 @@ async fn corrupt_and_missing_segments_are_named_precisely() {
     std::fs::write(&file, &bytes).unwrap();
     let err = j.replay(&id, 1, u64::MAX).collect_all().await.unwrap_err();
     match &err {
-        JournalError::ColdSegment { id: eid, from, to, segment, reason } => {
+        JournalError::ColdSegment {
+            id: eid,
+            from,
+            to,
+            segment,
+            reason,
+        } => {
             assert_eq!((eid, *from, *to), (&id, 51, 100));
             assert_eq!(segment, &second.object);
             assert!(reason.contains("checksum"), "{reason}");
@@ -294,9 +322,20 @@ async fn corrupt_and_missing_segments_are_named_precisely() {
         other => panic!("expected a cold segment error, got {other:?}"),
     }
     let text = err.to_string();
-    assert!(text.contains("chat/x") && text.contains("#51..#100") && text.contains(&second.object), "{text}");
-    assert_eq!(replay(&j, &id, 101, 125).await.len(), 25, "later events still read");
-    assert_eq!(replay(&j, &id, 1, 50).await.len(), 50, "earlier events still read");
+    assert!(
+        text.contains("chat/x") && text.contains("#51..#100") && text.contains(&second.object),
+        "{text}"
+    );
+    assert_eq!(
+        replay(&j, &id, 101, 125).await.len(),
+        25,
+        "later events still read"
+    );
+    assert_eq!(
+        replay(&j, &id, 1, 50).await.len(),
+        50,
+        "earlier events still read"
+    );
 
     std::fs::remove_file(&file).unwrap();
     let err = j.replay(&id, 60, 70).collect_all().await.unwrap_err();
@@ -322,7 +361,10 @@ async fn resumes_inside_the_hot_tail_do_not_touch_disk() {
     assert_eq!(replay(&j, &id, 41, u64::MAX).await, expected[40..].to_vec());
     assert!(replay(&j, &id, 51, u64::MAX).await.is_empty());
     let err = j.replay(&id, 40, u64::MAX).collect_all().await.unwrap_err();
-    assert!(matches!(err, JournalError::Corrupt { seq: 45, .. }), "{err:?}");
+    assert!(
+        matches!(err, JournalError::Corrupt { seq: 45, .. }),
+        "{err:?}"
+    );
     let stats = j.stats(|_| {}).await.unwrap();
     let kind = &stats.kinds["session"];
     assert_eq!((kind.hot.hits, kind.hot.misses), (2, 1));
@@ -331,7 +373,10 @@ async fn resumes_inside_the_hot_tail_do_not_touch_disk() {
     j.close().await;
 }
 
-fn chunks(total: usize, chunk: usize) -> impl futures::Stream<Item = Result<Vec<u8>, std::io::Error>> {
+fn chunks(
+    total: usize,
+    chunk: usize,
+) -> impl futures::Stream<Item = Result<Vec<u8>, std::io::Error>> {
     futures::stream::iter((0..total.div_ceil(chunk)).map(move |i| {
         let len = chunk.min(total - i * chunk);
         Ok((0..len).map(|k| ((i * chunk + k) % 251) as u8).collect())
@@ -352,7 +397,10 @@ async fn blobs_are_streamed_checked_bounded_and_collected_when_unreferenced() {
     let blobs = j.blobs().clone();
 
     let total = 3 * (1 << 20) + 12_345;
-    let image = blobs.put_stream("image/png", chunks(total, 10_000)).await.unwrap();
+    let image = blobs
+        .put_stream("image/png", chunks(total, 10_000))
+        .await
+        .unwrap();
     assert_eq!(image.size, total as u64);
     let mut back = Vec::new();
     let mut parts = 0;
@@ -366,43 +414,104 @@ async fn blobs_are_streamed_checked_bounded_and_collected_when_unreferenced() {
     assert_eq!(back, want);
     assert_eq!(image.hash, troupe_journal::BlobHash::of(&want));
 
-    let err = blobs.put_stream("video/mp4", chunks(5 << 20, 100_000)).await.unwrap_err();
-    assert!(matches!(err, JournalError::BlobTooLarge { limit, .. } if limit == 4 << 20), "{err:?}");
-    assert_eq!(blobs.list().await.unwrap().len(), 1, "the refused blob left nothing");
+    let err = blobs
+        .put_stream("video/mp4", chunks(5 << 20, 100_000))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, JournalError::BlobTooLarge { limit, .. } if limit == 4 << 20),
+        "{err:?}"
+    );
+    assert_eq!(
+        blobs.list().await.unwrap().len(),
+        1,
+        "the refused blob left nothing"
+    );
     let err = blobs.put("not a media type", vec![1u8]).await.unwrap_err();
-    assert!(matches!(err, JournalError::InvalidName { what: "media type", .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            JournalError::InvalidName {
+                what: "media type",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
 
     let small = blobs.put("audio/wav", vec![7u8; 1000]).await.unwrap();
     let id = PersistenceId::parse("chat/media").unwrap();
-    let ghost = troupe_journal::BlobRef { hash: troupe_journal::BlobHash::of(b"never stored"), size: 12, media_type: "image/png".into() };
-    let err = j.append(&id, 0, vec![event("ghost", NOW).with_blob(&ghost).unwrap()]).await.unwrap_err();
-    assert!(matches!(&err, JournalError::BlobMissing { hash } if hash == &ghost.hash.to_string()), "{err:?}");
+    let ghost = troupe_journal::BlobRef {
+        hash: troupe_journal::BlobHash::of(b"never stored"),
+        size: 12,
+        media_type: "image/png".into(),
+    };
+    let err = j
+        .append(&id, 0, vec![event("ghost", NOW).with_blob(&ghost).unwrap()])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, JournalError::BlobMissing { hash } if hash == &ghost.hash.to_string()),
+        "{err:?}"
+    );
 
-    j.append(&id, 0, vec![event("photo", NOW).with_blob(&image).unwrap()]).await.unwrap();
-    j.append(&id, 1, vec![event("photo again", NOW).with_blob(&image).unwrap(), event("text", NOW)]).await.unwrap();
+    j.append(&id, 0, vec![event("photo", NOW).with_blob(&image).unwrap()])
+        .await
+        .unwrap();
+    j.append(
+        &id,
+        1,
+        vec![
+            event("photo again", NOW).with_blob(&image).unwrap(),
+            event("text", NOW),
+        ],
+    )
+    .await
+    .unwrap();
     let gc = j.collect_blobs(NOW * 2).await.unwrap();
-    assert_eq!((gc.collected, gc.kept), (1, 1), "the unreferenced wav goes, the image stays: {gc:?}");
-    assert!(matches!(blobs.get_stream(&small).await.err(), Some(JournalError::BlobMissing { .. })));
+    assert_eq!(
+        (gc.collected, gc.kept),
+        (1, 1),
+        "the unreferenced wav goes, the image stays: {gc:?}"
+    );
+    assert!(matches!(
+        blobs.get_stream(&small).await.err(),
+        Some(JournalError::BlobMissing { .. })
+    ));
 
     // Archived events still hold their blobs.
     j.archive_all(NOW + 1, |_, _| {}).await.unwrap();
     assert_eq!(j.manifest(&id).await.unwrap().unwrap().archived_to, 3);
     assert_eq!(j.collect_blobs(NOW * 2).await.unwrap().collected, 0);
     j.delete_events_to(&id, 1).await.unwrap();
-    assert_eq!(j.collect_blobs(NOW * 2).await.unwrap().collected, 0, "event 2 still refers to it");
+    assert_eq!(
+        j.collect_blobs(NOW * 2).await.unwrap().collected,
+        0,
+        "event 2 still refers to it"
+    );
     j.delete_events_to(&id, 3).await.unwrap();
     let gc = j.collect_blobs(NOW * 2).await.unwrap();
     assert_eq!((gc.collected, gc.bytes_freed), (1, total as u64), "{gc:?}");
-    assert!(matches!(blobs.get_stream(&image).await.err(), Some(JournalError::BlobMissing { .. })));
+    assert!(matches!(
+        blobs.get_stream(&image).await.err(),
+        Some(JournalError::BlobMissing { .. })
+    ));
 
     // A blob whose bytes changed on disk fails at the end of its stream.
     let doc = blobs.put("application/pdf", vec![3u8; 5000]).await.unwrap();
     let hex = doc.hash.hex();
-    let file = dir.path().join("cold/blobs/sha256").join(&hex[..2]).join(&hex);
+    let file = dir
+        .path()
+        .join("cold/blobs/sha256")
+        .join(&hex[..2])
+        .join(&hex);
     let mut bytes = std::fs::read(&file).unwrap();
     bytes[10] = 4;
     std::fs::write(&file, &bytes).unwrap();
     let err = blobs.get_bytes(&doc, 1 << 20).await.unwrap_err();
-    assert!(matches!(&err, JournalError::BlobCorrupt { hash, .. } if hash == &doc.hash.to_string()), "{err:?}");
+    assert!(
+        matches!(&err, JournalError::BlobCorrupt { hash, .. } if hash == &doc.hash.to_string()),
+        "{err:?}"
+    );
     j.close().await;
 }

@@ -11,6 +11,7 @@ mod leases;
 mod mailbox;
 mod saga;
 mod sessions;
+mod tiers;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -56,6 +57,13 @@ pub enum Suite {
         #[arg(long)]
         quick: bool,
     },
+    /// Tiered storage: bytes per event warm and cold, resume latency per
+    /// tier, blob throughput.
+    Tiers {
+        /// Smaller counts, well under a minute.
+        #[arg(long)]
+        quick: bool,
+    },
     /// (internal) Replay one id and print the process's peak RSS.
     #[command(hide = true)]
     ReplayRss {
@@ -74,6 +82,7 @@ pub fn run(suite: Suite) -> Result<ExitCode, Box<dyn std::error::Error>> {
         Suite::Saga { quick } => saga::run(quick)?,
         Suite::Sessions { quick } => sessions::run(quick)?,
         Suite::Gateway { quick } => gateway::run(quick)?,
+        Suite::Tiers { quick } => tiers::run(quick)?,
         Suite::ReplayRss { data_dir, id } => journal::replay_rss_child(&data_dir, &id)?,
     }
     Ok(ExitCode::SUCCESS)

@@ -1098,10 +1098,7 @@ pub(crate) fn approximate_kind_bytes(db: &DB, kind: &str) -> Result<u64> {
         *last += 1; // '/' + 1 = '0'
     }
     let events = cf(db, CF_EVENTS)?;
-    let sizes = db.get_approximate_sizes_cf(
-        events,
-        &[rocksdb::Range::new(&start, &end)],
-    );
+    let sizes = db.get_approximate_sizes_cf(events, &[rocksdb::Range::new(&start, &end)]);
     Ok(sizes.first().copied().unwrap_or(0))
 }
 
@@ -1122,7 +1119,7 @@ pub(crate) fn scan_event_sizes(
             f(kind, v.len());
         }
         n += 1;
-        if n % 4096 == 0 {
+        if n.is_multiple_of(4096) {
             progress(n);
         }
         it.next();

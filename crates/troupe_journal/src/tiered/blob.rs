@@ -139,7 +139,9 @@ fn store_err(context: &'static str) -> impl Fn(object_store::Error) -> JournalEr
 fn check_media_type(media_type: &str) -> Result<()> {
     let ok = !media_type.is_empty()
         && media_type.len() <= MAX_MEDIA_TYPE_LEN
-        && media_type.split_once('/').is_some_and(|(a, b)| !a.is_empty() && !b.is_empty())
+        && media_type
+            .split_once('/')
+            .is_some_and(|(a, b)| !a.is_empty() && !b.is_empty())
         && media_type.bytes().all(|b| b.is_ascii_graphic());
     if ok {
         Ok(())
@@ -263,7 +265,9 @@ impl BlobStore {
         }
         match upload {
             Some(w) => {
-                w.finish().await.map_err(store_err("finishing a blob upload"))?;
+                w.finish()
+                    .await
+                    .map_err(store_err("finishing a blob upload"))?;
             }
             None => {
                 self.store
@@ -297,7 +301,8 @@ impl BlobStore {
             .step_by(chunk)
             .map(|at| Ok(bytes.slice(at..(at + chunk).min(bytes.len()))))
             .collect();
-        self.put_stream(media_type, futures::stream::iter(parts)).await
+        self.put_stream(media_type, futures::stream::iter(parts))
+            .await
     }
 
     /// Streams the blob's bytes. The stream ends with
@@ -429,7 +434,9 @@ impl Stream for Verifying {
                 self.seen += b.len() as u64;
                 if self.seen > self.expected.size {
                     let (seen, size) = (self.seen, self.expected.size);
-                    return self.corrupt(format!("more than the {size} bytes expected ({seen} so far)"));
+                    return self.corrupt(format!(
+                        "more than the {size} bytes expected ({seen} so far)"
+                    ));
                 }
                 self.hasher.update(&b);
                 Poll::Ready(Some(Ok(b)))

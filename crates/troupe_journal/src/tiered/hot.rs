@@ -80,7 +80,10 @@ impl HotConfig {
 
 /// Bytes an event is charged in the hot tier.
 fn cost(ev: &PersistedEvent) -> usize {
-    ev.payload.len() + ev.event_type.len() + ev.tags.iter().map(|t| t.as_str().len()).sum::<usize>() + 96
+    ev.payload.len()
+        + ev.event_type.len()
+        + ev.tags.iter().map(|t| t.as_str().len()).sum::<usize>()
+        + 96
 }
 
 struct Ring {
@@ -220,8 +223,18 @@ impl HotCache {
         }
     }
 
+    /// The highest sequence of `id`, if its ring is held.
+    pub(crate) fn highest(&self, id: &PersistenceId) -> Option<u64> {
+        self.lock().rings.peek(id).map(|r| r.hi)
+    }
+
     /// The events of `id` in `from..=to` if the ring holds all of them.
-    pub(crate) fn read(&self, id: &PersistenceId, from: u64, to: u64) -> Option<Vec<PersistedEvent>> {
+    pub(crate) fn read(
+        &self,
+        id: &PersistenceId,
+        from: u64,
+        to: u64,
+    ) -> Option<Vec<PersistedEvent>> {
         if !self.enabled_for(id) {
             return None;
         }
@@ -241,14 +254,20 @@ impl HotCache {
         };
         let kind = id.kind();
         if hit.is_some() {
-            metrics::counter!("troupe_journal_hot_hits_total", "kind" => kind.to_owned()).increment(1);
+            metrics::counter!("troupe_journal_hot_hits_total", "kind" => kind.to_owned())
+                .increment(1);
         } else {
-            metrics::counter!("troupe_journal_hot_misses_total", "kind" => kind.to_owned()).increment(1);
+            metrics::counter!("troupe_journal_hot_misses_total", "kind" => kind.to_owned())
+                .increment(1);
         }
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         match counts.get_mut(kind) {
             Some(c) => {
-                if hit.is_some() { c.0 += 1 } else { c.1 += 1 }
+                if hit.is_some() {
+                    c.0 += 1
+                } else {
+                    c.1 += 1
+                }
             }
             None => {
                 counts.insert(kind.to_owned(), if hit.is_some() { (1, 0) } else { (0, 1) });
@@ -309,10 +328,19 @@ mod tests {
         assert!(hot.read(&id, 1, u64::MAX).is_none());
         hot.appended(&id, 0, evs(&id, 1, 3));
         hot.appended(&id, 3, evs(&id, 4, 3));
-        let got: Vec<u64> = hot.read(&id, 3, u64::MAX).unwrap().iter().map(|e| e.seq).collect();
+        let got: Vec<u64> = hot
+            .read(&id, 3, u64::MAX)
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect();
         assert_eq!(got, vec![3, 4, 5, 6]);
         assert!(hot.read(&id, 2, u64::MAX).is_none(), "2 was evicted");
-        assert_eq!(hot.read(&id, 7, u64::MAX).unwrap(), vec![], "nothing after the tail");
+        assert_eq!(
+            hot.read(&id, 7, u64::MAX).unwrap(),
+            vec![],
+            "nothing after the tail"
+        );
         // A late update of older events changes nothing.
         hot.appended(&id, 1, evs(&id, 2, 2));
         assert_eq!(hot.read(&id, 6, 6).unwrap().len(), 1);
@@ -328,9 +356,10 @@ mod tests {
 
     #[test]
     fn the_total_bound_evicts_least_recently_used_entities() {
-        let mut c = HotConfig::default();
-        c.max_total_bytes = 3 * (10 + 3 + 96);
-        let hot = HotCache::new(c);
+        let hot = HotCache::new(HotConfig {
+            max_total_bytes: 3 * (10 + 3 + 96),
+            ..HotConfig::default()
+        });
         let a = PersistenceId::parse("chat/a").unwrap();
         let b = PersistenceId::parse("chat/b").unwrap();
         hot.appended(&a, 0, evs(&a, 1, 2));

@@ -123,6 +123,47 @@ pub struct TierConfig {
     pub blobs: BlobConfig,
 }
 
+impl TierConfig {
+    /// Checks the bounds (segment sizes, zstd level, blob limits).
+    pub fn validate(&self) -> Result<()> {
+        let bad = |reason: &'static str| {
+            Err(JournalError::InvalidName {
+                what: "tier configuration",
+                value: String::new(),
+                reason,
+            })
+        };
+        let a = &self.archive;
+        if a.max_segment_events == 0 || a.max_segment_bytes == 0 {
+            return bad("archive.max_segment_events and max_segment_bytes must be at least 1");
+        }
+        if a.max_segment_bytes as u64 > segment::MAX_SEGMENT_RAW_BYTES / 2 {
+            return bad("archive.max_segment_bytes must be at most 128 MiB");
+        }
+        if !(1..=19).contains(&a.zstd_level) {
+            return bad("archive.zstd_level must be 1 to 19");
+        }
+        if a.interval_s == Some(0) {
+            return bad("archive.interval_s must be at least 1 (or absent)");
+        }
+        if self.blobs.chunk_bytes < (5 << 20)
+            && self
+                .cold
+                .url
+                .as_deref()
+                .is_some_and(|u| u.starts_with("s3://"))
+        {
+            return bad(
+                "blobs.chunk_bytes must be at least 5 MiB on S3 (its smallest multipart part)",
+            );
+        }
+        if self.blobs.chunk_bytes == 0 || self.blobs.max_blob_bytes == 0 {
+            return bad("blobs.chunk_bytes and blobs.max_blob_bytes must be at least 1");
+        }
+        Ok(())
+    }
+}
+
 /// A step of archiving one segment, where [`TieredJournal::crash_at`] can
 /// stop the archiver as a crash would.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -406,12 +447,24 @@ impl TieredJournal {
     /// Makes the archiver stop at `step` as if the process had crashed
     /// there (crash tests); None clears it.
     pub fn crash_at(&self, step: Option<ArchiveStep>) {
-        *self.inner.crash_at.lock().unwrap_or_else(|p| p.into_inner()) = step;
+        *self
+            .inner
+            .crash_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = step;
     }
 
     fn step(&self, step: ArchiveStep) -> Result<()> {
-        if *self.inner.crash_at.lock().unwrap_or_else(|p| p.into_inner()) == Some(step) {
-            return Err(JournalError::Injected(format!("archiver stopped at {step:?}")));
+        if *self
+            .inner
+            .crash_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            == Some(step)
+        {
+            return Err(JournalError::Injected(format!(
+                "archiver stopped at {step:?}"
+            )));
         }
         Ok(())
     }
@@ -447,7 +500,11 @@ impl TieredJournal {
         })
     }
 
-    async fn fetch_segment(&self, id: &PersistenceId, seg: &SegmentEntry) -> Result<Vec<PersistedEvent>> {
+    async fn fetch_segment(
+        &self,
+        id: &PersistenceId,
+        seg: &SegmentEntry,
+    ) -> Result<Vec<PersistedEvent>> {
         let err = |reason: String| JournalError::ColdSegment {
             id: id.clone(),
             from: seg.from,
@@ -484,14 +541,21 @@ impl TieredJournal {
             return Ok(report);
         }
         let snapshot_seq = match policy.snapshot_retention_s {
-            Some(_) => self.inner.warm.load_snapshot(id).await?.map_or(0, |s| s.seq),
+            Some(_) => self
+                .inner
+                .warm
+                .load_snapshot(id)
+                .await?
+                .map_or(0, |s| s.seq),
             None => 0,
         };
         let eligible = |seq: u64, ts: u64| {
             let age_ms = now_ms.saturating_sub(ts);
             policy.archive_after_s.is_some_and(|a| age_ms >= a * 1000)
                 || (seq <= snapshot_seq
-                    && policy.snapshot_retention_s.is_some_and(|r| age_ms >= r * 1000))
+                    && policy
+                        .snapshot_retention_s
+                        .is_some_and(|r| age_ms >= r * 1000))
         };
         let max_events = policy.max_segment_events.max(1);
         let max_bytes = policy.max_segment_bytes.max(1);
@@ -513,11 +577,12 @@ impl TieredJournal {
                         found: *seq,
                     });
                 }
-                let env = crate::envelope::decode_event(env).map_err(|reason| JournalError::Corrupt {
-                    id: id.clone(),
-                    seq: *seq,
-                    reason,
-                })?;
+                let env =
+                    crate::envelope::decode_event(env).map_err(|reason| JournalError::Corrupt {
+                        id: id.clone(),
+                        seq: *seq,
+                        reason,
+                    })?;
                 if !eligible(*seq, env.timestamp_ms) {
                     break;
                 }
@@ -609,11 +674,7 @@ impl TieredJournal {
     /// Removes segments no manifest refers to (left by a crash between a
     /// segment write and its commit, or by a delete).
     async fn remove_orphans_locked(&self) -> Result<u64> {
-        let manifests = self
-            .inner
-            .warm
-            .with_db(rocks::all_cold_manifests)
-            .await?;
+        let manifests = self.inner.warm.with_db(rocks::all_cold_manifests).await?;
         let mut live = HashSet::new();
         for (id, bytes) in &manifests {
             // An unreadable manifest stops the sweep: its segments must not
@@ -656,7 +717,11 @@ impl TieredJournal {
         let total = self.count_ids().await?;
         let mut after: Option<PersistenceId> = None;
         loop {
-            let page = self.inner.warm.persistence_ids(after.as_ref(), 1000).await?;
+            let page = self
+                .inner
+                .warm
+                .persistence_ids(after.as_ref(), 1000)
+                .await?;
             let Some(last) = page.last().cloned() else {
                 break;
             };
@@ -694,7 +759,11 @@ impl TieredJournal {
         let mut n = 0u64;
         let mut after: Option<PersistenceId> = None;
         loop {
-            let page = self.inner.warm.persistence_ids(after.as_ref(), 10_000).await?;
+            let page = self
+                .inner
+                .warm
+                .persistence_ids(after.as_ref(), 10_000)
+                .await?;
             n += page.len() as u64;
             match page.last() {
                 Some(l) => after = Some(l.clone()),
@@ -837,12 +906,23 @@ impl TieredJournal {
                     Err(e) => tracing::error!(error = %e, "archive run failed"),
                 }
                 match journal.collect_blobs(now).await {
-                    Ok(r) => tracing::info!(collected = r.collected, bytes = r.bytes_freed, "blob collection finished"),
+                    Ok(r) => tracing::info!(
+                        collected = r.collected,
+                        bytes = r.bytes_freed,
+                        "blob collection finished"
+                    ),
                     Err(JournalError::Closed) => return,
                     Err(e) => tracing::error!(error = %e, "blob collection failed"),
                 }
             }
         })
+    }
+
+    /// Reads the warm tier's total SST bytes of events after flushing and
+    /// compacting it to the bottommost level (benchmarks, tools).
+    pub fn warm_compacted_bytes(&self) -> Result<u64> {
+        rocks::compact_events(&self.inner.warm)?;
+        rocks::events_sst_bytes(&self.inner.warm)
     }
 
     /// Stops the warm journal's writer (see [`RocksJournal::close`]).
@@ -1068,6 +1148,9 @@ impl Journal for TieredJournal {
     }
 
     async fn highest_seq(&self, id: &PersistenceId) -> Result<u64> {
+        if let Some(h) = self.inner.hot.highest(id) {
+            return Ok(h);
+        }
         self.inner.warm.highest_seq(id).await
     }
 

@@ -277,8 +277,7 @@ fn path_part(s: &str) -> String {
     let plain = !s.is_empty()
         && s.len() <= 100
         && !s.starts_with('.')
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
     if plain {
         format!("k-{s}")
