@@ -6,7 +6,7 @@ export CARGO_TARGET_DIR ?= /var/tmp/troupe-target
 CARGO ?= cargo
 DEMO ?= support_desk
 EXAMPLES := first_agent support_desk doc_pipeline gpu_rush gateway nvml_probe \
-	journal_tour durable_agents gpu_leases order_saga
+	journal_tour durable_agents gpu_leases order_saga storage_tiers
 
 .PHONY: all deps demo test fmt-check clippy unit examples book bench
 
@@ -46,6 +46,6 @@ book:
 
 # Benchmarks are not part of `make test`: run them on a quiet machine.
 bench:
-	@set -e; for suite in journal mailbox leases saga sessions gateway; do \
+	@set -e; for suite in journal mailbox leases saga sessions gateway tiers; do \
 		$(CARGO) run -q --release -p troupe_cli -- bench $$suite; \
 	done

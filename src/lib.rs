@@ -44,8 +44,8 @@ pub mod prelude {
         Sessions, Tool, Tools,
     };
     pub use troupe_journal::{
-        AppendOutcome, Durability, InMemoryJournal, Journal, JournalConfig, JournalError, NewEvent,
-        NewSnapshot, PersistedEvent, PersistenceId, Replay, RocksConfig, RocksJournal, Schema,
-        Snapshot, Tag, TaggedEvent, Upcasters,
+        AppendOutcome, BlobRef, BlobStore, Durability, InMemoryJournal, Journal, JournalConfig,
+        JournalError, NewEvent, NewSnapshot, PersistedEvent, PersistenceId, Replay, RocksConfig,
+        RocksJournal, Schema, Snapshot, Tag, TaggedEvent, TierConfig, TieredJournal, Upcasters,
     };
 }

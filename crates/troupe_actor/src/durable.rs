@@ -59,6 +59,14 @@ pub trait EventSourced: Send + Sync + 'static {
     /// Folds one event into the state. Must be deterministic: it runs again
     /// on every recovery.
     fn apply(state: &mut Self::State, event: &Self::Event);
+
+    /// Blobs an event refers to. They are declared with the event
+    /// ([`NewEvent::with_blob`]), so the blob store keeps them as long as
+    /// the event exists and a tiered journal refuses the event if one is
+    /// missing. None by default.
+    fn blobs(_event: &Self::Event) -> Vec<troupe_journal::BlobRef> {
+        Vec::new()
+    }
 }
 
 type After<E> = Box<dyn FnOnce(&<E as EventSourced>::State) + Send>;
@@ -255,10 +263,14 @@ impl<E: EventSourced> ractor::Actor for DurableActor<E> {
         if !effect.events.is_empty() {
             let mut new = Vec::with_capacity(effect.events.len());
             for ev in &effect.events {
-                new.push(
-                    NewEvent::new(ev)
-                        .map_err(|e| Box::new(ActorError::journal(st.args.id.as_str(), &e)))?,
-                );
+                let journal_err = |e: troupe_journal::JournalError| {
+                    Box::new(ActorError::journal(st.args.id.as_str(), &e))
+                };
+                let mut event = NewEvent::new(ev).map_err(journal_err)?;
+                for blob in E::blobs(ev) {
+                    event = event.with_blob(&blob).map_err(journal_err)?;
+                }
+                new.push(event);
             }
             let out = append_with_policy(&st.args, st.seq, new).await?;
             for ev in &effect.events {

@@ -43,8 +43,8 @@ pub use model::{
 };
 pub use openai::{OpenAiBackend, OpenAiConfig};
 pub use session::{
-    Posted, SessionConfig, SessionEvent, SessionItem, SessionRecord, SessionStream, SessionView,
-    Sessions, TurnRef,
+    MAX_ATTACHMENTS, Posted, SessionConfig, SessionEvent, SessionItem, SessionRecord,
+    SessionStream, SessionView, Sessions, TurnRef,
 };
 pub use tool::{Tool, Tools};
 pub use topic::{Overflow, Published, Topics};

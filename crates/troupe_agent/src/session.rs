@@ -67,6 +67,10 @@ pub enum SessionEvent {
         turn: u32,
         /// What the user said.
         text: String,
+        /// Images, audio, documents sent with it, as blob references (the
+        /// bytes live in the blob store).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        attachments: Vec<troupe_journal::BlobRef>,
     },
     /// An attempt at answering a turn started (attempt > 1: the previous
     /// attempt was interrupted and its partial reply is void).
@@ -127,6 +131,9 @@ pub enum SessionEvent {
         reason: String,
     },
 }
+
+/// Most attachments on one user turn.
+pub const MAX_ATTACHMENTS: usize = 16;
 
 impl Schema for SessionEvent {
     const TYPE_NAME: &'static str = "agent.SessionEvent";
@@ -288,6 +295,8 @@ pub enum SessionCommand {
     Post {
         /// What the user said.
         text: String,
+        /// Blobs sent with it.
+        attachments: Vec<troupe_journal::BlobRef>,
         /// Answer.
         reply: Reply<Posted>,
     },
@@ -468,6 +477,13 @@ impl EventSourced for SessionEntity {
     type State = SessionState;
     const KIND: &'static str = SESSION_KIND;
 
+    fn blobs(event: &SessionEvent) -> Vec<troupe_journal::BlobRef> {
+        match event {
+            SessionEvent::UserTurn { attachments, .. } => attachments.clone(),
+            _ => Vec::new(),
+        }
+    }
+
     fn handle(&self, state: &SessionState, command: SessionCommand) -> Effect<Self> {
         match command {
             SessionCommand::Open {
@@ -499,7 +515,11 @@ impl EventSourced for SessionEntity {
                 };
                 self.persist(&id, vec![event], reply, |st| st.seq)
             }
-            SessionCommand::Post { text, reply } => {
+            SessionCommand::Post {
+                text,
+                attachments,
+                reply,
+            } => {
                 if let Err(e) = Self::check_open(state) {
                     return fail(reply, e);
                 }
@@ -521,8 +541,21 @@ impl EventSourced for SessionEntity {
                         },
                     );
                 }
+                if attachments.len() > MAX_ATTACHMENTS {
+                    return fail(
+                        reply,
+                        AgentError::TooLarge {
+                            what: "attachments per message".into(),
+                            limit: MAX_ATTACHMENTS,
+                        },
+                    );
+                }
                 let turn = state.turns + 1;
-                let event = SessionEvent::UserTurn { turn, text };
+                let event = SessionEvent::UserTurn {
+                    turn,
+                    text,
+                    attachments,
+                };
                 self.persist(&state.id, vec![event], reply, move |st| Posted {
                     turn,
                     seq: st.seq,
@@ -655,9 +688,21 @@ impl EventSourced for SessionEntity {
                 state.context_limit = *context_limit;
                 state.opened = true;
             }
-            SessionEvent::UserTurn { turn, text } => {
+            SessionEvent::UserTurn {
+                turn,
+                text,
+                attachments,
+            } => {
                 state.turns = *turn;
-                state.messages.push_back(ChatMessage::user(text.clone()));
+                let mut content = text.clone();
+                // Text-only models see what was attached, by reference.
+                for a in attachments {
+                    content.push_str(&format!(
+                        "\n[attachment: {} {}, {} bytes]",
+                        a.media_type, a.hash, a.size
+                    ));
+                }
+                state.messages.push_back(ChatMessage::user(content));
                 state.pending = Some(Pending {
                     turn: *turn,
                     base: state.messages.len(),
@@ -866,9 +911,25 @@ impl Sessions {
     /// Journals a user turn; refused with [`AgentError::Busy`] while a turn
     /// is in progress.
     pub async fn post(&self, id: &str, text: &str) -> Result<Posted, AgentError> {
+        self.post_with(id, text, Vec::new()).await
+    }
+
+    /// Posts a user turn with attachments (at most [`MAX_ATTACHMENTS`]):
+    /// blobs already in the blob store, referenced by the turn's event and
+    /// kept as long as it is.
+    pub async fn post_with(
+        &self,
+        id: &str,
+        text: &str,
+        attachments: Vec<troupe_journal::BlobRef>,
+    ) -> Result<Posted, AgentError> {
         let text = text.to_owned();
-        self.ask(id, |reply| SessionCommand::Post { text, reply })
-            .await
+        self.ask(id, |reply| SessionCommand::Post {
+            text,
+            attachments,
+            reply,
+        })
+        .await
     }
 
     /// Starts an attempt at the pending turn (a new attempt voids an

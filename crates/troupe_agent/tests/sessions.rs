@@ -204,7 +204,9 @@ async fn sessions_recover_from_rocksdb_after_passivation_and_reopen() {
     );
     let mut sub = s.subscribe(&id, 20).await.unwrap();
     let evs = read_until(&mut sub, 21, 22).await;
-    assert!(matches!(&evs[1], SessionEvent::UserTurn { turn: 5, text } if text == "question 5"));
+    assert!(
+        matches!(&evs[1], SessionEvent::UserTurn { turn: 5, text, .. } if text == "question 5")
+    );
 }
 
 proptest! {

@@ -24,6 +24,10 @@ pub enum JournalCommand {
         /// First sequence number to print.
         #[arg(long, default_value_t = 1)]
         from: u64,
+        /// Cold store URL, for archived events (default: a `cold`
+        /// directory beside the journal's, when there is one).
+        #[arg(long)]
+        cold: Option<String>,
     },
     /// Decode every stored envelope; list bad entries; exit 1 if any.
     Verify,
@@ -39,19 +43,41 @@ pub enum JournalCommand {
         /// Cold store URL (default: a `cold` directory beside the journal's).
         #[arg(long)]
         cold: Option<String>,
-        /// zstd level of the segments (1..=19).
-        #[arg(long, default_value_t = 9)]
-        zstd_level: i32,
+        /// zstd level of the segments (1..=19; default 9).
+        #[arg(long)]
+        zstd_level: Option<i32>,
         /// Also delete blobs no event refers to any more.
         #[arg(long)]
         collect_blobs: bool,
+        /// Take the policy and the cold store (URL and options) from the
+        /// `[storage]` section of a `troupe serve` configuration; flags
+        /// given as well win.
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
     },
     /// Events and bytes per tier and per kind, and blobs.
     Stats {
         /// Cold store URL (default: a `cold` directory beside the journal's).
         #[arg(long)]
         cold: Option<String>,
+        /// Take the cold store from the `[storage]` section of a `troupe
+        /// serve` configuration.
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
     },
+}
+
+/// The `[storage]` section of a server configuration file.
+fn storage_of(config: Option<&Path>) -> Result<Option<TierConfig>, Box<dyn std::error::Error>> {
+    let Some(path) = config else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let parsed = troupe_gateway::GatewayConfig::from_toml(&text)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(Some(parsed.storage.ok_or_else(|| {
+        format!("{} has no [storage] section", path.display())
+    })?))
 }
 
 fn cold_config(url: Option<String>) -> ColdConfig {
@@ -65,15 +91,15 @@ fn cold_config(url: Option<String>) -> ColdConfig {
 /// cold store exists yet.
 fn open_for_reading(
     data_dir: &Path,
-    cold: Option<String>,
+    cold: ColdConfig,
 ) -> Result<TieredJournal, Box<dyn std::error::Error>> {
     let warm = RocksJournal::open_read_only(data_dir)?;
     let default_dir = default_cold_dir(data_dir);
-    let objects = if cold.is_none() && !default_dir.exists() {
+    let objects = if cold.url.is_none() && !default_dir.exists() {
         // Nothing was ever archived: read the warm tier alone, create nothing.
         troupe_journal::Objects::remote(std::sync::Arc::new(object_store::memory::InMemory::new()))
     } else {
-        open_object_store(&cold_config(cold), &default_dir)?
+        open_object_store(&cold, &default_dir)?
     };
     Ok(TieredJournal::new(
         warm,
@@ -105,6 +131,7 @@ pub fn run(
             cold,
             zstd_level,
             collect_blobs,
+            config,
         } => {
             return archive(
                 data_dir,
@@ -113,9 +140,18 @@ pub fn run(
                 cold,
                 zstd_level,
                 collect_blobs,
+                storage_of(config.as_deref())?,
             );
         }
-        JournalCommand::Stats { cold } => return stats(data_dir, cold),
+        JournalCommand::Stats { cold, config } => {
+            let mut c = storage_of(config.as_deref())?
+                .map(|s| s.cold)
+                .unwrap_or_default();
+            if cold.is_some() {
+                c.url = cold;
+            }
+            return stats(data_dir, c);
+        }
         _ => {}
     }
     let journal = RocksJournal::open_read_only(data_dir)?;
@@ -141,10 +177,10 @@ pub fn run(
             })?;
             Ok(ExitCode::SUCCESS)
         }
-        JournalCommand::Dump { id, from } => {
+        JournalCommand::Dump { id, from, cold } => {
             let id = PersistenceId::parse(&id)?;
             drop(journal);
-            let journal = open_for_reading(data_dir, None)?;
+            let journal = open_for_reading(data_dir, cold_config(cold))?;
             let failed = runtime()?.block_on(async {
                 use futures::StreamExt;
                 let mut replay = journal.replay(&id, from, u64::MAX);
@@ -245,22 +281,26 @@ fn archive(
     older_than: Option<std::time::Duration>,
     snapshot_retention: Option<std::time::Duration>,
     cold: Option<String>,
-    zstd_level: i32,
+    zstd_level: Option<i32>,
     collect_blobs: bool,
+    from_file: Option<TierConfig>,
 ) -> Result<ExitCode, Box<dyn std::error::Error>> {
     if !data_dir.join("CURRENT").exists() {
         return Err(format!("no journal at {}", data_dir.display()).into());
     }
-    let mut config = TierConfig {
-        cold: cold_config(cold),
-        hot: troupe_journal::HotConfig::disabled(),
-        ..TierConfig::default()
-    };
+    let mut config = from_file.unwrap_or_default();
+    config.hot = troupe_journal::HotConfig::disabled();
+    if cold.is_some() {
+        config.cold.url = cold;
+    }
     if older_than.is_some() || snapshot_retention.is_some() {
         config.archive.archive_after_s = older_than.map(|d| d.as_secs());
         config.archive.snapshot_retention_s = snapshot_retention.map(|d| d.as_secs());
     }
-    config.archive.zstd_level = zstd_level;
+    if let Some(level) = zstd_level {
+        config.archive.zstd_level = level;
+    }
+    config.validate()?;
     let rt = runtime()?;
     let (report, gc) = rt.block_on(async {
         let journal = TieredJournal::open(RocksConfig::new(data_dir), config).map_err(|e| {
@@ -318,7 +358,7 @@ fn archive(
     })
 }
 
-fn stats(data_dir: &Path, cold: Option<String>) -> Result<ExitCode, Box<dyn std::error::Error>> {
+fn stats(data_dir: &Path, cold: ColdConfig) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let journal = open_for_reading(data_dir, cold)?;
     let total = journal.warm().estimate_event_count();
     let bar = bar(total, "scanning events");

@@ -119,3 +119,55 @@ fn a_missing_journal_is_a_clear_error() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no journal at"));
 }
+
+/// `archive` moves old events to the cold tier (an id with a corrupt
+/// entry is listed and left warm, exit 1), `stats` counts each tier per
+/// kind, and `dump` still prints archived events.
+#[tokio::test]
+async fn archive_moves_old_events_cold_and_stats_and_dump_see_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = dir.path().join("journal");
+    journal_with_garbage(&journal, &[("cli/2", 5)]).await;
+    // Events written just now: nothing is older than a day.
+    let run = |args: &[&str]| {
+        troupe()
+            .args(["journal", "--data-dir"])
+            .arg(&journal)
+            .args(args)
+            .output()
+            .expect("run troupe")
+    };
+    let out = run(&["archive", "--older-than", "1d"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("archived 0 events"),
+        "{out:?}"
+    );
+    let out = run(&["archive", "--older-than", "0s", "--zstd-level", "3"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "one id has a corrupt entry: {stdout}"
+    );
+    assert!(
+        stdout.contains("archived 40 events of 2 ids (3 scanned)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("NOT ARCHIVED cli/2"), "{stdout}");
+    let out = run(&["stats"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let cli: Vec<&str> = stdout
+        .lines()
+        .find(|l| l.starts_with("cli "))
+        .expect("a cli row")
+        .split_whitespace()
+        .collect();
+    // kind, warm events, warm raw, warm disk, cold events, segments, ...
+    assert_eq!((cli[1], cli[4]), ("20", "40"), "{stdout}");
+    let out = run(&["dump", "cli/0"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 20);
+    assert!(dir.path().join("cold/segments").is_dir());
+}

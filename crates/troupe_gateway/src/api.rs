@@ -193,6 +193,9 @@ async fn get_session(
 #[derive(Deserialize)]
 struct NewMessage {
     content: String,
+    /// Blobs uploaded with `POST /v1/blobs`, sent with the message.
+    #[serde(default)]
+    attachments: Vec<troupe_journal::BlobRef>,
 }
 
 async fn post_message(
@@ -202,6 +205,34 @@ async fn post_message(
     ApiJson(body): ApiJson<NewMessage>,
 ) -> Result<Response, GatewayError> {
     let view = st.session(&tenant, &id).await?;
+    if !body.attachments.is_empty() {
+        let blobs = st.0.tiered.as_ref().map(|t| t.blobs()).ok_or_else(|| {
+            GatewayError::BadRequest("`attachments` need blob storage (a [storage] section)".into())
+        })?;
+        if body.attachments.len() > troupe_agent::MAX_ATTACHMENTS {
+            return Err(GatewayError::BadRequest(format!(
+                "at most {} attachments per message",
+                troupe_agent::MAX_ATTACHMENTS
+            )));
+        }
+        for a in &body.attachments {
+            match blobs.size_of(&a.hash).await? {
+                Some(size) if size == a.size => {}
+                Some(size) => {
+                    return Err(GatewayError::BadRequest(format!(
+                        "attachment {} has {size} bytes, not {}",
+                        a.hash, a.size
+                    )));
+                }
+                None => {
+                    return Err(GatewayError::BadRequest(format!(
+                        "attachment {} is not stored (upload it with POST /v1/blobs first)",
+                        a.hash
+                    )));
+                }
+            }
+        }
+    }
     if let Some(p) = view.pending {
         return Err(GatewayError::Conflict(format!(
             "session `{id}` is busy with turn {}; wait for it to finish",
@@ -218,7 +249,12 @@ async fn post_message(
         turn: view.turns + 1,
     };
     let task_id = st.0.tasks.journal_new(&tenant, task).await?;
-    let posted = match st.0.sessions.post(&id, &body.content).await {
+    let posted = match st
+        .0
+        .sessions
+        .post_with(&id, &body.content, body.attachments)
+        .await
+    {
         Ok(p) if p.turn == view.turns + 1 => p,
         Ok(p) => {
             // Another request posted in between; this turn is not ours.

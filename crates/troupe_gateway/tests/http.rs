@@ -632,6 +632,44 @@ async fn storage_archives_sessions_and_serves_blobs_over_http() {
     assert_eq!(got.status(), StatusCode::OK);
     assert_eq!(got.bytes().await.unwrap().as_ref(), payload.as_slice());
 
+    // A message may carry it; the turn's event refers to it, so the blob
+    // collector keeps it long after its grace period.
+    let (s, _, body) = api
+        .call(
+            "POST",
+            &format!("/v1/sessions/{sid}/messages"),
+            Some(ACME),
+            Some(json!({"content": "what is in this photo?", "attachments": [blob.clone()]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{body}");
+    api.wait_task(ACME, body["task_id"].as_str().unwrap(), is("succeeded"))
+        .await;
+    let mut ghost = blob.clone();
+    ghost["hash"] = json!(format!("sha256:{}", "cd".repeat(32)));
+    let (s, _, body) = api
+        .call(
+            "POST",
+            &format!("/v1/sessions/{sid}/messages"),
+            Some(ACME),
+            Some(json!({"content": "and this one?", "attachments": [ghost]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.to_string().contains("not stored"), "{body}");
+    let events = read_all(&api).await;
+    assert!(
+        events
+            .iter()
+            .any(|(_, d)| d.contains("attachments") && d.contains(blob["hash"].as_str().unwrap())),
+        "the user turn carries the reference"
+    );
+    let gc = tiered
+        .collect_blobs(troupe_journal::now_ms() + 86_400_000)
+        .await
+        .unwrap();
+    assert_eq!((gc.collected, gc.kept), (0, 1), "{gc:?}");
+
     let big = vec![0u8; 3 << 20];
     let resp = api
         .http

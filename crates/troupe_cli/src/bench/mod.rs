@@ -109,8 +109,11 @@ impl Report {
 fn fmt(v: f64) -> String {
     if v >= 100.0 {
         format!("{v:.0}")
-    } else {
+    } else if v >= 0.1 || v == 0.0 {
         format!("{v:.2}")
+    } else {
+        // Small figures (sub-0.1 ms latencies) keep three significant digits.
+        format!("{v:.3e}")
     }
 }
 

@@ -264,6 +264,7 @@ async fn raw_turns(
                     vec![SessionEvent::UserTurn {
                         turn: t,
                         text: format!("question {t} about my order"),
+                        attachments: Vec::new(),
                     }],
                     vec![SessionEvent::TurnStarted {
                         turn: t,

@@ -224,6 +224,7 @@ fn session_events(rng: &mut StdRng, session: usize, turns: u32) -> Vec<SessionEv
         out.push(SessionEvent::UserTurn {
             turn,
             text: sentence(rng, n),
+            attachments: Vec::new(),
         });
         out.push(SessionEvent::TurnStarted {
             turn,

@@ -305,22 +305,42 @@ impl BlobStore {
             .await
     }
 
-    /// Streams the blob's bytes. The stream ends with
-    /// [`JournalError::BlobCorrupt`] if the bytes do not match the hash or
-    /// size; a blob that is not there is [`JournalError::BlobMissing`].
+    /// Streams the blob's bytes in parts of [`BlobConfig::chunk_bytes`]
+    /// (two ranged reads in flight). The stream ends with
+    /// [`JournalError::BlobCorrupt`] if the bytes do not match the hash; a
+    /// blob that is not there is [`JournalError::BlobMissing`], one of
+    /// another size [`JournalError::BlobCorrupt`] at once.
     pub async fn get_stream(&self, blob: &BlobRef) -> Result<BoxStream<'static, Result<Bytes>>> {
-        let got = self
-            .store
-            .get(&blob.hash.object_path())
-            .await
-            .map_err(|e| match e {
-                object_store::Error::NotFound { .. } => JournalError::BlobMissing {
+        let path = blob.hash.object_path();
+        let stored = match self.store.head(&path).await {
+            Ok(meta) => meta.size,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(JournalError::BlobMissing {
                     hash: blob.hash.to_string(),
-                },
-                e => store_err("reading a blob")(e),
-            })?;
+                });
+            }
+            Err(e) => return Err(store_err("reading a blob")(e)),
+        };
+        if stored != blob.size {
+            return Err(JournalError::BlobCorrupt {
+                hash: blob.hash.to_string(),
+                reason: format!("{stored} bytes stored, {} expected", blob.size),
+            });
+        }
+        let chunk = self.config.chunk_bytes.max(1) as u64;
+        let store = self.store.clone();
+        let ranges: Vec<std::ops::Range<u64>> = (0..blob.size)
+            .step_by(chunk as usize)
+            .map(|at| at..(at + chunk).min(blob.size))
+            .collect();
+        let parts = futures::stream::iter(ranges)
+            .map(move |r| {
+                let (store, path) = (store.clone(), path.clone());
+                async move { store.get_range(&path, r).await }
+            })
+            .buffered(2);
         Ok(Box::pin(Verifying {
-            inner: got.into_stream(),
+            inner: Box::pin(parts),
             hasher: Sha256::new(),
             seen: 0,
             expected: blob.clone(),

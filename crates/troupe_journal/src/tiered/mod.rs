@@ -500,10 +500,12 @@ impl TieredJournal {
         })
     }
 
+    /// The events of a segment from `from_seq` on, checked end to end.
     async fn fetch_segment(
         &self,
         id: &PersistenceId,
         seg: &SegmentEntry,
+        from_seq: u64,
     ) -> Result<Vec<PersistedEvent>> {
         let err = |reason: String| JournalError::ColdSegment {
             id: id.clone(),
@@ -521,9 +523,11 @@ impl TieredJournal {
             Err(e) => return Err(err(e.to_string())),
         };
         let (id2, seg2) = (id.clone(), seg.clone());
-        let decoded = tokio::task::spawn_blocking(move || segment::decode(&id2, &seg2, &bytes))
-            .await
-            .map_err(|e| JournalError::storage("decoding a segment", e))?;
+        let decoded = tokio::task::spawn_blocking(move || {
+            segment::decode_from(&id2, &seg2, &bytes, from_seq)
+        })
+        .await
+        .map_err(|e| JournalError::storage("decoding a segment", e))?;
         metrics::counter!("troupe_journal_cold_segment_reads_total").increment(1);
         decoded.map_err(err)
     }
@@ -639,7 +643,7 @@ impl TieredJournal {
                     reason: "read back different bytes than were written".into(),
                 });
             }
-            let checked = self.fetch_segment(id, &entry).await?;
+            let checked = self.fetch_segment(id, &entry, start).await?;
             if checked.len() != take {
                 return Err(JournalError::ColdSegment {
                     id: id.clone(),
@@ -990,13 +994,13 @@ impl TieredJournal {
         result
     }
 
-    async fn replay_stream(
+    fn replay_stream(
         self,
         id: PersistenceId,
         from: u64,
         to: u64,
-        tx: tokio::sync::mpsc::Sender<Result<Vec<PersistedEvent>>>,
-    ) -> Result<()> {
+    ) -> impl futures::Stream<Item = Result<Vec<PersistedEvent>>> + Send + 'static {
+        async_stream::try_stream! {
         let batch = self.inner.warm.replay_batch_size();
         let mut next = from;
         let mut manifest = if self.inner.has_cold.load(Ordering::SeqCst) {
@@ -1015,35 +1019,33 @@ impl TieredJournal {
                         continue;
                     }
                     if seg.from > next {
-                        return Err(JournalError::ColdSegment {
+                        Err(JournalError::ColdSegment {
                             id: id.clone(),
                             from: seg.from,
                             to: seg.to,
                             segment: seg.object.clone(),
                             reason: format!("the manifest has no segment holding #{next}"),
-                        });
+                        })?;
                     }
-                    let events = self.fetch_segment(&id, seg).await?;
+                    let events = self.fetch_segment(&id, seg, next).await?;
                     let wanted: Vec<PersistedEvent> = events
                         .into_iter()
                         .filter(|e| e.seq >= next && e.seq <= to)
                         .collect();
                     for chunk in wanted.chunks(batch) {
-                        if tx.send(Ok(chunk.to_vec())).await.is_err() {
-                            return Ok(());
-                        }
+                        yield chunk.to_vec();
                     }
                     next = seg.to.min(to) + 1;
                 }
                 if next > to {
-                    return Ok(());
+                    return;
                 }
                 if next <= m.archived_to {
-                    return Err(JournalError::Gap {
+                    Err(JournalError::Gap {
                         id: id.clone(),
                         expected: next,
                         found: m.archived_to + 1,
-                    });
+                    })?;
                 }
             }
             let mut warm = self.inner.warm.replay(&id, next, to);
@@ -1069,9 +1071,7 @@ impl TieredJournal {
                 if let Some(last) = b.last() {
                     next = last.seq + 1;
                 }
-                if tx.send(Ok(b)).await.is_err() {
-                    return Ok(());
-                }
+                yield b;
             }
             if recheck {
                 continue;
@@ -1083,7 +1083,8 @@ impl TieredJournal {
                     continue;
                 }
             }
-            return Ok(());
+            return;
+        }
         }
     }
 }
@@ -1133,18 +1134,7 @@ impl Journal for TieredJournal {
         if tokio::runtime::Handle::try_current().is_err() {
             return Replay::failed(JournalError::NoRuntime("replay"));
         }
-        let (tx, rx) = tokio::sync::mpsc::channel(2);
-        let me = self.clone();
-        let id = id.clone();
-        tokio::spawn(async move {
-            let err_tx = tx.clone();
-            if let Err(e) = me.replay_stream(id, from, to_seq, tx).await {
-                let _ = err_tx.send(Err(e)).await;
-            }
-        });
-        Replay::from_stream(futures::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|item| (item, rx))
-        }))
+        Replay::from_stream(self.clone().replay_stream(id.clone(), from, to_seq))
     }
 
     async fn highest_seq(&self, id: &PersistenceId) -> Result<u64> {
@@ -1240,7 +1230,7 @@ impl Journal for TieredJournal {
                 continue;
             };
             if !segments.contains_key(&seg.object) {
-                let events = self.fetch_segment(&id, seg).await?;
+                let events = self.fetch_segment(&id, seg, seg.from).await?;
                 segments.insert(seg.object.clone(), events);
             }
             if let Some(event) = segments[&seg.object]

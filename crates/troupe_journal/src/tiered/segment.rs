@@ -161,10 +161,23 @@ pub(crate) fn crc_of(bytes: &[u8]) -> u32 {
 
 /// Decodes a segment fetched for `entry`, checking it end to end. The
 /// error is the reason only; the caller names the id, range and object.
+#[cfg(test)]
 pub(crate) fn decode(
     id: &PersistenceId,
     entry: &SegmentEntry,
     bytes: &[u8],
+) -> std::result::Result<Vec<PersistedEvent>, String> {
+    decode_from(id, entry, bytes, entry.from)
+}
+
+/// Like [`decode`], returning only the events from `from_seq` on (the
+/// checksum still covers the whole segment; earlier envelopes are skipped
+/// without being decoded).
+pub(crate) fn decode_from(
+    id: &PersistenceId,
+    entry: &SegmentEntry,
+    bytes: &[u8],
+    from_seq: u64,
 ) -> std::result::Result<Vec<PersistedEvent>, String> {
     if bytes.len() as u64 != entry.bytes {
         return Err(format!(
@@ -236,6 +249,7 @@ pub(crate) fn decode(
     let mut types = TypeNameCache::default();
     let mut at = 0usize;
     let mut seq = entry.from;
+    let mut count = 0u64;
     while at < raw.len() {
         if at + 4 > raw.len() {
             return Err(format!("truncated entry at body offset {at}"));
@@ -245,16 +259,18 @@ pub(crate) fn decode(
         if at + len > raw.len() {
             return Err(format!("entry #{seq} overruns the body"));
         }
-        let ev = PersistedEvent::from_envelope(id, seq, &raw[at..at + len], &mut types)
-            .map_err(|e| e.to_string())?;
-        events.push(ev);
+        if seq >= from_seq {
+            let ev = PersistedEvent::from_envelope(id, seq, &raw[at..at + len], &mut types)
+                .map_err(|e| e.to_string())?;
+            events.push(ev);
+        }
         at += len;
         seq += 1;
+        count += 1;
     }
-    if events.len() as u64 != header.events {
+    if count != header.events {
         return Err(format!(
-            "holds {} events, header declares {}",
-            events.len(),
+            "holds {count} events, header declares {}",
             header.events
         ));
     }
