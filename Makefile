@@ -30,8 +30,11 @@ fmt-check:
 clippy:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
+# The PostgreSQL journal's tests need a server: a throwaway one on
+# 127.0.0.1 runs for the length of the tests (scripts/pg.sh).
 unit:
-	$(CARGO) test --workspace
+	@set -e; url=$$(./scripts/pg.sh start); trap './scripts/pg.sh stop' EXIT; \
+	TROUPE_PG_URL="$$url" $(CARGO) test --workspace
 
 # Every example, in quick mode, in a throwaway data directory.
 examples:

@@ -8,7 +8,8 @@
 //!
 //! | module | crate | what it is for |
 //! |---|---|---|
-//! | [`journal`] | `troupe_journal` | the event journal: append, replay, snapshots, tags |
+//! | [`journal`] | `troupe_journal` | the event journal: append, replay, snapshots, tags; storage tiers and blobs |
+//! | [`postgres`] | `troupe_postgres` | the journal in PostgreSQL, shared by several processes |
 //! | [`actor`] | `troupe_actor` | bounded mailboxes, supervision, durable actors, entities |
 //! | [`gpu`] | `troupe_gpu` | GPU probes, leases, deadline-aware admission |
 //! | [`saga`] | `troupe_saga` | DAG workflows with retries, compensation, signals |
@@ -27,6 +28,7 @@ pub use troupe_agent as agent;
 pub use troupe_gateway as gateway;
 pub use troupe_gpu as gpu;
 pub use troupe_journal as journal;
+pub use troupe_postgres as postgres;
 pub use troupe_saga as saga;
 
 pub use system::{Troupe, TroupeBuilder};

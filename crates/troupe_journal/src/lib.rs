@@ -90,6 +90,10 @@ pub use faulty::{FaultPlan, FaultyJournal};
 pub use id::{MAX_ID_LEN, MAX_TAG_LEN, PersistenceId, Tag};
 pub use journal::{DEFAULT_REPLAY_BATCH, Durability, Journal, Replay, TagSubscription};
 pub use memory::InMemoryJournal;
+/// Request checks shared by every backend (for implementing [`Journal`]).
+pub mod backend {
+    pub use crate::memory::{check_append, check_delete, check_snapshot};
+}
 pub use rocks::{
     BadEntry, Compression, MAX_REPORTED_BAD, RocksConfig, RocksJournal, VerifyReport,
     WarmCompression, WriterStats, replay_read_options,

@@ -329,7 +329,8 @@ impl Journal for InMemoryJournal {
     }
 }
 
-pub(crate) fn check_append(id: &PersistenceId, events: &[NewEvent]) -> Result<()> {
+/// Checks an append's batch (not empty, within the limits): for backends.
+pub fn check_append(id: &PersistenceId, events: &[NewEvent]) -> Result<()> {
     if events.is_empty() {
         return Err(JournalError::InvalidRequest {
             id: id.clone(),
@@ -348,7 +349,8 @@ pub(crate) fn check_append(id: &PersistenceId, events: &[NewEvent]) -> Result<()
     Ok(())
 }
 
-pub(crate) fn check_snapshot(id: &PersistenceId, seq: u64, highest: u64) -> Result<()> {
+/// Checks a snapshot's sequence against the highest event: for backends.
+pub fn check_snapshot(id: &PersistenceId, seq: u64, highest: u64) -> Result<()> {
     if seq == 0 || seq > highest {
         return Err(JournalError::InvalidRequest {
             id: id.clone(),
@@ -358,7 +360,8 @@ pub(crate) fn check_snapshot(id: &PersistenceId, seq: u64, highest: u64) -> Resu
     Ok(())
 }
 
-pub(crate) fn check_delete(id: &PersistenceId, to_seq: u64, highest: u64) -> Result<()> {
+/// Checks a delete's bound against the highest event: for backends.
+pub fn check_delete(id: &PersistenceId, to_seq: u64, highest: u64) -> Result<()> {
     if to_seq > highest {
         return Err(JournalError::InvalidRequest {
             id: id.clone(),

@@ -21,8 +21,11 @@ pub const SUBSCRIBER_BUFFER: usize = 256;
 /// Capacity of a backend's live feed of tagged events.
 pub const LIVE_FEED_CAPACITY: usize = 4096;
 
-/// Starts a subscription task over `journal`.
-pub(crate) fn spawn<J: Journal + Clone>(
+/// Starts a subscription task over `journal`, fed live by `live` (a
+/// backend's broadcast of the tagged events it commits, subscribed to
+/// before this call). For backends implementing
+/// [`Journal::subscribe_tag`].
+pub fn spawn<J: Journal + Clone>(
     journal: J,
     live: broadcast::Receiver<TaggedEvent>,
     tag: Tag,
