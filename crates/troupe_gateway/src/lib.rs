@@ -459,6 +459,7 @@ impl Gateway {
         if tokio::time::timeout(grace, server).await.is_err() {
             tracing::warn!("in-flight requests still open after {grace:?}; closing them");
         }
+        s.tasks.stop();
         s.sagas.stop_all().await;
         self.agents_sup.stop(Duration::from_secs(5)).await;
         s.gpu.stop().await;

@@ -233,6 +233,9 @@ pub struct Tasks {
     entities: Entities<TaskEntity>,
     queue: mpsc::Sender<String>,
     running: Arc<Mutex<HashMap<String, tokio::task::AbortHandle>>>,
+    /// The worker loops (each holds a clone of this, queue sender
+    /// included, so they end only when stopped).
+    workers: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
     ask_timeout: Duration,
 }
 
@@ -263,12 +266,14 @@ impl Tasks {
             entities: Entities::new(TaskEntity, journal, config),
             queue: tx,
             running: Arc::new(Mutex::new(HashMap::new())),
+            workers: Arc::new(Mutex::new(Vec::new())),
             ask_timeout: Duration::from_secs(10),
         };
         let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        let mut handles = Vec::with_capacity(workers);
         for _ in 0..workers {
             let (tasks, rx, runner) = (tasks.clone(), rx.clone(), runner.clone());
-            tokio::spawn(async move {
+            let worker = tokio::spawn(async move {
                 loop {
                     let Some(id) = rx.lock().await.recv().await else {
                         return;
@@ -276,8 +281,32 @@ impl Tasks {
                     tasks.run_one(&id, &runner).await;
                 }
             });
+            handles.push(worker.abort_handle());
         }
+        *tasks.workers.lock().unwrap_or_else(|p| p.into_inner()) = handles;
         tasks
+    }
+
+    /// Stops the workers and the tasks they run (their journal states stay
+    /// as they are: a restart resumes them). Called on shutdown; without it
+    /// the workers would keep the journal open.
+    pub fn stop(&self) {
+        for w in self
+            .workers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            w.abort();
+        }
+        for (_, t) in self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+        {
+            t.abort();
+        }
     }
 
     async fn ask<T: Send + 'static>(

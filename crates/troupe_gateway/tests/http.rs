@@ -549,7 +549,7 @@ async fn storage_archives_sessions_and_serves_blobs_over_http() {
     // No hot tail: once archived, every read below goes to the cold tier.
     storage.hot = troupe_journal::HotConfig::disabled();
     c.storage = Some(storage);
-    let gw = Gateway::start(c).await.unwrap();
+    let gw = Gateway::start(c.clone()).await.unwrap();
     let api = Api::new(gw.addr());
     let (_, _, sess) = api.call("POST", "/v1/sessions", Some(ACME), None).await;
     let sid = sess["id"].as_str().unwrap().to_owned();
@@ -594,11 +594,33 @@ async fn storage_archives_sessions_and_serves_blobs_over_http() {
     let pid = troupe_journal::PersistenceId::new("session", &sid).unwrap();
     let manifest = tiered.manifest(&pid).await.unwrap().expect("archived");
     assert_eq!(manifest.archived_to, before.last().unwrap().0);
-    let api = Api::new(gw.addr());
     assert_eq!(
         read_all(&api).await,
         before,
         "cold events read back unchanged"
+    );
+
+    // A shutdown lets go of everything: the same process starts the
+    // gateway again on the same data (the journal's lock is released once
+    // the last actors have stopped) and reads the archived session back.
+    gw.shutdown().await.unwrap();
+    let mut restarted = None;
+    for _ in 0..500 {
+        match Gateway::start(c.clone()).await {
+            Ok(g) => {
+                restarted = Some(g);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+    let gw = restarted.expect("the gateway restarts in the same process");
+    let tiered = gw.tiered().expect("storage configured");
+    let api = Api::new(gw.addr());
+    assert_eq!(
+        read_all(&api).await,
+        before,
+        "cold events read back unchanged after the restart"
     );
 
     let payload: Vec<u8> = (0..1_500_000u32).map(|i| (i % 253) as u8).collect();
