@@ -515,3 +515,27 @@ async fn blobs_are_streamed_checked_bounded_and_collected_when_unreferenced() {
     );
     j.close().await;
 }
+
+/// The background archiver moves eligible events on its own schedule and
+/// stops when its task is aborted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_background_archiver_archives_on_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = open(dir.path(), archive_everything()).await;
+    let id = PersistenceId::parse("chat/bg").unwrap();
+    let expected = fill(&j, std::slice::from_ref(&id), 75).await.remove(0);
+    let archiver = j.spawn_archiver(Duration::from_millis(20));
+    // Liveness only: the first runs happen within milliseconds.
+    let mut archived = 0;
+    for _ in 0..1000 {
+        archived = j.manifest(&id).await.unwrap().map_or(0, |m| m.archived_to);
+        if archived == 75 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    archiver.abort();
+    assert_eq!(archived, 75, "the archiver never ran");
+    assert_eq!(replay(&j, &id, 1, u64::MAX).await, expected);
+    j.close().await;
+}

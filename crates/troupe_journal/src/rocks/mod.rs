@@ -786,43 +786,11 @@ impl Journal for RocksJournal {
     ) -> Result<Vec<TaggedEvent>> {
         let tag = tag.clone();
         self.blocking(move |db| {
-            let mut ro = ReadOptions::default();
-            ro.set_iterate_upper_bound(upper_bound(tag.as_str()));
-            let mut it = db.raw_iterator_cf_opt(cf(db, CF_TAGS)?, ro);
-            let mut key = Vec::new();
-            seq_key(&mut key, tag.as_str(), from_offset);
-            it.seek(&key);
-            let mut refs = Vec::new();
-            while let Some((k, v)) = it.item() {
-                if refs.len() >= limit {
-                    break;
-                }
-                let bad = |reason: &str| JournalError::CorruptMetadata {
-                    key: String::from_utf8_lossy(k).into_owned(),
-                    reason: reason.to_owned(),
-                };
-                let (_, offset) = split_seq_key(k).ok_or_else(|| bad("malformed tag key"))?;
-                let (seq, id_bytes) =
-                    split_tag_value(v).ok_or_else(|| bad("malformed tag entry"))?;
-                let id = std::str::from_utf8(id_bytes)
-                    .map_err(|_| bad("id is not UTF-8"))
-                    .and_then(PersistenceId::parse)?;
-                refs.push((offset, id, seq));
-                it.next();
-            }
-            it.status()
-                .map_err(|e| JournalError::storage("reading a tag", e))?;
-            let events_cf = cf(db, CF_EVENTS)?;
-            let keys: Vec<_> = refs
-                .iter()
-                .map(|(_, id, seq)| event_key(id, *seq))
-                .collect();
-            let values = db.batched_multi_get_cf(events_cf, &keys, false);
             let mut types = TypeNameCache::default();
-            let mut out = Vec::with_capacity(refs.len());
-            for ((offset, id, seq), value) in refs.into_iter().zip(values) {
-                let value = value.map_err(|e| JournalError::storage("reading tagged events", e))?;
-                if let Some(bytes) = value {
+            let mut out = Vec::new();
+            // Entries whose events were deleted have no envelope: skipped.
+            for (offset, id, seq, bytes) in tag_entries(db, &tag, from_offset, limit)? {
+                if let Some(bytes) = bytes {
                     let event = PersistedEvent::from_envelope(&id, seq, &bytes, &mut types)?;
                     out.push(TaggedEvent { offset, event });
                 }
