@@ -48,6 +48,30 @@ fn default_words() -> usize {
     24
 }
 
+/// The journal in PostgreSQL instead of RocksDB under `data_dir`
+/// (`[postgres]`): several servers can then serve the same sessions,
+/// tasks and workflows, one after the other.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSection {
+    /// Connection string, e.g. `postgres://troupe@127.0.0.1:5432/troupe`.
+    pub url: String,
+    /// Schema holding the journal's tables.
+    #[serde(default = "default_schema")]
+    pub schema: String,
+    /// Connections in the pool.
+    #[serde(default = "default_pool")]
+    pub pool_size: usize,
+}
+
+fn default_schema() -> String {
+    "troupe".into()
+}
+
+fn default_pool() -> usize {
+    16
+}
+
 /// Simulated GPUs, used when NVML finds no driver (or when forced).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -145,6 +169,10 @@ pub struct GatewayConfig {
     /// tail per kind, archiving to the cold store (`data_dir/cold` unless
     /// `storage.cold.url` says otherwise), blob limits.
     pub storage: Option<troupe_journal::TierConfig>,
+    /// Keep the journal in PostgreSQL (`[postgres]`; none by default).
+    /// GPU lease decisions stay in a local journal: leases belong to this
+    /// server's GPUs.
+    pub postgres: Option<PostgresSection>,
 }
 
 impl Default for GatewayConfig {
@@ -168,6 +196,7 @@ impl Default for GatewayConfig {
             log_format: LogFormat::Text,
             shutdown_grace_ms: 10_000,
             storage: None,
+            postgres: None,
         }
     }
 }
@@ -208,6 +237,18 @@ impl GatewayConfig {
         let d = &self.degrade;
         if d.refuse_lowest_above_pct > d.top_only_above_pct || d.top_only_above_pct > 100 {
             return bad("degrade thresholds must satisfy lowest <= top_only <= 100".into());
+        }
+        if self.postgres.is_some() && self.storage.is_some() {
+            return bad(
+                "[storage] (tiers and blobs) works over the RocksDB journal only; \
+                 remove it or [postgres]"
+                    .into(),
+            );
+        }
+        if let Some(pg) = &self.postgres
+            && (pg.url.is_empty() || pg.pool_size == 0)
+        {
+            return bad("[postgres] needs a url and a pool_size of at least 1".into());
         }
         if let Some(storage) = &self.storage {
             if self.durability == Durability::InMemory {
@@ -258,5 +299,16 @@ mod tests {
         assert!(e.to_string().contains("task_queue"), "{e}");
         let e = GatewayConfig::from_toml("listen = 5").unwrap_err();
         assert!(e.to_string().contains("listen"), "{e}");
+        let e = GatewayConfig::from_toml(
+            "[postgres]\nurl = \"postgres://x@127.0.0.1/x\"\n[storage.archive]\nzstd_level = 3\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("RocksDB journal only"), "{e}");
+        let c =
+            GatewayConfig::from_toml("[postgres]\nurl = \"postgres://x@127.0.0.1/x\"\n").unwrap();
+        assert_eq!(
+            c.postgres.map(|p| (p.schema, p.pool_size)),
+            Some(("troupe".into(), 16))
+        );
     }
 }

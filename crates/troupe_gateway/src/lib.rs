@@ -50,7 +50,9 @@ use troupe_gpu::{GpuArgs, GpuConfig, GpuSupervisorHandle};
 use troupe_journal::{Durability, Journal, JournalConfig, TieredJournal};
 use troupe_saga::{Handlers, RetryPolicy, SagaDefinition, Sagas, StepContext, StepDef, StepError};
 
-pub use config::{DegradeSection, GatewayConfig, GpuSection, LogFormat, ModelConfig, Tenant};
+pub use config::{
+    DegradeSection, GatewayConfig, GpuSection, LogFormat, ModelConfig, PostgresSection, Tenant,
+};
 pub use error::GatewayError;
 pub use tasks::{TaskKind, TaskState, TaskStatus, Tasks};
 
@@ -273,9 +275,20 @@ impl Gateway {
         let tiered = journal_config
             .open_tiered()
             .map_err(|e| GatewayError::Config(format!("journal: {e}")))?;
-        let journal: Arc<dyn Journal> = match &tiered {
-            Some(t) => Arc::new(t.clone()),
-            None => journal_config
+        let journal: Arc<dyn Journal> = match (&tiered, &config.postgres) {
+            (Some(t), _) => Arc::new(t.clone()),
+            (None, Some(pg)) => {
+                let pg_config = troupe_postgres::PgConfig {
+                    pool_size: pg.pool_size,
+                    ..troupe_postgres::PgConfig::new(pg.url.clone()).schema(pg.schema.clone())
+                };
+                Arc::new(
+                    troupe_postgres::PgJournal::open(pg_config)
+                        .await
+                        .map_err(|e| GatewayError::Config(format!("postgres journal: {e}")))?,
+                )
+            }
+            (None, None) => journal_config
                 .open()
                 .map_err(|e| GatewayError::Config(format!("journal: {e}")))?,
         };

@@ -727,6 +727,91 @@ async fn storage_archives_sessions_and_serves_blobs_over_http() {
     gw.shutdown().await.unwrap();
 }
 
+async fn post_message(api: &Api, sid: &str, text: &str) -> String {
+    let (s, _, body) = api
+        .call(
+            "POST",
+            &format!("/v1/sessions/{sid}/messages"),
+            Some(ACME),
+            Some(json!({ "content": text })),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{body}");
+    body["task_id"].as_str().unwrap().to_owned()
+}
+
+/// With `[postgres]`, a second server on another data directory (another
+/// machine, as far as it can tell) carries on the sessions the first one
+/// served: same events, same sequence numbers, the next turn answered.
+/// Needs `TROUPE_PG_URL` (`make test` starts a throwaway PostgreSQL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_server_carries_on_sessions_from_the_shared_postgres_journal() {
+    let url = std::env::var("TROUPE_PG_URL").expect(
+        "TROUPE_PG_URL is not set: `make test` starts a throwaway PostgreSQL; \
+         by hand: TROUPE_PG_URL=$(scripts/pg.sh start) cargo test -p troupe_gateway",
+    );
+    let schema = format!("gw_{:016x}", rand::random::<u64>());
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let configure = |dir: &std::path::Path| {
+        let mut c = config(dir, 0);
+        c.postgres = Some(troupe_gateway::PostgresSection {
+            url: url.clone(),
+            schema: schema.clone(),
+            pool_size: 8,
+        });
+        c
+    };
+    let events_of = |api: &Api, sid: &str| {
+        let req = api
+            .http
+            .get(format!("{}/v1/sessions/{sid}/events?after=0", api.base))
+            .bearer_auth(ACME);
+        async move {
+            let resp = req.send().await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            let mut out = Vec::new();
+            let _ = tokio::time::timeout(
+                Duration::from_millis(500),
+                read_sse(resp, usize::MAX, &mut out),
+            )
+            .await;
+            out
+        }
+    };
+    let first = Gateway::start(configure(dirs[0].path())).await.unwrap();
+    let api = Api::new(first.addr());
+    let (_, _, sess) = api.call("POST", "/v1/sessions", Some(ACME), None).await;
+    let sid = sess["id"].as_str().unwrap().to_owned();
+    let task = post_message(&api, &sid, "hello from node one").await;
+    api.wait_task(ACME, &task, is("succeeded")).await;
+    let before = events_of(&api, &sid).await;
+    assert!(before.iter().any(|(_, d)| d.contains("turn_completed")));
+    first.shutdown().await.unwrap();
+
+    let second = Gateway::start(configure(dirs[1].path())).await.unwrap();
+    let api = Api::new(second.addr());
+    assert_eq!(events_of(&api, &sid).await, before, "the same events");
+    let task = post_message(&api, &sid, "and hello from node two").await;
+    api.wait_task(ACME, &task, is("succeeded")).await;
+    let after = events_of(&api, &sid).await;
+    assert_eq!(&after[..before.len()], &before[..]);
+    let seqs: Vec<u64> = after.iter().map(|(s, _)| *s).collect();
+    assert_eq!(seqs, (1..=after.len() as u64).collect::<Vec<_>>());
+    assert_eq!(
+        after
+            .iter()
+            .filter(|(_, d)| d.contains("turn_completed"))
+            .count(),
+        2,
+        "the second server answered turn 2"
+    );
+    let (_, _, view) = api
+        .call("GET", &format!("/v1/sessions/{sid}"), Some(ACME), None)
+        .await;
+    assert_eq!(view["turns"], 2, "{view}");
+    second.shutdown().await.unwrap();
+}
+
 const CHILD_DIR: &str = "TROUPE_GATEWAY_CHILD_DIR";
 
 /// The server process of `a_server_killed_after_202_finishes_the_work`.
