@@ -4,8 +4,9 @@
 //! The live receiver is created *before* the first storage read. Every event
 //! committed before that read is found by it; every event committed after
 //! the receiver existed is on the feed; events in both are filtered by their
-//! offset. If the feed overflows (a slow subscriber), the task goes back to
-//! storage from the last offset it delivered.
+//! offset. If the feed overflows (a slow subscriber), or skips an offset (an
+//! event its backend did not publish), the task goes back to storage from
+//! the last offset it delivered.
 
 use tokio::sync::{broadcast, mpsc};
 
@@ -74,9 +75,20 @@ async fn run<J: Journal>(
     if catch_up(&journal, &tag, &mut next, &tx).await.is_err() {
         return;
     }
+    // Offsets on the feed are consecutive (every tagged event of every tag
+    // is on it, in commit order). A hole means events the feed did not
+    // carry (published late, or by a writer that never published them):
+    // they are in storage, so read from there before going on.
+    let mut feed_last: Option<u64> = None;
     loop {
         match live.recv().await {
             Ok(ev) => {
+                if feed_last.is_some_and(|l| ev.offset > l + 1)
+                    && catch_up(&journal, &tag, &mut next, &tx).await.is_err()
+                {
+                    return;
+                }
+                feed_last = Some(feed_last.map_or(ev.offset, |l| l.max(ev.offset)));
                 if ev.offset >= next && ev.event.tags.contains(&tag) {
                     next = ev.offset + 1;
                     if tx.send(Ok(ev)).await.is_err() {
@@ -89,6 +101,7 @@ async fn run<J: Journal>(
                 if catch_up(&journal, &tag, &mut next, &tx).await.is_err() {
                     return;
                 }
+                feed_last = None;
             }
             Err(broadcast::error::RecvError::Closed) => return,
         }

@@ -62,17 +62,22 @@ pub struct PgConfig {
     pub pool_size: usize,
     /// Events per replay page.
     pub replay_batch_size: usize,
+    /// Longest wait for a pooled connection (or a new one) before an
+    /// operation fails; a replay holds its connection until it is drained
+    /// or dropped.
+    pub pool_wait: std::time::Duration,
 }
 
 impl PgConfig {
     /// Defaults for a connection string: schema `troupe`, 8 connections,
-    /// pages of 1,024 events.
+    /// pages of 1,024 events, 30 s waits for a connection.
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
             schema: "troupe".into(),
             pool_size: 8,
             replay_batch_size: troupe_journal::DEFAULT_REPLAY_BATCH,
+            pool_wait: std::time::Duration::from_secs(30),
         }
     }
 
@@ -105,6 +110,9 @@ struct Inner {
     schema: String,
     batch: usize,
     live: broadcast::Sender<TaggedEvent>,
+    /// Held by a tagged append from its offset allocation to its live
+    /// publication, so that this process publishes in commit order.
+    publish: tokio::sync::Mutex<()>,
 }
 
 /// The PostgreSQL journal. See the [crate docs](crate).
@@ -150,6 +158,9 @@ impl PgJournal {
         );
         let pool = Pool::builder(manager)
             .max_size(config.pool_size.max(1))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(config.pool_wait))
+            .create_timeout(Some(config.pool_wait))
             .build()
             .map_err(|e| bad(e.to_string()))?;
         let mut client = pool.get().await.map_err(pool_err)?;
@@ -201,6 +212,7 @@ impl PgJournal {
                 schema: schema.clone(),
                 batch: config.replay_batch_size.max(1),
                 live: broadcast::channel(LIVE_FEED_CAPACITY).0,
+                publish: tokio::sync::Mutex::new(()),
             }),
         })
     }
@@ -307,7 +319,9 @@ impl Journal for PgJournal {
         .map_err(pg_err("inserting events"))?;
         let tagged: usize = events.iter().map(|e| e.tags.len().min(1)).sum();
         let mut live = Vec::new();
+        let mut publish = None;
         if tagged > 0 {
+            publish = Some(self.inner.publish.lock().await);
             // The meta row's lock orders tag offsets by commit.
             let row = tx
                 .query_one(
@@ -323,7 +337,8 @@ impl Journal for PgJournal {
                     continue;
                 }
                 let seq = first + i as u64;
-                for t in &e.tags {
+                let mut seen = std::collections::HashSet::new();
+                for t in e.tags.iter().filter(|t| seen.insert(t.as_str())) {
                     tags.push(t.as_str().to_owned());
                     offsets.push(i64_of(offset));
                     tseqs.push(i64_of(seq));
@@ -352,6 +367,7 @@ impl Journal for PgJournal {
         for ev in live {
             let _ = self.inner.live.send(ev);
         }
+        drop(publish);
         Ok(AppendOutcome {
             first_seq: first,
             last_seq: last,

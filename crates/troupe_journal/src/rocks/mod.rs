@@ -225,7 +225,20 @@ impl WriterStats {
     }
 }
 
+/// Told by the writer thread, in commit order and before the callers are
+/// answered, what each committed batch changed (the tiered journal's hot
+/// tier hangs here).
+pub(crate) trait CommitHook: Send + Sync + 'static {
+    /// Whether appends to `id` should carry their events to the hook.
+    fn wants(&self, id: &PersistenceId) -> bool;
+    /// Events `expected + 1 ..` were committed to `id`.
+    fn appended(&self, id: &PersistenceId, expected: u64, events: Vec<PersistedEvent>);
+    /// Events up to `to_seq` of `id` were deleted by the application.
+    fn deleted(&self, id: &PersistenceId, to_seq: u64);
+}
+
 pub(crate) struct Inner {
+    hook: Arc<std::sync::OnceLock<Arc<dyn CommitHook>>>,
     pub(crate) db: Arc<DB>,
     stats: Arc<WriterStats>,
     path: PathBuf,
@@ -337,14 +350,18 @@ impl RocksJournal {
                 rt.spawn(writer::acker(rx));
                 tx
             });
+        let hook: Arc<std::sync::OnceLock<Arc<dyn CommitHook>>> = Arc::default();
         let writer = Writer::new(
             db.clone(),
             &config,
             write_opts,
             next_offset,
-            live.clone(),
-            stats.clone(),
-            acker,
+            writer::Outputs {
+                live: live.clone(),
+                stats: stats.clone(),
+                acker,
+                hook: hook.clone(),
+            },
         );
         let handle = std::thread::Builder::new()
             .name("troupe-journal-writer".into())
@@ -353,6 +370,7 @@ impl RocksJournal {
         tracing::info!(path = %config.path.display(), durability = ?config.durability, "journal opened");
         Ok(Self {
             inner: Arc::new(Inner {
+                hook,
                 db,
                 stats,
                 path: config.path.clone(),
@@ -381,6 +399,7 @@ impl RocksJournal {
             .map_err(|e| JournalError::storage("opening RocksDB read-only", e))?;
         Ok(Self {
             inner: Arc::new(Inner {
+                hook: Arc::default(),
                 db: Arc::new(db),
                 stats: Arc::default(),
                 path: config.path.clone(),
@@ -657,9 +676,11 @@ impl Journal for RocksJournal {
                 buf
             })
             .collect();
-        // Untagged events are only needed as envelopes: free them here, not
-        // on the writer thread every append goes through.
-        let events = if events.iter().any(|e| !e.tags.is_empty()) {
+        // Untagged events are only needed as envelopes (unless the commit
+        // hook wants them): free them here, not on the writer thread every
+        // append goes through.
+        let hot = self.inner.hook.get().is_some_and(|h| h.wants(id));
+        let events = if hot || events.iter().any(|e| !e.tags.is_empty()) {
             events
         } else {
             drop(events);
@@ -672,6 +693,7 @@ impl Journal for RocksJournal {
             events,
             envelopes,
             refs,
+            hot,
             reply,
         })
         .await?;
@@ -735,6 +757,7 @@ impl Journal for RocksJournal {
             id: id.clone(),
             to_seq,
             manifest: None,
+            trim: true,
             reply,
         })
         .await?;
@@ -822,6 +845,11 @@ impl RocksJournal {
         &self.inner.db
     }
 
+    /// Installs the commit hook (once; later calls are ignored).
+    pub(crate) fn set_commit_hook(&self, hook: Arc<dyn CommitHook>) {
+        let _ = self.inner.hook.set(hook);
+    }
+
     pub(crate) fn live_feed(&self) -> broadcast::Receiver<TaggedEvent> {
         self.inner.live.subscribe()
     }
@@ -832,17 +860,21 @@ impl RocksJournal {
 
     /// Deletes the events of `id` up to `to_seq` and writes its cold
     /// manifest in the same atomic batch.
+    /// `trim`: the events leave the stream (an application delete), not
+    /// just the warm tier (archiving).
     pub(crate) async fn delete_with_manifest(
         &self,
         id: &PersistenceId,
         to_seq: u64,
         manifest: Vec<u8>,
+        trim: bool,
     ) -> Result<()> {
         let (reply, rx) = oneshot::channel();
         self.send(|| Command::Delete {
             id: id.clone(),
             to_seq,
             manifest: Some(manifest),
+            trim,
             reply,
         })
         .await?;
@@ -862,6 +894,26 @@ impl RocksJournal {
 pub(crate) fn read_cold_manifest(db: &DB, id: &PersistenceId) -> Result<Option<Vec<u8>>> {
     db.get_cf(cf(db, CF_META)?, cold_manifest_key(id))
         .map_err(|e| JournalError::storage("reading a cold manifest", e))
+}
+
+/// Metadata key of the journal's identity (claims a cold store).
+const META_JOURNAL_ID: &[u8] = b"\x01journal_id";
+
+/// The journal's identity, created on first use.
+pub(crate) fn journal_id(db: &DB) -> Result<String> {
+    let meta = cf(db, CF_META)?;
+    if let Some(v) = db
+        .get_cf(meta, META_JOURNAL_ID)
+        .map_err(|e| JournalError::storage("reading the journal id", e))?
+    {
+        return Ok(String::from_utf8_lossy(&v).into_owned());
+    }
+    let id = format!("{:032x}", rand::random::<u128>());
+    let mut wo = WriteOptions::default();
+    wo.set_sync(true);
+    db.put_cf_opt(meta, META_JOURNAL_ID, id.as_bytes(), &wo)
+        .map_err(|e| JournalError::storage("writing the journal id", e))?;
+    Ok(id)
 }
 
 /// True when any id has a cold manifest.

@@ -9,7 +9,7 @@ use rocksdb::{DB, WriteBatch, WriteOptions};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::keys::*;
-use super::{RocksConfig, WriterStats, cf, stored_highest};
+use super::{CommitHook, RocksConfig, WriterStats, cf, stored_highest};
 use crate::error::{JournalError, Result};
 use crate::event::{AppendOutcome, NewEvent, Snapshot, TaggedEvent};
 use crate::id::PersistenceId;
@@ -23,6 +23,9 @@ pub(crate) enum Command {
         envelopes: Vec<Vec<u8>>,
         /// Blob references: (index of the event in this append, blob hash).
         refs: Vec<(usize, [u8; 32])>,
+        /// `events` holds every event (not only tagged ones) for the commit
+        /// hook.
+        hot: bool,
         reply: oneshot::Sender<Result<AppendOutcome>>,
     },
     Snapshot {
@@ -37,6 +40,9 @@ pub(crate) enum Command {
         id: PersistenceId,
         to_seq: u64,
         manifest: Option<Vec<u8>>,
+        /// The events leave the stream (an application delete), as opposed
+        /// to moving to the cold tier: the commit hook is told.
+        trim: bool,
         reply: oneshot::Sender<Result<()>>,
     },
     Flush {
@@ -77,6 +83,22 @@ pub(crate) struct Writer {
     key_arena: Vec<u8>,
     puts: Vec<(std::ops::Range<usize>, Vec<u8>)>,
     acker: Option<mpsc::Sender<Acked>>,
+    hook: Arc<std::sync::OnceLock<Arc<dyn CommitHook>>>,
+}
+
+/// Where a committed batch is reported: the live feed of tagged events,
+/// the counters, the acker task and the commit hook.
+pub(crate) struct Outputs {
+    pub(crate) live: broadcast::Sender<TaggedEvent>,
+    pub(crate) stats: Arc<WriterStats>,
+    pub(crate) acker: Option<mpsc::Sender<Acked>>,
+    pub(crate) hook: Arc<std::sync::OnceLock<Arc<dyn CommitHook>>>,
+}
+
+/// What the commit hook is told, in commit order.
+enum HookOp {
+    Appended(PersistenceId, u64, Vec<crate::event::PersistedEvent>),
+    Deleted(PersistenceId, u64),
 }
 
 /// A committed batch's replies, and buffers to free off the writer thread.
@@ -129,10 +151,14 @@ impl Writer {
         config: &RocksConfig,
         write_opts: WriteOptions,
         next_offset: u64,
-        live: broadcast::Sender<TaggedEvent>,
-        stats: Arc<WriterStats>,
-        acker: Option<mpsc::Sender<Acked>>,
+        outputs: Outputs,
     ) -> Self {
+        let Outputs {
+            live,
+            stats,
+            acker,
+            hook,
+        } = outputs;
         // Every id touched by one batch must stay cached until the batch is
         // committed, or a later append in the batch would re-read a stale
         // sequence from disk: the cache holds at least one batch of ids.
@@ -153,6 +179,7 @@ impl Writer {
             key_arena: Vec::new(),
             puts: Vec::new(),
             acker,
+            hook,
         }
     }
 
@@ -220,6 +247,9 @@ impl Writer {
         let mut key = Vec::new();
         let mut value = Vec::new();
         let mut appended = 0u64;
+        let mut hook_ops = Vec::new();
+        // Delete marks set earlier in this batch (not yet on disk).
+        let mut marks: std::collections::HashMap<PersistenceId, u64> = Default::default();
         // Event puts are sorted by key before they go into the batch: the
         // memtable's skip list inserts ascending keys far faster than
         // scattered ones, and the order within one atomic batch is free.
@@ -235,6 +265,7 @@ impl Writer {
                     events,
                     envelopes,
                     refs,
+                    hot,
                     reply,
                 } => {
                     let current = match self.highest(&id) {
@@ -258,11 +289,22 @@ impl Writer {
                     }
                     let first = current + 1;
                     let count = envelopes.len() as u64;
-                    // `events` is empty unless some event carries tags.
+                    // `events` is empty unless some event carries tags or
+                    // the commit hook wants them.
                     let mut events = events.into_iter();
+                    let mut for_hook = Vec::new();
                     for (i, env) in envelopes.into_iter().enumerate() {
                         let ev = events.next();
                         let seq = first + i as u64;
+                        let ev = match ev {
+                            Some(ev) if hot => {
+                                let p = ev.into_persisted(id.clone(), seq);
+                                for_hook.push(p.clone());
+                                Some(p)
+                            }
+                            Some(ev) => Some(ev.into_persisted(id.clone(), seq)),
+                            None => None,
+                        };
                         let start = key_arena.len();
                         key_arena.extend_from_slice(id.as_str().as_bytes());
                         key_arena.push(0);
@@ -277,10 +319,7 @@ impl Writer {
                                 batch.put_cf(tags_cf, &key, &value);
                             }
                             if publish {
-                                live.push(TaggedEvent {
-                                    offset,
-                                    event: ev.into_persisted(id.clone(), seq),
-                                });
+                                live.push(TaggedEvent { offset, event: ev });
                             }
                             offset += 1;
                         }
@@ -291,6 +330,9 @@ impl Writer {
                         batch.put_cf(meta_cf, &key, []);
                     }
                     let last_seq = current + count;
+                    if hot {
+                        hook_ops.push(HookOp::Appended(id.clone(), current, for_hook));
+                    }
                     self.highest.put(id.clone(), last_seq);
                     touched.push(id);
                     replies.push(Pending::Append(
@@ -327,6 +369,7 @@ impl Writer {
                     id,
                     to_seq,
                     manifest,
+                    trim,
                     reply,
                 } => {
                     let result = self.highest(&id).and_then(|highest| {
@@ -341,15 +384,24 @@ impl Writer {
                                 event_key(&id, to_seq + 1),
                             );
                             let meta_key = meta_id_key(&id);
-                            let old = db
-                                .get_pinned_cf(meta_cf, &meta_key)
-                                .map_err(|e| JournalError::storage("reading id metadata", e))?
-                                .and_then(|v| be_u64(&v))
-                                .unwrap_or(0);
-                            batch.put_cf(meta_cf, meta_key, old.max(to_seq).to_be_bytes());
+                            // A mark set earlier in this batch is not on disk yet.
+                            let old = match marks.get(&id) {
+                                Some(m) => *m,
+                                None => db
+                                    .get_pinned_cf(meta_cf, &meta_key)
+                                    .map_err(|e| JournalError::storage("reading id metadata", e))?
+                                    .and_then(|v| be_u64(&v))
+                                    .unwrap_or(0),
+                            };
+                            let mark = old.max(to_seq);
+                            marks.insert(id.clone(), mark);
+                            batch.put_cf(meta_cf, meta_key, mark.to_be_bytes());
                         }
                         Ok(())
                     });
+                    if result.is_ok() && trim {
+                        hook_ops.push(HookOp::Deleted(id, to_seq));
+                    }
                     replies.push(Pending::Unit(reply, result));
                 }
                 Command::Flush { reply } => {
@@ -386,6 +438,18 @@ impl Writer {
         match result {
             Ok(()) => {
                 self.next_offset = offset;
+                // In commit order, before anyone is answered: the hook's view
+                // is never behind an acknowledged write.
+                if let Some(hook) = self.hook.get() {
+                    for op in hook_ops {
+                        match op {
+                            HookOp::Appended(id, expected, events) => {
+                                hook.appended(&id, expected, events)
+                            }
+                            HookOp::Deleted(id, to_seq) => hook.deleted(&id, to_seq),
+                        }
+                    }
+                }
                 metrics::histogram!("troupe_journal_commit_seconds")
                     .record(started.elapsed().as_secs_f64());
                 metrics::histogram!("troupe_journal_batch_events").record(appended as f64);

@@ -373,6 +373,19 @@ impl BlobStore {
         }
     }
 
+    /// The stored blob with this hash, if any.
+    pub async fn stored(&self, hash: &BlobHash) -> Result<Option<StoredBlob>> {
+        match self.store.head(&hash.object_path()).await {
+            Ok(meta) => Ok(Some(StoredBlob {
+                hash: *hash,
+                size: meta.size,
+                modified_ms: meta.last_modified.timestamp_millis().max(0) as u64,
+            })),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(store_err("looking up a blob")(e)),
+        }
+    }
+
     /// Every stored blob.
     pub async fn list(&self) -> Result<Vec<StoredBlob>> {
         let prefix = Path::from("blobs/sha256");

@@ -119,9 +119,10 @@ pub struct HotKindStats {
     pub misses: u64,
 }
 
-/// The hot tier. Appends through the tiered journal feed it; a read is a
-/// hit when the entity's ring holds every requested event up to the
-/// entity's highest sequence.
+/// The hot tier. The RocksDB writer feeds it every committed append and
+/// delete, in commit order and before the callers hear back (it is the
+/// writer's commit hook), so a ring's tail is the id's highest sequence;
+/// a read is a hit when the ring holds every requested event.
 pub(crate) struct HotCache {
     config: HotConfig,
     inner: Mutex<Inner>,
@@ -199,14 +200,6 @@ impl HotCache {
             inner.bytes -= old.bytes;
         }
         metrics::gauge!("troupe_journal_hot_bytes").set(inner.bytes as f64);
-    }
-
-    /// Forgets `id` (an append whose outcome is unknown).
-    pub(crate) fn invalidate(&self, id: &PersistenceId) {
-        let mut inner = self.lock();
-        if let Some(old) = inner.rings.pop(id) {
-            inner.bytes -= old.bytes;
-        }
     }
 
     /// Drops events up to `to_seq` (deleted by the application).
@@ -301,6 +294,18 @@ impl HotCache {
     #[cfg(test)]
     pub(crate) fn bytes(&self) -> usize {
         self.lock().bytes
+    }
+}
+
+impl crate::rocks::CommitHook for HotCache {
+    fn wants(&self, id: &PersistenceId) -> bool {
+        self.enabled_for(id)
+    }
+    fn appended(&self, id: &PersistenceId, expected: u64, events: Vec<PersistedEvent>) {
+        HotCache::appended(self, id, expected, events);
+    }
+    fn deleted(&self, id: &PersistenceId, to_seq: u64) {
+        self.trim(id, to_seq);
     }
 }
 

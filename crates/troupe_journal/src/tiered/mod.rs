@@ -374,7 +374,7 @@ pub fn default_cold_dir(journal_dir: &FsPath) -> PathBuf {
 
 struct Inner {
     warm: RocksJournal,
-    hot: HotCache,
+    hot: Arc<HotCache>,
     cold: Arc<dyn ObjectStore>,
     objects: Objects,
     blobs: BlobStore,
@@ -405,10 +405,13 @@ fn store_err(context: &'static str) -> impl Fn(object_store::Error) -> JournalEr
 impl TieredJournal {
     /// Tiers around `warm`, with cold segments and blobs in `cold`.
     pub fn new(warm: RocksJournal, cold: Objects, config: TierConfig) -> Result<Self> {
+        config.validate()?;
         let has_cold = rocks::any_cold_manifest(warm.db())?;
+        let hot = Arc::new(HotCache::new(config.hot));
+        warm.set_commit_hook(hot.clone());
         Ok(Self {
             inner: Arc::new(Inner {
-                hot: HotCache::new(config.hot),
+                hot,
                 blobs: BlobStore::new(cold.clone(), config.blobs),
                 cold: cold.store.clone(),
                 objects: cold,
@@ -535,6 +538,7 @@ impl TieredJournal {
     /// Archives what the policy allows of one id. Returns what was moved.
     pub async fn archive_id(&self, id: &PersistenceId, now_ms: u64) -> Result<ArchiveReport> {
         let _guard = self.inner.archive_lock.lock().await;
+        self.claim_store().await?;
         self.archive_id_locked(id, now_ms).await
     }
 
@@ -660,7 +664,7 @@ impl TieredJournal {
             self.inner.has_cold.store(true, Ordering::SeqCst);
             self.inner
                 .warm
-                .delete_with_manifest(id, to, manifest.encode())
+                .delete_with_manifest(id, to, manifest.encode(), false)
                 .await?;
             metrics::counter!("troupe_journal_archived_events_total").increment(take as u64);
             metrics::counter!("troupe_journal_archived_bytes_total").increment(entry.bytes);
@@ -672,6 +676,42 @@ impl TieredJournal {
             if younger_follow {
                 return Ok(report);
             }
+        }
+    }
+
+    /// Makes sure the cold store is this journal's: the first run writes
+    /// the journal's id into it, and a store claimed by another journal is
+    /// refused (its segments and blobs would look like orphans here).
+    async fn claim_store(&self) -> Result<()> {
+        let mine = self.inner.warm.with_db(rocks::journal_id).await?;
+        let path = Path::from("troupe-journal-id");
+        match self.inner.cold.get(&path).await {
+            Ok(got) => {
+                let theirs = got
+                    .bytes()
+                    .await
+                    .map_err(store_err("reading the cold store's owner"))?;
+                if theirs.as_ref() != mine.as_bytes() {
+                    return Err(JournalError::Storage {
+                        context: "claiming the cold store",
+                        message: format!(
+                            "the cold store {} belongs to another journal ({}); give each journal its own cold.url",
+                            self.inner.cold,
+                            String::from_utf8_lossy(&theirs)
+                        ),
+                    });
+                }
+                Ok(())
+            }
+            Err(object_store::Error::NotFound { .. }) => {
+                self.inner
+                    .cold
+                    .put(&path, PutPayload::from(mine.into_bytes()))
+                    .await
+                    .map_err(store_err("claiming the cold store"))?;
+                self.inner.objects.sync(&path).await
+            }
+            Err(e) => Err(store_err("reading the cold store's owner")(e)),
         }
     }
 
@@ -714,6 +754,7 @@ impl TieredJournal {
         mut progress: impl FnMut(u64, u64) + Send,
     ) -> Result<ArchiveReport> {
         let _guard = self.inner.archive_lock.lock().await;
+        self.claim_store().await?;
         let mut report = ArchiveReport {
             orphans_removed: self.remove_orphans_locked().await?,
             ..ArchiveReport::default()
@@ -781,13 +822,18 @@ impl TieredJournal {
     /// removes abandoned uploads.
     pub async fn collect_blobs(&self, now_ms: u64) -> Result<BlobGcReport> {
         let _archive = self.inner.archive_lock.lock().await;
+        self.claim_store().await?;
         let grace_ms = self.inner.blobs.config().gc_grace_s.saturating_mul(1000);
         let mut report = BlobGcReport::default();
         let mut floors: HashMap<PersistenceId, u64> = HashMap::new();
+        // No append may add a reference while blobs are judged; appends
+        // that refer to blobs wait for the collection to end.
+        let _gate = self.inner.blob_gate.write().await;
+        // An append whose caller gave up may still be queued in the writer
+        // with its references: let everything queued commit first.
+        self.inner.warm.flush().await?;
         for blob in self.inner.blobs.list().await? {
             report.scanned += 1;
-            // No append may add a reference between the check and the delete.
-            let _gate = self.inner.blob_gate.write().await;
             let hash = blob.hash;
             let refs = self
                 .inner
@@ -819,6 +865,15 @@ impl TieredJournal {
             if live || blob.modified_ms.saturating_add(grace_ms) > now_ms {
                 report.kept += 1;
                 continue;
+            }
+            // Uploaded again since the listing? Then it is young again.
+            match self.inner.blobs.stored(&blob.hash).await? {
+                Some(now) if now.modified_ms.saturating_add(grace_ms) > now_ms => {
+                    report.kept += 1;
+                    continue;
+                }
+                None => continue,
+                Some(_) => {}
             }
             self.inner.blobs.delete(&blob.hash).await?;
             report.collected += 1;
@@ -892,7 +947,7 @@ impl TieredJournal {
     pub fn spawn_archiver(&self, interval: Duration) -> tokio::task::JoinHandle<()> {
         let journal = self.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval);
+            let mut tick = tokio::time::interval(interval.max(Duration::from_millis(1)));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tick.tick().await;
             loop {
@@ -956,42 +1011,6 @@ impl TieredJournal {
             }
         }
         Ok(())
-    }
-
-    async fn append_inner(
-        &self,
-        id: &PersistenceId,
-        expected_seq: u64,
-        events: Vec<NewEvent>,
-    ) -> Result<AppendOutcome> {
-        let hot = self.inner.hot.enabled_for(id);
-        let copies = if hot { Some(events.clone()) } else { None };
-        // If this future is dropped mid-append, the outcome is unknown and
-        // the cached tail may be behind: forget it.
-        let mut guard = Invalidate {
-            hot: &self.inner.hot,
-            id,
-            armed: hot,
-        };
-        let result = self.inner.warm.append(id, expected_seq, events).await;
-        match &result {
-            Ok(outcome) => {
-                if let Some(copies) = copies {
-                    let persisted = copies
-                        .into_iter()
-                        .enumerate()
-                        .map(|(i, e)| e.into_persisted(id.clone(), outcome.first_seq + i as u64))
-                        .collect();
-                    self.inner.hot.appended(id, expected_seq, persisted);
-                }
-                guard.armed = false;
-            }
-            Err(JournalError::SeqConflict { .. }) | Err(JournalError::InvalidRequest { .. }) => {
-                guard.armed = false;
-            }
-            Err(_) => {}
-        }
-        result
     }
 
     fn replay_stream(
@@ -1089,20 +1108,6 @@ impl TieredJournal {
     }
 }
 
-struct Invalidate<'a> {
-    hot: &'a HotCache,
-    id: &'a PersistenceId,
-    armed: bool,
-}
-
-impl Drop for Invalidate<'_> {
-    fn drop(&mut self) {
-        if self.armed {
-            self.hot.invalidate(self.id);
-        }
-    }
-}
-
 #[async_trait::async_trait]
 impl Journal for TieredJournal {
     async fn append(
@@ -1114,9 +1119,9 @@ impl Journal for TieredJournal {
         if events.iter().any(|e| !e.blobs.is_empty()) {
             let _gate = self.inner.blob_gate.read().await;
             self.check_blobs(&events).await?;
-            self.append_inner(id, expected_seq, events).await
+            self.inner.warm.append(id, expected_seq, events).await
         } else {
-            self.append_inner(id, expected_seq, events).await
+            self.inner.warm.append(id, expected_seq, events).await
         }
     }
 
@@ -1155,9 +1160,7 @@ impl Journal for TieredJournal {
     async fn delete_events_to(&self, id: &PersistenceId, to_seq: u64) -> Result<()> {
         let _guard = self.inner.archive_lock.lock().await;
         let Some(mut m) = self.manifest(id).await? else {
-            self.inner.warm.delete_events_to(id, to_seq).await?;
-            self.inner.hot.trim(id, to_seq);
-            return Ok(());
+            return self.inner.warm.delete_events_to(id, to_seq).await;
         };
         let highest = self.inner.warm.highest_seq(id).await?;
         check_delete(id, to_seq, highest)?;
@@ -1168,18 +1171,14 @@ impl Journal for TieredJournal {
         m.archived_to = m.archived_to.max(to_seq);
         self.inner
             .warm
-            .delete_with_manifest(id, m.archived_to, m.encode())
+            .delete_with_manifest(id, m.archived_to, m.encode(), true)
             .await?;
-        self.inner.hot.trim(id, to_seq);
+        // The dropped segments are left to the next archive run's orphan
+        // sweep: a replay still holding the old manifest can finish
+        // reading them, and with buffered durability a power loss that
+        // brings the old manifest back finds them still there.
         self.step(ArchiveStep::DeleteCommitted)?;
-        for s in dropped {
-            // A segment left behind here is an orphan for the next run.
-            if let Err(e) = self.inner.cold.delete(&Path::from(s.object.as_str())).await
-                && !matches!(e, object_store::Error::NotFound { .. })
-            {
-                tracing::warn!(segment = %s.object, error = %e, "could not remove a deleted segment");
-            }
-        }
+        drop(dropped);
         Ok(())
     }
 
@@ -1205,7 +1204,9 @@ impl Journal for TieredJournal {
             .await?;
         let mut types = crate::event::TypeNameCache::default();
         let mut manifests: HashMap<PersistenceId, Option<Manifest>> = HashMap::new();
-        let mut segments: HashMap<String, Vec<PersistedEvent>> = HashMap::new();
+        // One decoded segment at a time: entries of one id and segment
+        // tend to be adjacent, and memory stays bounded by one segment.
+        let mut segment: Option<(String, Vec<PersistedEvent>)> = None;
         let mut out = Vec::with_capacity(entries.len());
         for (offset, id, seq, value) in entries {
             if let Some(bytes) = value {
@@ -1229,13 +1230,12 @@ impl Journal for TieredJournal {
             let Some(seg) = m.segments.iter().find(|s| s.from <= seq && seq <= s.to) else {
                 continue;
             };
-            if !segments.contains_key(&seg.object) {
+            if segment.as_ref().is_none_or(|(o, _)| o != &seg.object) {
                 let events = self.fetch_segment(&id, seg, seg.from).await?;
-                segments.insert(seg.object.clone(), events);
+                segment = Some((seg.object.clone(), events));
             }
-            if let Some(event) = segments[&seg.object]
-                .get((seq - seg.from) as usize)
-                .cloned()
+            if let Some((_, events)) = &segment
+                && let Some(event) = events.get((seq - seg.from) as usize).cloned()
             {
                 out.push(TaggedEvent { offset, event });
             }

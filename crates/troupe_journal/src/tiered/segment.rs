@@ -92,11 +92,45 @@ impl Manifest {
                 key: format!("cold manifest of `{id}`"),
                 reason: e.to_string(),
             })?;
+        let bad = |reason: String| crate::JournalError::CorruptMetadata {
+            key: format!("cold manifest of `{id}`"),
+            reason,
+        };
         if m.version != 1 {
-            return Err(crate::JournalError::CorruptMetadata {
-                key: format!("cold manifest of `{id}`"),
-                reason: format!("unknown manifest version {}", m.version),
-            });
+            return Err(bad(format!("unknown manifest version {}", m.version)));
+        }
+        if m.deleted_to > m.archived_to || m.archived_to == u64::MAX {
+            return Err(bad(format!(
+                "deleted to {} but archived to {}",
+                m.deleted_to, m.archived_to
+            )));
+        }
+        let mut prev: Option<u64> = None;
+        for seg in &m.segments {
+            let contiguous = prev.is_none_or(|p| seg.from == p + 1);
+            if seg.from == 0 || seg.to < seg.from || seg.to > m.archived_to || !contiguous {
+                return Err(bad(format!(
+                    "segment #{}..#{} out of order (archived to {})",
+                    seg.from, seg.to, m.archived_to
+                )));
+            }
+            prev = Some(seg.to);
+        }
+        let covered = m.segments.last().map_or(m.deleted_to, |s| s.to);
+        if covered != m.archived_to {
+            return Err(bad(format!(
+                "segments end at #{covered}, archived to #{}",
+                m.archived_to
+            )));
+        }
+        if let Some(first) = m.segments.first()
+            && first.from > m.deleted_to + 1
+        {
+            return Err(bad(format!(
+                "no segment holds #{} (the first starts at #{})",
+                m.deleted_to + 1,
+                first.from
+            )));
         }
         Ok(m)
     }
