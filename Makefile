@@ -29,6 +29,9 @@ fmt-check:
 
 clippy:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	# ractor's cluster configuration (groundwork for the cluster): the
+	# libraries must build there too.
+	$(CARGO) clippy -p troupe --features cluster -- -D warnings
 
 # The PostgreSQL journal's tests need a server: a throwaway one on
 # 127.0.0.1 runs for the length of the tests (scripts/pg.sh).

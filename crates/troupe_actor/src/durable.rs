@@ -42,8 +42,11 @@ use crate::error::ActorError;
 /// A durable, event-sourced entity. See the [module docs](self).
 pub trait EventSourced: Send + Sync + 'static {
     /// What callers send. Commands that want an answer carry a
-    /// [`ractor::RpcReplyPort`].
-    type Command: Send + 'static;
+    /// [`ractor::RpcReplyPort`]. Every `Send + 'static` type is a
+    /// [`ractor::Message`], unless ractor is built with its `cluster`
+    /// feature (Troupe's `cluster` feature), where the command type needs
+    /// an (empty) `impl ractor::Message for MyCommand {}`.
+    type Command: ractor::Message;
     /// What is journaled.
     type Event: Schema + Send + Sync + 'static;
     /// What the events fold into; also the snapshot payload.

@@ -287,6 +287,9 @@ pub enum SupervisorMsg {
     Children(RpcReplyPort<Vec<ChildInfo>>),
 }
 
+#[cfg(feature = "cluster")]
+impl ractor::Message for SupervisorMsg {}
+
 enum Status {
     Running(ActorCell),
     /// Waiting for a scheduled restart.

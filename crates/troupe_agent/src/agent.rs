@@ -376,7 +376,7 @@ impl AgentContext {
     }
 
     /// Publishes `msg` on topic `topic` (see [`Topics::publish`]).
-    pub async fn publish<M: Clone + Send + 'static>(
+    pub async fn publish<M: Clone + Message>(
         &self,
         topic: &str,
         msg: M,

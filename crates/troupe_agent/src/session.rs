@@ -330,6 +330,9 @@ pub enum SessionCommand {
     },
 }
 
+#[cfg(feature = "cluster")]
+impl ractor::Message for SessionCommand {}
+
 /// Live fan-out of journaled events to subscribers, per session.
 pub(crate) struct Hub {
     channels: Mutex<HashMap<String, broadcast::Sender<Arc<SessionRecord>>>>,

@@ -55,7 +55,7 @@ impl Topics {
         Self::default()
     }
 
-    fn with_topic<M: Clone + Send + 'static, R>(
+    fn with_topic<M: Clone + ractor::Message, R>(
         &self,
         name: &str,
         f: impl FnOnce(&mut Topic<M>) -> R,
@@ -79,7 +79,7 @@ impl Topics {
 
     /// Sets the overflow policy of topic `name` (created with
     /// [`Overflow::Drop`] otherwise).
-    pub fn declare<M: Clone + Send + 'static>(
+    pub fn declare<M: Clone + ractor::Message>(
         &self,
         name: &str,
         overflow: Overflow,
@@ -88,7 +88,7 @@ impl Topics {
     }
 
     /// Subscribes an agent (by its handle) to `name`.
-    pub fn subscribe<M: Clone + Send + 'static>(
+    pub fn subscribe<M: Clone + ractor::Message>(
         &self,
         name: &str,
         subscriber: ActorHandle<M>,
@@ -109,7 +109,7 @@ impl Topics {
     }
 
     /// Removes the subscriber named `agent` from `name`.
-    pub fn unsubscribe<M: Clone + Send + 'static>(
+    pub fn unsubscribe<M: Clone + ractor::Message>(
         &self,
         name: &str,
         agent: &str,
@@ -119,7 +119,7 @@ impl Topics {
 
     /// Delivers `msg` to every subscriber of `name`, following its
     /// overflow policy (see the [module docs](self)).
-    pub async fn publish<M: Clone + Send + 'static>(
+    pub async fn publish<M: Clone + ractor::Message>(
         &self,
         name: &str,
         msg: M,

@@ -142,10 +142,15 @@ pub const SESSION_AGENT: &str = "assistant";
 
 /// What the `assistant` agent is sent: a session to answer and where the
 /// outcome goes.
-pub type AssistantMsg = (
-    String,
-    ractor::RpcReplyPort<Result<troupe_agent::TurnOutcome, troupe_agent::AgentError>>,
-);
+pub struct AssistantMsg {
+    /// The session to answer.
+    pub session: String,
+    /// Where the outcome goes.
+    pub reply: ractor::RpcReplyPort<Result<troupe_agent::TurnOutcome, troupe_agent::AgentError>>,
+}
+
+#[cfg(feature = "cluster")]
+impl ractor::Message for AssistantMsg {}
 
 /// The `assistant` agent. The gateway's task workers answer sessions
 /// through its context (cancellable with the task); other agents may also
@@ -159,7 +164,7 @@ impl troupe_agent::Agent for Assistant {
     async fn handle(
         &mut self,
         ctx: &troupe_agent::AgentContext,
-        (session, reply): AssistantMsg,
+        AssistantMsg { session, reply }: AssistantMsg,
     ) -> Result<(), troupe_agent::AgentError> {
         let ctx = ctx.clone();
         tokio::spawn(async move {

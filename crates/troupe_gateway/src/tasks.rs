@@ -152,6 +152,9 @@ pub enum TaskCommand {
     Get(Reply<TaskState>),
 }
 
+#[cfg(feature = "cluster")]
+impl ractor::Message for TaskCommand {}
+
 /// The task entity.
 pub struct TaskEntity;
 

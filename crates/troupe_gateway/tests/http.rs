@@ -172,7 +172,13 @@ async fn tasks_sessions_and_workflows_end_to_end_with_tenants() {
         .handle::<troupe_gateway::AssistantMsg>(troupe_gateway::SESSION_AGENT)
         .unwrap();
     let outcome = assistant
-        .ask(|p| (sid.clone(), p), Duration::from_secs(30))
+        .ask(
+            |reply| troupe_gateway::AssistantMsg {
+                session: sid.clone(),
+                reply,
+            },
+            Duration::from_secs(30),
+        )
         .await
         .unwrap()
         .unwrap();

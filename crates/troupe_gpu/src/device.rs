@@ -67,6 +67,9 @@ pub enum DeviceMsg {
     Poll,
 }
 
+#[cfg(feature = "cluster")]
+impl ractor::Message for DeviceMsg {}
+
 /// Arguments of a device actor.
 pub struct DeviceArgs {
     /// Device index.

@@ -174,6 +174,9 @@ pub enum GpuMsg {
     DeviceReport(u32, Result<DeviceSample, String>),
 }
 
+#[cfg(feature = "cluster")]
+impl ractor::Message for GpuMsg {}
+
 /// Arguments of the supervisor.
 pub struct GpuArgs {
     /// Where devices are read.

@@ -188,6 +188,9 @@ pub enum SagaMsg {
     Status(RpcReplyPort<SagaStatus>),
 }
 
+#[cfg(feature = "cluster")]
+impl ractor::Message for SagaMsg {}
+
 /// Arguments of a saga actor.
 pub struct SagaArgs {
     /// Instance id.
