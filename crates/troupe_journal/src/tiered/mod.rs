@@ -209,9 +209,10 @@ pub struct ArchiveReport {
     pub raw_bytes: u64,
     /// Unreferenced segments removed (left by a crash or a delete).
     pub orphans_removed: u64,
-    /// Ids left in the warm tier because of bad data (a corrupt event, a
-    /// gap, an unreadable manifest or segment), with the reason; the run
-    /// goes on with the other ids. At most [`MAX_REPORTED_FAILURES`].
+    /// Ids whose archiving stopped at bad data (a corrupt event, a gap, an
+    /// unreadable manifest or segment), with the reason: the events before
+    /// it are archived, the rest stays warm, and the run goes on with the
+    /// other ids. At most [`MAX_REPORTED_FAILURES`].
     pub failures: Vec<(PersistenceId, String)>,
     /// Ids that failed (may exceed `failures.len()`).
     pub failure_count: u64,
@@ -543,10 +544,22 @@ impl TieredJournal {
     }
 
     async fn archive_id_locked(&self, id: &PersistenceId, now_ms: u64) -> Result<ArchiveReport> {
-        let policy = &self.inner.policy;
         let mut report = ArchiveReport::default();
+        self.archive_into(id, now_ms, &mut report).await?;
+        Ok(report)
+    }
+
+    /// Archives what the policy allows of `id`, adding what it moved to
+    /// `report` (also when it then stops at bad data).
+    async fn archive_into(
+        &self,
+        id: &PersistenceId,
+        now_ms: u64,
+        report: &mut ArchiveReport,
+    ) -> Result<()> {
+        let policy = &self.inner.policy;
         if policy.archive_after_s.is_none() && policy.snapshot_retention_s.is_none() {
-            return Ok(report);
+            return Ok(());
         }
         let snapshot_seq = match policy.snapshot_retention_s {
             Some(_) => self
@@ -577,28 +590,41 @@ impl TieredJournal {
                 .with_db(move |db| rocks::read_raw(db, &id2, start, max_events, max_bytes))
                 .await?;
             let mut take = 0;
+            // Bad data stops the run for this id after the good events
+            // before it are archived (they cannot move past it anyway).
+            let mut blocked = None;
             for (i, (seq, env)) in raw.iter().enumerate() {
                 if *seq != start + i as u64 {
-                    return Err(JournalError::Gap {
+                    blocked = Some(JournalError::Gap {
                         id: id.clone(),
                         expected: start + i as u64,
                         found: *seq,
                     });
+                    break;
                 }
-                let env =
-                    crate::envelope::decode_event(env).map_err(|reason| JournalError::Corrupt {
-                        id: id.clone(),
-                        seq: *seq,
-                        reason,
-                    })?;
+                let env = match crate::envelope::decode_event(env) {
+                    Ok(env) => env,
+                    Err(reason) => {
+                        blocked = Some(JournalError::Corrupt {
+                            id: id.clone(),
+                            seq: *seq,
+                            reason,
+                        });
+                        break;
+                    }
+                };
                 if !eligible(*seq, env.timestamp_ms) {
                     break;
                 }
                 take += 1;
             }
             let younger_follow = take < raw.len();
-            if take == 0 || (younger_follow && take < policy.min_segment_events) {
-                return Ok(report);
+            let too_few = younger_follow && take < policy.min_segment_events;
+            if take == 0 || (too_few && blocked.is_none()) {
+                return match blocked {
+                    Some(e) => Err(e),
+                    None => Ok(()),
+                };
             }
             self.step(ArchiveStep::EventsRead)?;
             let envelopes: Vec<Vec<u8>> = raw.into_iter().take(take).map(|(_, e)| e).collect();
@@ -673,8 +699,11 @@ impl TieredJournal {
             report.bytes += entry.bytes;
             report.raw_bytes += entry.raw_bytes;
             self.step(ArchiveStep::Committed)?;
+            if let Some(e) = blocked {
+                return Err(e);
+            }
             if younger_follow {
-                return Ok(report);
+                return Ok(());
             }
         }
     }
@@ -771,23 +800,23 @@ impl TieredJournal {
                 break;
             };
             for id in &page {
-                let r = match self.archive_id_locked(id, now_ms).await {
-                    Ok(r) => r,
+                let mut r = ArchiveReport::default();
+                match self.archive_into(id, now_ms, &mut r).await {
+                    Ok(()) => {}
                     Err(
                         e @ (JournalError::Corrupt { .. }
                         | JournalError::Gap { .. }
                         | JournalError::ColdSegment { .. }
                         | JournalError::CorruptMetadata { .. }),
                     ) => {
-                        tracing::warn!(%id, error = %e, "not archiving an id with bad data");
+                        tracing::warn!(%id, error = %e, "archiving stopped at bad data");
                         report.failure_count += 1;
                         if report.failures.len() < MAX_REPORTED_FAILURES {
                             report.failures.push((id.clone(), e.to_string()));
                         }
-                        ArchiveReport::default()
                     }
                     Err(e) => return Err(e),
-                };
+                }
                 report.ids_scanned += 1;
                 if r.segments > 0 {
                     report.ids_archived += 1;
