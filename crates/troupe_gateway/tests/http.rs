@@ -560,36 +560,10 @@ async fn storage_archives_sessions_and_serves_blobs_over_http() {
     let (_, _, sess) = api.call("POST", "/v1/sessions", Some(ACME), None).await;
     let sid = sess["id"].as_str().unwrap().to_owned();
     for t in 0..2 {
-        let (s, _, body) = api
-            .call(
-                "POST",
-                &format!("/v1/sessions/{sid}/messages"),
-                Some(ACME),
-                Some(json!({"content": format!("turn {t}")})),
-            )
-            .await;
-        assert_eq!(s, StatusCode::ACCEPTED, "{body}");
-        api.wait_task(ACME, body["task_id"].as_str().unwrap(), is("succeeded"))
-            .await;
+        let task = post_message(&api, &sid, &format!("turn {t}")).await;
+        api.wait_task(ACME, &task, is("succeeded")).await;
     }
-    let read_all = |api: &Api| {
-        let req = api
-            .http
-            .get(format!("{}/v1/sessions/{sid}/events?after=0", api.base))
-            .bearer_auth(ACME);
-        async move {
-            let resp = req.send().await.unwrap();
-            assert_eq!(resp.status(), StatusCode::OK);
-            let mut out = Vec::new();
-            let _ = tokio::time::timeout(
-                Duration::from_millis(500),
-                read_sse(resp, usize::MAX, &mut out),
-            )
-            .await;
-            out
-        }
-    };
-    let before = read_all(&api).await;
+    let before = session_events(&api, &sid).await;
     assert!(before.len() > 6, "{before:?}");
     let tiered = gw.tiered().expect("storage configured");
     let report = tiered
@@ -601,7 +575,7 @@ async fn storage_archives_sessions_and_serves_blobs_over_http() {
     let manifest = tiered.manifest(&pid).await.unwrap().expect("archived");
     assert_eq!(manifest.archived_to, before.last().unwrap().0);
     assert_eq!(
-        read_all(&api).await,
+        session_events(&api, &sid).await,
         before,
         "cold events read back unchanged"
     );
@@ -624,7 +598,7 @@ async fn storage_archives_sessions_and_serves_blobs_over_http() {
     let tiered = gw.tiered().expect("storage configured");
     let api = Api::new(gw.addr());
     assert_eq!(
-        read_all(&api).await,
+        session_events(&api, &sid).await,
         before,
         "cold events read back unchanged after the restart"
     );
@@ -685,7 +659,7 @@ async fn storage_archives_sessions_and_serves_blobs_over_http() {
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
     assert!(body.to_string().contains("not stored"), "{body}");
-    let events = read_all(&api).await;
+    let events = session_events(&api, &sid).await;
     assert!(
         events
             .iter()
@@ -733,6 +707,26 @@ async fn storage_archives_sessions_and_serves_blobs_over_http() {
     gw.shutdown().await.unwrap();
 }
 
+/// Every event of a session so far, read over SSE from the start (the
+/// stream is cut once nothing new arrives for 500 ms).
+async fn session_events(api: &Api, sid: &str) -> Vec<(u64, String)> {
+    let resp = api
+        .http
+        .get(format!("{}/v1/sessions/{sid}/events?after=0", api.base))
+        .bearer_auth(ACME)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(
+        Duration::from_millis(500),
+        read_sse(resp, usize::MAX, &mut out),
+    )
+    .await;
+    out
+}
+
 async fn post_message(api: &Api, sid: &str, text: &str) -> String {
     let (s, _, body) = api
         .call(
@@ -767,39 +761,22 @@ async fn a_second_server_carries_on_sessions_from_the_shared_postgres_journal() 
         });
         c
     };
-    let events_of = |api: &Api, sid: &str| {
-        let req = api
-            .http
-            .get(format!("{}/v1/sessions/{sid}/events?after=0", api.base))
-            .bearer_auth(ACME);
-        async move {
-            let resp = req.send().await.unwrap();
-            assert_eq!(resp.status(), StatusCode::OK);
-            let mut out = Vec::new();
-            let _ = tokio::time::timeout(
-                Duration::from_millis(500),
-                read_sse(resp, usize::MAX, &mut out),
-            )
-            .await;
-            out
-        }
-    };
     let first = Gateway::start(configure(dirs[0].path())).await.unwrap();
     let api = Api::new(first.addr());
     let (_, _, sess) = api.call("POST", "/v1/sessions", Some(ACME), None).await;
     let sid = sess["id"].as_str().unwrap().to_owned();
     let task = post_message(&api, &sid, "hello from node one").await;
     api.wait_task(ACME, &task, is("succeeded")).await;
-    let before = events_of(&api, &sid).await;
+    let before = session_events(&api, &sid).await;
     assert!(before.iter().any(|(_, d)| d.contains("turn_completed")));
     first.shutdown().await.unwrap();
 
     let second = Gateway::start(configure(dirs[1].path())).await.unwrap();
     let api = Api::new(second.addr());
-    assert_eq!(events_of(&api, &sid).await, before, "the same events");
+    assert_eq!(session_events(&api, &sid).await, before, "the same events");
     let task = post_message(&api, &sid, "and hello from node two").await;
     api.wait_task(ACME, &task, is("succeeded")).await;
-    let after = events_of(&api, &sid).await;
+    let after = session_events(&api, &sid).await;
     assert_eq!(&after[..before.len()], &before[..]);
     let seqs: Vec<u64> = after.iter().map(|(s, _)| *s).collect();
     assert_eq!(seqs, (1..=after.len() as u64).collect::<Vec<_>>());

@@ -20,6 +20,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::store_err;
 use crate::error::{JournalError, Result};
 
 /// Longest media type, in bytes.
@@ -126,13 +127,6 @@ impl Default for BlobConfig {
             chunk_bytes: 8 << 20,
             gc_grace_s: 3600,
         }
-    }
-}
-
-fn store_err(context: &'static str) -> impl Fn(object_store::Error) -> JournalError {
-    move |e| JournalError::Storage {
-        context,
-        message: e.to_string(),
     }
 }
 

@@ -396,7 +396,8 @@ pub struct TieredJournal {
     inner: Arc<Inner>,
 }
 
-fn store_err(context: &'static str) -> impl Fn(object_store::Error) -> JournalError {
+/// Maps an object store error to a storage error naming what was being done.
+pub(crate) fn store_err(context: &'static str) -> impl Fn(object_store::Error) -> JournalError {
     move |e| JournalError::Storage {
         context,
         message: e.to_string(),
