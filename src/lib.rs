@@ -15,10 +15,13 @@
 //! | [`saga`] | `troupe_saga` | DAG workflows with retries, compensation, signals |
 //! | [`agent`] | `troupe_agent` | agents, durable sessions, model backends, tools, topics |
 //! | [`gateway`] | `troupe_gateway` | the HTTP API: 202 submission, resumable SSE, tenants, metrics |
+//! | `cluster` (feature `cluster`) | (here) | nodes on `ractor_cluster`: agents by name across nodes, entities placed by consistent hashing, GPU admission across nodes |
 //! | [`Troupe`] | (here) | the system handle: journal + root supervisor + orderly shutdown |
 //!
 //! Most programs start with `use troupe::prelude::*;`.
 
+#[cfg(feature = "cluster")]
+pub mod cluster;
 mod system;
 
 pub use async_trait::async_trait;

@@ -439,9 +439,16 @@ impl<E: EventSourced> Entities<E> {
 
     /// Passivates every active entity (draining their mailboxes) and waits.
     pub async fn passivate_all(&self) {
+        self.passivate_where(|_| true).await;
+    }
+
+    /// Passivates the active entities whose key matches `which` (draining
+    /// their mailboxes) and waits; returns how many it passivated. A
+    /// cluster node calls it when entities move to another node.
+    pub async fn passivate_where(&self, which: impl Fn(&str) -> bool) -> usize {
         let waits: Vec<Shared<BoxFuture<'static, ()>>> = {
             let mut slots = Self::slots(&self.inner);
-            let keys: Vec<String> = slots.keys().cloned().collect();
+            let keys: Vec<String> = slots.keys().filter(|k| which(k)).cloned().collect();
             let mut waits = Vec::new();
             for key in keys {
                 match slots.remove(&key) {
@@ -463,6 +470,8 @@ impl<E: EventSourced> Entities<E> {
             }
             waits
         };
+        let n = waits.len();
         futures::future::join_all(waits).await;
+        n
     }
 }

@@ -1036,6 +1036,12 @@ impl Sessions {
     pub async fn passivate_all(&self) {
         self.entities.passivate_all().await
     }
+
+    /// Passivates the active sessions whose id matches `which`; returns how
+    /// many. A cluster node calls it for sessions that moved elsewhere.
+    pub async fn passivate_where(&self, which: impl Fn(&str) -> bool) -> usize {
+        self.entities.passivate_where(which).await
+    }
 }
 
 fn decode_batch(

@@ -106,16 +106,37 @@ impl Sagas {
 
     /// Starts an instance; returns its id once its start is journaled.
     pub async fn start(&self, definition: &str, input: Value) -> Result<String, SagaError> {
+        let id = self.new_id(definition, "");
+        self.start_with_id(&id, definition, input).await?;
+        Ok(id)
+    }
+
+    /// A fresh instance id for `definition`: `{definition}-{scope}{ms}-{n}`.
+    /// Processes that share a journal pass distinct scopes (a cluster
+    /// passes its node name and a dash).
+    pub fn new_id(&self, definition: &str, scope: &str) -> String {
+        format!(
+            "{definition}-{scope}{}-{}",
+            now_ms(),
+            self.inner.next.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    /// Starts an instance under `id` (from [`Sagas::new_id`]); returns once
+    /// its start is journaled. An id already used is refused (the journal's
+    /// `SeqConflict`).
+    pub async fn start_with_id(
+        &self,
+        id: &str,
+        definition: &str,
+        input: Value,
+    ) -> Result<(), SagaError> {
         let def = self.definition(definition)?;
         let running = self.running();
         if running >= self.inner.max_running.load(Ordering::Relaxed) {
             return Err(SagaError::Overloaded { running });
         }
-        let id = format!(
-            "{definition}-{}-{}",
-            now_ms(),
-            self.inner.next.fetch_add(1, Ordering::Relaxed)
-        );
+        let id = id.to_owned();
         let pid =
             PersistenceId::new("saga", &id).map_err(|e| SagaError::Malformed(e.to_string()))?;
         let started = NewEvent::new(&SagaEvent::Started {
@@ -129,8 +150,8 @@ impl Sagas {
             .await
             .map_err(|e| SagaError::Journal(e.to_string()))?;
         metrics::counter!("troupe_sagas_started_total").increment(1);
-        self.spawn(id.clone(), def).await?;
-        Ok(id)
+        self.spawn(id, def).await?;
+        Ok(())
     }
 
     /// Starts an instance from a JSON body `{"definition": ..., "input": ...}`.
@@ -164,17 +185,19 @@ impl Sagas {
             .running
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(id.clone(), actor);
+            .insert(id.clone(), actor.clone());
         let inner = self.inner.clone();
+        let incarnation = actor.get_id();
         tokio::spawn(async move {
             let ended = rx.recv().await;
             // Ended, or failed (its journal failed): either way it is no
             // longer running, and `resume_all` may pick a failed one up.
-            inner
-                .running
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&id);
+            // (Unless a later incarnation of the same id runs already.)
+            let mut running = inner.running.lock().unwrap_or_else(|p| p.into_inner());
+            if running.get(&id).map(|a| a.get_id()) == Some(incarnation) {
+                running.remove(&id);
+            }
+            drop(running);
             match ended {
                 Some(status) => {
                     let _ = inner.ended.send(status);
@@ -190,6 +213,13 @@ impl Sagas {
     /// Resumes every unfinished saga in the journal (after a restart).
     /// Returns how many were resumed.
     pub async fn resume_all(&self) -> Result<usize, SagaError> {
+        self.resume_where(|_| true).await
+    }
+
+    /// Resumes the unfinished sagas whose id matches `which` and that are
+    /// not running here. A cluster node calls it for the sagas it comes to
+    /// own. Returns how many were resumed.
+    pub async fn resume_where(&self, which: impl Fn(&str) -> bool) -> Result<usize, SagaError> {
         let mut after: Option<PersistenceId> = None;
         let mut resumed = 0;
         loop {
@@ -202,7 +232,10 @@ impl Sagas {
             let Some(last) = page.last().cloned() else {
                 break;
             };
-            for pid in page.into_iter().filter(|p| p.kind() == "saga") {
+            for pid in page
+                .into_iter()
+                .filter(|p| p.kind() == "saga" && which(p.key()))
+            {
                 let id = pid.key().to_owned();
                 if self
                     .inner
@@ -338,17 +371,23 @@ impl Sagas {
 
     /// Stops every running saga actor (their journals keep their state).
     pub async fn stop_all(&self) {
-        let actors: Vec<ActorRef<SagaMsg>> = self
-            .inner
-            .running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain()
-            .map(|(_, a)| a)
-            .collect();
+        self.stop_where(|_| true).await;
+    }
+
+    /// Stops the running saga actors whose id matches `which` (their
+    /// journals keep their state; another process may resume them).
+    /// Returns how many it stopped.
+    pub async fn stop_where(&self, which: impl Fn(&str) -> bool) -> usize {
+        let actors: Vec<ActorRef<SagaMsg>> = {
+            let mut running = self.inner.running.lock().unwrap_or_else(|p| p.into_inner());
+            let ids: Vec<String> = running.keys().filter(|id| which(id)).cloned().collect();
+            ids.iter().filter_map(|id| running.remove(id)).collect()
+        };
+        let n = actors.len();
         for a in actors {
             let _ = a.stop_and_wait(None, Some(Duration::from_secs(10))).await;
         }
+        n
     }
 }
 

@@ -24,6 +24,9 @@ fn note(msg: &str) {
 /// Counts messages; answers `Get` with the count.
 struct Sink;
 
+#[cfg(feature = "cluster")]
+impl ractor::Message for SinkMsg {}
+
 enum SinkMsg {
     Hit,
     Get(RpcReplyPort<u64>),
@@ -223,6 +226,9 @@ struct TallyState(u64);
 impl Schema for TallyState {
     const TYPE_NAME: &'static str = "bench.Tally";
 }
+
+#[cfg(feature = "cluster")]
+impl ractor::Message for TallyCmd {}
 
 enum TallyCmd {
     Count(RpcReplyPort<u64>),

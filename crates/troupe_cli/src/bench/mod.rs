@@ -5,6 +5,8 @@
 //! `name_ratio: R x` (Troupe divided by the baseline). Progress notes go to
 //! stderr.
 
+#[cfg(feature = "cluster")]
+mod cluster;
 mod gateway;
 mod journal;
 mod leases;
@@ -64,6 +66,20 @@ pub enum Suite {
         #[arg(long)]
         quick: bool,
     },
+    /// Tells and asks between two node processes (ractor_cluster on
+    /// 127.0.0.1) against the same calls within one node. Needs a binary
+    /// built with `--features cluster`.
+    Cluster {
+        /// Smaller counts, well under a minute.
+        #[arg(long)]
+        quick: bool,
+    },
+    /// (internal) The peer node of `bench cluster`.
+    #[command(hide = true)]
+    ClusterPeer {
+        #[arg(long)]
+        port: u16,
+    },
     /// (internal) Replay one id and print the process's peak RSS.
     #[command(hide = true)]
     ReplayRss {
@@ -83,6 +99,16 @@ pub fn run(suite: Suite) -> Result<ExitCode, Box<dyn std::error::Error>> {
         Suite::Sessions { quick } => sessions::run(quick)?,
         Suite::Gateway { quick } => gateway::run(quick)?,
         Suite::Tiers { quick } => tiers::run(quick)?,
+        #[cfg(feature = "cluster")]
+        Suite::Cluster { quick } => cluster::run(quick)?,
+        #[cfg(feature = "cluster")]
+        Suite::ClusterPeer { port } => cluster::peer(port)?,
+        #[cfg(not(feature = "cluster"))]
+        Suite::Cluster { .. } | Suite::ClusterPeer { .. } => {
+            return Err("this troupe binary was built without the cluster feature: \
+                        cargo run --release -p troupe_cli --features cluster -- bench cluster"
+                .into());
+        }
         Suite::ReplayRss { data_dir, id } => journal::replay_rss_child(&data_dir, &id)?,
     }
     Ok(ExitCode::SUCCESS)

@@ -31,17 +31,22 @@ const GB: u64 = 1 << 30;
 /// Turns in flight at once (each session runs its turns one after another).
 const IN_FLIGHT: usize = 1_000;
 
+/// One turn of one session, answered on the port.
+struct TurnMsg(String, RpcReplyPort<Result<TurnOutcome, AgentError>>);
+#[cfg(feature = "cluster")]
+impl ractor::Message for TurnMsg {}
+
 /// Answers each session it is sent in a task of its own, so one agent
 /// serves many sessions at once; the lease holder is the agent.
 struct Desk;
 
 #[async_trait::async_trait]
 impl Agent for Desk {
-    type Msg = (String, RpcReplyPort<Result<TurnOutcome, AgentError>>);
+    type Msg = TurnMsg;
     async fn handle(
         &mut self,
         ctx: &AgentContext,
-        (id, reply): Self::Msg,
+        TurnMsg(id, reply): Self::Msg,
     ) -> Result<(), AgentError> {
         let ctx = ctx.clone();
         tokio::spawn(async move {
@@ -214,7 +219,7 @@ async fn troupe_turns(
                 sessions
                     .post(&id, &format!("question {t} about my order"))
                     .await?;
-                desk.ask(|p| (id.clone(), p), Duration::from_secs(120))
+                desk.ask(|p| TurnMsg(id.clone(), p), Duration::from_secs(120))
                     .await??;
             }
             Ok::<_, AgentError>(())

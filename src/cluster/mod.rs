@@ -1,0 +1,1103 @@
+//! # Troupe across machines (feature `cluster`)
+//!
+//! A cluster is a set of Troupe processes (*nodes*) connected by
+//! [`ractor_cluster`]: each node runs a ractor `NodeServer`, nodes
+//! authenticate each other with a shared cookie (and, optionally, mutual
+//! TLS), and ractor's process groups tell every node which nodes are up and
+//! what they host. On top of that, this module gives you three things:
+//!
+//! | you want | use |
+//! |---|---|
+//! | reach an agent on any node by name | [`ClusterNode::expose`] on the node that runs it, [`ClusterNode::agent`] anywhere: [`AgentRef::tell`], [`AgentRef::ask`] |
+//! | durable entities (sessions, sagas) spread over the nodes, moving when a node leaves | [`ClusterNode::host`] (a node that runs them) or [`ClusterNode::entity_client`] (one that only calls them): [`ClusterEntities::ask`] |
+//! | GPU work admitted on whichever node has capacity, or refused with a retry hint | [`ClusterNode::host_gpu`], [`ClusterGpu::run`] |
+//!
+//! **Messages.** What crosses nodes is serialized with MessagePack
+//! (`rmp-serde`): agent messages, entity requests and replies, and GPU task
+//! inputs and outputs are ordinary `serde` types (see [`Wire`]). When the
+//! target is on the calling node, nothing is serialized: the message goes
+//! straight to the actor's mailbox.
+//!
+//! **Placement.** Each entity kind has a consistent-hash ring ([`HashRing`])
+//! over the live nodes that host it; a key's owner is the same on every node
+//! that sees the same members. A request reaching a node that is not the
+//! owner is forwarded (at most [`ClusterConfig::max_hops`] times). When the
+//! members change, each node passivates the entities it no longer owns, and
+//! the new owner activates them from the journal on their next message. With
+//! a shared journal ([`Placement::Shared`], e.g. PostgreSQL) that is a
+//! fail-over; with node-local RocksDB ([`Placement::NodeLocal`]) an entity
+//! lives on its home node only, and while that node is down callers get
+//! [`ClusterError::EntityUnavailable`].
+//!
+//! **Consistency.** Nodes learn about a member leaving at slightly different
+//! times. Two nodes may briefly both believe they own a key; the journal's
+//! optimistic append (a `SeqConflict` for the stale writer) keeps the event
+//! stream single-writer, and the stale node's entity restarts from the
+//! journal. A request whose node dies with it in flight fails with
+//! [`ClusterError::NodeDown`] or `Timeout`: its outcome is unknown, as with
+//! any remote call, so make retried requests idempotent.
+//!
+//! Build with `--features cluster`. ractor's cluster configuration removes
+//! its blanket `impl Message for T`, so in such a build every message type
+//! of yours needs an (empty) `impl ractor::Message for MyMsg {}`; Troupe's
+//! own types have theirs.
+
+mod agents;
+mod entities;
+mod error;
+mod gpu;
+mod ring;
+mod services;
+mod tls;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use futures::future::BoxFuture;
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use ractor_cluster::node::NodeConnectionMode;
+use ractor_cluster::{IncomingEncryptionMode, NodeServer, NodeServerMessage};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+pub use agents::{AgentRef, Expose};
+pub use entities::{ClusterEntities, ClusterEntity};
+pub use error::ClusterError;
+pub use gpu::{ClusterGpu, GpuNeed, GpuRun, NodeGpuCapacity};
+pub use ring::{DEFAULT_VNODES, HashRing};
+pub use services::{
+    ClusterSagas, ClusterSessions, Keyed, SagaReply, SagaRequest, SessionReply, SessionRequest,
+};
+pub use tls::TlsConfig;
+
+/// What may cross nodes: any `serde` type that owns its data.
+pub trait Wire: Serialize + DeserializeOwned + Send + 'static {}
+impl<T: Serialize + DeserializeOwned + Send + 'static> Wire for T {}
+
+/// The process-group scope of Troupe's cluster groups.
+const SCOPE: &str = "troupe.cluster";
+
+/// Where entities' journals live, which decides what happens when a node
+/// leaves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    /// A journal every node reaches (PostgreSQL): an entity is owned by a
+    /// live node hosting its kind, and moves when members change.
+    Shared,
+    /// Each node journals into its own RocksDB: an entity's home is fixed
+    /// by a ring over these node names (the configured cluster), and while
+    /// its home is down the entity is unavailable.
+    NodeLocal {
+        /// Every node of the cluster, by name.
+        members: Vec<String>,
+    },
+}
+
+/// Settings of one node. (`Debug` does not print the cookie.)
+#[derive(Clone)]
+pub struct ClusterConfig {
+    /// This node's name, unique in the cluster (letters, digits, `-`, `_`, `.`).
+    pub node_name: String,
+    /// Address the node server listens on (port 0: a free port).
+    pub listen: SocketAddr,
+    /// Address peers should dial (defaults to `listen` with the port chosen).
+    pub advertise: Option<SocketAddr>,
+    /// Shared secret: nodes with another cookie are refused.
+    pub cookie: String,
+    /// Nodes to join through; the others are found from them.
+    pub seeds: Vec<SocketAddr>,
+    /// Mutual TLS between nodes (None: plain TCP, for trusted networks).
+    pub tls: Option<TlsConfig>,
+    /// Where entities' journals live.
+    pub placement: Placement,
+    /// Ring points per node.
+    pub vnodes: u32,
+    /// Default time-out of calls to other nodes.
+    pub call_timeout: Duration,
+    /// Most remote calls this node serves at once; more are refused with
+    /// [`ClusterError::Overloaded`].
+    pub max_inflight_calls: usize,
+    /// Largest frame accepted from a peer, in bytes (bigger: the peer is
+    /// disconnected). Every node should use the same value.
+    pub max_frame_bytes: u64,
+    /// Most times a request is forwarded between nodes.
+    pub max_hops: u8,
+    /// How long [`ClusterNode::start`] tries the seeds.
+    pub join_timeout: Duration,
+}
+
+impl std::fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterConfig")
+            .field("node_name", &self.node_name)
+            .field("listen", &self.listen)
+            .field("advertise", &self.advertise)
+            .field("cookie", &"<redacted>")
+            .field("seeds", &self.seeds)
+            .field("tls", &self.tls)
+            .field("placement", &self.placement)
+            .field("vnodes", &self.vnodes)
+            .field("call_timeout", &self.call_timeout)
+            .field("max_inflight_calls", &self.max_inflight_calls)
+            .field("max_frame_bytes", &self.max_frame_bytes)
+            .field("max_hops", &self.max_hops)
+            .field("join_timeout", &self.join_timeout)
+            .finish()
+    }
+}
+
+impl ClusterConfig {
+    /// A node named `node_name` listening on `listen`, with defaults: shared
+    /// placement, 64 ring points, 5 s calls, 4,096 calls in flight, 16 MiB
+    /// frames, 3 hops, 10 s to join.
+    pub fn new(
+        node_name: impl Into<String>,
+        listen: SocketAddr,
+        cookie: impl Into<String>,
+    ) -> Self {
+        Self {
+            node_name: node_name.into(),
+            listen,
+            advertise: None,
+            cookie: cookie.into(),
+            seeds: Vec::new(),
+            tls: None,
+            placement: Placement::Shared,
+            vnodes: DEFAULT_VNODES,
+            call_timeout: Duration::from_secs(5),
+            max_inflight_calls: 4_096,
+            max_frame_bytes: 16 << 20,
+            max_hops: 3,
+            join_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// Joins through `seeds`.
+    pub fn seeds(mut self, seeds: impl IntoIterator<Item = SocketAddr>) -> Self {
+        self.seeds = seeds.into_iter().collect();
+        self
+    }
+
+    /// Uses mutual TLS.
+    pub fn tls(mut self, tls: TlsConfig) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Sets the placement.
+    pub fn placement(mut self, placement: Placement) -> Self {
+        self.placement = placement;
+        self
+    }
+
+    fn validate(&self) -> Result<(), ClusterError> {
+        let name_ok = !self.node_name.is_empty()
+            && self.node_name.len() <= 128
+            && self
+                .node_name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        if !name_ok {
+            return Err(ClusterError::Config(format!(
+                "node name `{}` must be 1 to 128 letters, digits, `-`, `_` or `.`",
+                self.node_name
+            )));
+        }
+        if self.cookie.is_empty() {
+            return Err(ClusterError::Config("the cookie must not be empty".into()));
+        }
+        if self.max_inflight_calls == 0 || self.max_frame_bytes < 1024 || self.max_hops == 0 {
+            return Err(ClusterError::Config(
+                "max_inflight_calls and max_hops must be at least 1, max_frame_bytes at least 1 KiB"
+                    .into(),
+            ));
+        }
+        if let Placement::NodeLocal { members } = &self.placement
+            && !members.contains(&self.node_name)
+        {
+            return Err(ClusterError::Config(format!(
+                "node-local placement lists {members:?}, which must include this node `{}`",
+                self.node_name
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Frames between node actors (MessagePack inside ractor's own framing).
+#[derive(Debug, Serialize, Deserialize)]
+enum Frame {
+    /// A tell to an exposed agent.
+    Tell {
+        agent: String,
+        body: serde_bytes::ByteBuf,
+    },
+    /// An ask to an exposed agent.
+    Ask {
+        agent: String,
+        body: serde_bytes::ByteBuf,
+        timeout_ms: u64,
+    },
+    /// A request to an entity.
+    Entity {
+        kind: String,
+        key: String,
+        body: serde_bytes::ByteBuf,
+        hops: u8,
+        timeout_ms: u64,
+    },
+    /// The sender's peers, so that it can connect to them (transitive
+    /// joins over TLS too).
+    Peers,
+    /// GPU capacity of the node.
+    GpuCapacity,
+    /// Run a GPU task under a local lease.
+    GpuRun {
+        kind: String,
+        need: GpuNeed,
+        body: serde_bytes::ByteBuf,
+        timeout_ms: u64,
+    },
+}
+
+type Reply = Result<serde_bytes::ByteBuf, ClusterError>;
+
+/// The node actor's messages: one per process, the only actor other nodes
+/// talk to.
+#[derive(ractor_cluster::RactorClusterMessage)]
+enum NodeMsg {
+    /// A one-way frame.
+    Deliver(Vec<u8>),
+    /// A frame that wants a [`Reply`].
+    #[rpc]
+    Call(Vec<u8>, RpcReplyPort<Vec<u8>>),
+}
+
+fn encode<T: Serialize + ?Sized>(node: &str, what: &str, v: &T) -> Result<Vec<u8>, ClusterError> {
+    rmp_serde::to_vec(v).map_err(|e| ClusterError::Codec {
+        node: node.to_owned(),
+        op: "encode".into(),
+        what: what.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+fn decode<T: DeserializeOwned>(node: &str, what: &str, bytes: &[u8]) -> Result<T, ClusterError> {
+    rmp_serde::from_slice(bytes).map_err(|e| ClusterError::Codec {
+        node: node.to_owned(),
+        op: "decode".into(),
+        what: what.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+/// What this node knows of the others, rebuilt on every membership change.
+#[derive(Default)]
+struct View {
+    /// Live nodes (this one included) and their node actors.
+    nodes: BTreeMap<String, ActorCell>,
+    /// Nodes exposing each agent name.
+    agents: HashMap<String, Vec<String>>,
+    /// Ring of each entity kind.
+    kinds: HashMap<String, HashRing>,
+    /// Nodes hosting GPU tasks of each kind.
+    gpu: HashMap<String, Vec<String>>,
+}
+
+/// Where a message goes.
+enum Route {
+    Local,
+    Remote(String, ActorCell),
+}
+
+type KindDispatch =
+    Arc<dyn Fn(String, Vec<u8>, Duration) -> BoxFuture<'static, Reply> + Send + Sync>;
+type Rebalance = Arc<dyn Fn(Arc<HashRing>, String) -> BoxFuture<'static, usize> + Send + Sync>;
+
+struct Inner {
+    name: String,
+    addr: SocketAddr,
+    config: ClusterConfig,
+    server: ActorRef<NodeServerMessage>,
+    actor: OnceLock<ActorRef<NodeMsg>>,
+    tls: Option<tls::Tls>,
+    view: ArcSwap<View>,
+    members: tokio::sync::watch::Sender<Vec<String>>,
+    agents: RwLock<HashMap<String, Arc<agents::Exposed>>>,
+    kinds: RwLock<HashMap<String, (KindDispatch, Rebalance)>>,
+    gpu: RwLock<Option<Arc<gpu::GpuHost>>>,
+    inflight: Arc<tokio::sync::Semaphore>,
+    rr: AtomicUsize,
+    addrs: RwLock<HashMap<String, SocketAddr>>,
+}
+
+/// A running node. Cheap to clone; [`ClusterNode::shutdown`] leaves the
+/// cluster.
+#[derive(Clone)]
+pub struct ClusterNode {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for ClusterNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterNode")
+            .field("name", &self.inner.name)
+            .field("addr", &self.inner.addr)
+            .finish()
+    }
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|p| p.into_inner())
+}
+
+impl ClusterNode {
+    /// Starts the node server and the node actor, then joins through the
+    /// seeds (if any): returns once at least one other node is a member, or
+    /// fails with [`ClusterError::Join`] after `join_timeout`.
+    pub async fn start(config: ClusterConfig) -> Result<Self, ClusterError> {
+        config.validate()?;
+        let name = config.node_name.clone();
+        let start_err = |reason: String| ClusterError::Start {
+            node: name.clone(),
+            reason,
+        };
+        let mut listen = config.listen;
+        if listen.port() == 0 {
+            // ractor's listener does not report the port it chose: pick one.
+            let probe = std::net::TcpListener::bind(listen)
+                .map_err(|e| start_err(format!("no free port on {listen}: {e}")))?;
+            listen.set_port(
+                probe
+                    .local_addr()
+                    .map_err(|e| start_err(e.to_string()))?
+                    .port(),
+            );
+        }
+        let addr = match config.advertise {
+            Some(a) => a,
+            None => listen,
+        };
+        let tls = config.tls.as_ref().map(tls::Tls::load).transpose()?;
+        let encryption = tls
+            .as_ref()
+            .map(|t| IncomingEncryptionMode::Tls(t.acceptor.clone()));
+        let server = NodeServer::new(
+            listen.port(),
+            config.cookie.clone(),
+            name.clone(),
+            addr.ip().to_string(),
+            encryption,
+            // Troupe finds peers itself (Frame::Peers), so that TLS
+            // clusters connect transitively too.
+            Some(NodeConnectionMode::Isolated),
+        )
+        .with_listen_addr(listen.ip())
+        .with_max_inbound_frame_size(config.max_frame_bytes);
+        let (server, _) = Actor::spawn(None, server, ())
+            .await
+            .map_err(|e| start_err(format!("node server: {e}")))?;
+        // The listener binds in its own start-up: wait until the port is
+        // taken (probing by binding, not connecting, opens no session).
+        let mut bound = false;
+        for _ in 0..200 {
+            if let Err(e) = std::net::TcpListener::bind(listen)
+                && e.kind() == std::io::ErrorKind::AddrInUse
+            {
+                bound = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if !bound {
+            server.stop(None);
+            return Err(start_err(format!(
+                "the node server never listened on {listen}"
+            )));
+        }
+        let (members, _) = tokio::sync::watch::channel(Vec::new());
+        let inner = Arc::new(Inner {
+            name: name.clone(),
+            addr,
+            inflight: Arc::new(tokio::sync::Semaphore::new(config.max_inflight_calls)),
+            config,
+            server,
+            actor: OnceLock::new(),
+            tls,
+            view: ArcSwap::from_pointee(View::default()),
+            members,
+            agents: RwLock::new(HashMap::new()),
+            kinds: RwLock::new(HashMap::new()),
+            gpu: RwLock::new(None),
+            rr: AtomicUsize::new(0),
+            addrs: RwLock::new(HashMap::new()),
+        });
+        let (actor, _) = Actor::spawn(None, NodeActor, Arc::downgrade(&inner))
+            .await
+            .map_err(|e| start_err(format!("node actor: {e}")))?;
+        let _ = inner.actor.set(actor.clone());
+        ractor::pg::monitor_scope(SCOPE.to_owned(), actor.get_cell());
+        inner.join_group(format!("node:{name}"));
+        inner.refresh();
+        let node = Self { inner };
+        if let Err(e) = node.join_seeds().await {
+            node.shutdown().await;
+            return Err(e);
+        }
+        Ok(node)
+    }
+
+    async fn join_seeds(&self) -> Result<(), ClusterError> {
+        let seeds = self.inner.config.seeds.clone();
+        if seeds.is_empty() {
+            return Ok(());
+        }
+        let deadline = tokio::time::Instant::now() + self.inner.config.join_timeout;
+        let mut members = self.inner.members.subscribe();
+        let mut last = String::from("no answer");
+        loop {
+            for seed in &seeds {
+                if *seed == self.inner.addr {
+                    continue;
+                }
+                if let Err(e) = self.inner.connect(*seed).await {
+                    last = e.to_string();
+                }
+            }
+            let waited = tokio::time::timeout_at(
+                (tokio::time::Instant::now() + Duration::from_millis(500)).min(deadline),
+                members.wait_for(|m| m.len() > 1),
+            )
+            .await;
+            if matches!(waited, Ok(Ok(_))) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ClusterError::Join {
+                    seeds: format!("{seeds:?}"),
+                    reason: format!(
+                        "{last} (or the handshake failed: check the cookie and TLS settings)"
+                    ),
+                });
+            }
+        }
+    }
+
+    /// This node's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The address peers dial.
+    pub fn addr(&self) -> SocketAddr {
+        self.inner.addr
+    }
+
+    /// Connects to one more node (and, through it, to its peers).
+    pub async fn connect(&self, addr: SocketAddr) -> Result<(), ClusterError> {
+        self.inner.connect(addr).await
+    }
+
+    /// Live nodes, this one included, sorted by name.
+    pub fn members(&self) -> Vec<String> {
+        self.inner.view.load().nodes.keys().cloned().collect()
+    }
+
+    /// Waits until `pred` holds for the live members (sorted names), or
+    /// `timeout` passes; returns the members it saw last.
+    pub async fn wait_for_members(
+        &self,
+        pred: impl Fn(&[String]) -> bool,
+        timeout: Duration,
+    ) -> Result<Vec<String>, ClusterError> {
+        let mut rx = self.inner.members.subscribe();
+        match tokio::time::timeout(timeout, rx.wait_for(|m| pred(m))).await {
+            Ok(Ok(m)) => Ok(m.clone()),
+            _ => Err(ClusterError::Timeout {
+                node: self.inner.name.clone(),
+                operation: format!("waiting for members (now {:?})", self.members()),
+                after: timeout,
+            }),
+        }
+    }
+
+    /// The node that owns entity `key` of `kind` now.
+    /// (With node-local placement, the home node, whether it is up or not.)
+    pub fn owner_of(&self, kind: &str, key: &str) -> Result<String, ClusterError> {
+        let view = self.inner.view.load();
+        view.kinds
+            .get(kind)
+            .and_then(|ring| ring.owner(key))
+            .map(str::to_owned)
+            .ok_or_else(|| ClusterError::NoOwner {
+                kind: kind.to_owned(),
+            })
+    }
+
+    /// Leaves the cluster: stops the node actor (peers see it leave) and the
+    /// node server (connections close).
+    pub async fn shutdown(&self) {
+        if let Some(a) = self.inner.actor.get() {
+            a.stop(None);
+        }
+        self.inner.server.stop(None);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+impl Inner {
+    fn actor(&self) -> &ActorRef<NodeMsg> {
+        self.actor
+            .get()
+            .expect("the node actor starts before the node is returned")
+    }
+
+    fn join_group(&self, group: String) {
+        ractor::pg::join_scoped(SCOPE.to_owned(), group, vec![self.actor().get_cell()]);
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> Result<(), ClusterError> {
+        let r = match &self.tls {
+            Some(t) => {
+                ractor_cluster::client_connect_enc(
+                    &self.server,
+                    addr,
+                    t.connector.clone(),
+                    t.server_name.clone(),
+                )
+                .await
+            }
+            None => ractor_cluster::client_connect(&self.server, addr).await,
+        };
+        r.map_err(|e| ClusterError::Join {
+            seeds: addr.to_string(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Rebuilds the view from the process groups; returns whether the
+    /// members changed.
+    fn refresh(&self) -> bool {
+        let scope = SCOPE.to_owned();
+        let groups = ractor::pg::which_scoped_groups(&scope);
+        let mut view = View::default();
+        let mut names = HashMap::new();
+        for g in &groups {
+            if let Some(n) = g.strip_prefix("node:")
+                && let Some(c) = ractor::pg::get_scoped_members(&scope, g).into_iter().next()
+            {
+                names.insert(c.get_id(), n.to_owned());
+                view.nodes.insert(n.to_owned(), c);
+            }
+        }
+        let hosts = |g: &str| -> Vec<String> {
+            let mut v: Vec<String> = ractor::pg::get_scoped_members(&scope, &g.to_owned())
+                .iter()
+                .filter_map(|c| names.get(&c.get_id()).cloned())
+                .collect();
+            v.sort();
+            v.dedup();
+            v
+        };
+        for g in &groups {
+            if let Some(a) = g.strip_prefix("agent:") {
+                let h = hosts(g);
+                if !h.is_empty() {
+                    view.agents.insert(a.to_owned(), h);
+                }
+            } else if let Some(k) = g.strip_prefix("kind:") {
+                let ring = match &self.config.placement {
+                    Placement::Shared => HashRing::new(hosts(g), self.config.vnodes),
+                    Placement::NodeLocal { members } => {
+                        HashRing::new(members.clone(), self.config.vnodes)
+                    }
+                };
+                view.kinds.insert(k.to_owned(), ring);
+            } else if let Some(k) = g.strip_prefix("gpu:") {
+                view.gpu.insert(k.to_owned(), hosts(g));
+            }
+        }
+        // Kinds hosted here but not yet seen in the groups still route here.
+        for kind in read(&self.kinds).keys() {
+            view.kinds
+                .entry(kind.clone())
+                .or_insert_with(|| match &self.config.placement {
+                    Placement::Shared => HashRing::new([self.name.clone()], self.config.vnodes),
+                    Placement::NodeLocal { members } => {
+                        HashRing::new(members.clone(), self.config.vnodes)
+                    }
+                });
+        }
+        let members: Vec<String> = view.nodes.keys().cloned().collect();
+        let old = self.view.swap(Arc::new(view));
+        let changed = old.nodes.keys().ne(members.iter()) || old.kinds != self.view.load().kinds;
+        metrics::gauge!("troupe_cluster_members").set(members.len() as f64);
+        self.members.send_if_modified(|m| {
+            if *m != members {
+                *m = members;
+                true
+            } else {
+                false
+            }
+        });
+        changed
+    }
+
+    /// Hosts keyed kind `kind` here: joins its ring.
+    fn register_kind(
+        self: &Arc<Self>,
+        kind: &str,
+        dispatch: KindDispatch,
+        rebalance: Rebalance,
+    ) -> Result<(), ClusterError> {
+        {
+            let mut kinds = write(&self.kinds);
+            if kinds.contains_key(kind) {
+                return Err(ClusterError::Config(format!(
+                    "kind `{kind}` is already hosted on node `{}`",
+                    self.name
+                )));
+            }
+            kinds.insert(kind.to_owned(), (dispatch, rebalance));
+        }
+        self.join_group(format!("kind:{kind}"));
+        if self.refresh() {
+            self.after_change();
+        }
+        Ok(())
+    }
+
+    fn node_cell(&self, node: &str) -> Option<ActorCell> {
+        self.view.load().nodes.get(node).cloned()
+    }
+
+    fn route_entity(&self, kind: &str, key: &str) -> Result<Route, ClusterError> {
+        let view = self.view.load();
+        let ring = view.kinds.get(kind).ok_or_else(|| ClusterError::NoOwner {
+            kind: kind.to_owned(),
+        })?;
+        let owner = ring.owner(key).ok_or_else(|| ClusterError::NoOwner {
+            kind: kind.to_owned(),
+        })?;
+        if owner == self.name {
+            return Ok(Route::Local);
+        }
+        match view.nodes.get(owner) {
+            Some(c) => Ok(Route::Remote(owner.to_owned(), c.clone())),
+            None => Err(ClusterError::EntityUnavailable {
+                kind: kind.to_owned(),
+                key: key.to_owned(),
+                node: owner.to_owned(),
+            }),
+        }
+    }
+
+    /// Sends `frame` to `node` one way.
+    fn cast(&self, node: &str, cell: &ActorCell, frame: &Frame) -> Result<(), ClusterError> {
+        let bytes = encode(&self.name, "frame", frame)?;
+        let actor: ActorRef<NodeMsg> = cell.clone().into();
+        metrics::counter!("troupe_cluster_frames_sent_total", "kind" => "tell").increment(1);
+        actor
+            .cast(NodeMsg::Deliver(bytes))
+            .map_err(|e| ClusterError::NodeDown {
+                node: node.to_owned(),
+                reason: e.to_string(),
+            })
+    }
+
+    /// Calls `node` with `frame` and waits up to `timeout` for its reply.
+    async fn call(
+        &self,
+        node: &str,
+        cell: &ActorCell,
+        frame: &Frame,
+        operation: &str,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, ClusterError> {
+        let bytes = encode(&self.name, "frame", frame)?;
+        let actor: ActorRef<NodeMsg> = cell.clone().into();
+        metrics::counter!("troupe_cluster_frames_sent_total", "kind" => "call").increment(1);
+        let r = actor
+            .call(|port| NodeMsg::Call(bytes, port), Some(timeout))
+            .await;
+        let reply = match r {
+            Ok(ractor::rpc::CallResult::Success(reply)) => reply,
+            Ok(ractor::rpc::CallResult::Timeout) => {
+                return Err(ClusterError::Timeout {
+                    node: node.to_owned(),
+                    operation: operation.to_owned(),
+                    after: timeout,
+                });
+            }
+            Ok(ractor::rpc::CallResult::SenderError) => {
+                return Err(ClusterError::NodeDown {
+                    node: node.to_owned(),
+                    reason: format!("`{operation}` lost its reply: the connection closed"),
+                });
+            }
+            Err(e) => {
+                return Err(ClusterError::NodeDown {
+                    node: node.to_owned(),
+                    reason: e.to_string(),
+                });
+            }
+        };
+        let reply: Reply = decode(&self.name, "reply", &reply)?;
+        reply.map(|b| b.into_vec())
+    }
+
+    /// Serves an entity request: locally if this node owns the key,
+    /// otherwise forwarded to the owner.
+    async fn serve_entity(
+        self: Arc<Self>,
+        kind: String,
+        key: String,
+        body: Vec<u8>,
+        hops: u8,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, ClusterError> {
+        match self.route_entity(&kind, &key)? {
+            Route::Local => {
+                let dispatch = read(&self.kinds).get(&kind).map(|(d, _)| d.clone());
+                match dispatch {
+                    Some(d) => d(key, body, timeout).await.map(|b| b.into_vec()),
+                    None => Err(ClusterError::NoOwner { kind }),
+                }
+            }
+            Route::Remote(node, cell) => {
+                if hops >= self.config.max_hops {
+                    return Err(ClusterError::Misrouted {
+                        target: format!("{kind}/{key}"),
+                        hops,
+                    });
+                }
+                let frame = Frame::Entity {
+                    kind: kind.clone(),
+                    key,
+                    body: serde_bytes::ByteBuf::from(body),
+                    hops: hops + 1,
+                    timeout_ms: timeout.as_millis() as u64,
+                };
+                self.call(&node, &cell, &frame, &format!("entity {kind}"), timeout)
+                    .await
+            }
+        }
+    }
+
+    /// Serves one call frame from another node.
+    async fn serve(self: Arc<Self>, frame: Frame) -> Result<Vec<u8>, ClusterError> {
+        match frame {
+            Frame::Ask {
+                agent,
+                body,
+                timeout_ms,
+            } => {
+                let exposed = read(&self.agents).get(&agent).cloned();
+                let Some(exposed) = exposed else {
+                    return Err(ClusterError::UnknownAgent { name: agent });
+                };
+                exposed
+                    .ask_remote(
+                        &self.name,
+                        body.into_vec(),
+                        Duration::from_millis(timeout_ms),
+                    )
+                    .await
+            }
+            Frame::Entity {
+                kind,
+                key,
+                body,
+                hops,
+                timeout_ms,
+            } => {
+                self.serve_entity(
+                    kind,
+                    key,
+                    body.into_vec(),
+                    hops,
+                    Duration::from_millis(timeout_ms),
+                )
+                .await
+            }
+            Frame::Peers => {
+                let mut peers: Vec<(String, SocketAddr)> = read(&self.addrs)
+                    .iter()
+                    .map(|(n, a)| (n.clone(), *a))
+                    .collect();
+                peers.push((self.name.clone(), self.addr));
+                encode(&self.name, "peers", &peers)
+            }
+            Frame::GpuCapacity => {
+                let host = read(&self.gpu).clone();
+                let cap = match host {
+                    Some(h) => Some(h.capacity(&self.name).await?),
+                    None => None,
+                };
+                encode(&self.name, "GPU capacity", &cap)
+            }
+            Frame::GpuRun {
+                kind,
+                need,
+                body,
+                timeout_ms,
+            } => {
+                let host = read(&self.gpu).clone();
+                match host {
+                    Some(h) => {
+                        h.run(
+                            &self.name,
+                            &kind,
+                            need,
+                            body.into_vec(),
+                            Duration::from_millis(timeout_ms),
+                        )
+                        .await
+                    }
+                    None => Err(ClusterError::NoGpuCapacity {
+                        kind,
+                        retry_after: Duration::ZERO,
+                        detail: format!("node `{}` has no GPU supervisor", self.name),
+                    }),
+                }
+            }
+            Frame::Tell { agent, .. } => Err(ClusterError::Codec {
+                node: self.name.clone(),
+                op: "decode".into(),
+                what: format!("call frame for `{agent}`"),
+                reason: "a tell frame came as a call".into(),
+            }),
+        }
+    }
+
+    /// Serves one one-way frame.
+    fn serve_tell(&self, frame: Frame) {
+        let outcome = match frame {
+            Frame::Tell { agent, body } => match read(&self.agents).get(&agent).cloned() {
+                Some(exposed) => exposed.tell_remote(&self.name, &body),
+                None => Err(ClusterError::UnknownAgent { name: agent }),
+            },
+            other => Err(ClusterError::Codec {
+                node: self.name.clone(),
+                op: "decode".into(),
+                what: "one-way frame".into(),
+                reason: format!("unexpected {other:?}"),
+            }),
+        };
+        if let Err(e) = outcome {
+            // A tell has nobody to answer: count and log what was dropped.
+            metrics::counter!("troupe_cluster_tells_dropped_total").increment(1);
+            tracing::warn!(node = %self.name, error = %e, "remote tell dropped");
+        }
+    }
+
+    /// After a membership change: learn the new nodes' peers (and connect
+    /// to those not connected yet), and hand over entities now owned
+    /// elsewhere.
+    fn after_change(self: &Arc<Self>) {
+        let view = self.view.load_full();
+        let known: Vec<String> = read(&self.addrs).keys().cloned().collect();
+        for (node, cell) in &view.nodes {
+            if *node == self.name || known.contains(node) {
+                continue;
+            }
+            let me = self.clone();
+            let (node, cell) = (node.clone(), cell.clone());
+            tokio::spawn(async move {
+                let timeout = me.config.call_timeout;
+                let Ok(bytes) = me.call(&node, &cell, &Frame::Peers, "peers", timeout).await else {
+                    return;
+                };
+                let Ok(peers) = decode::<Vec<(String, SocketAddr)>>(&me.name, "peers", &bytes)
+                else {
+                    return;
+                };
+                for (peer, addr) in peers {
+                    let new = write(&me.addrs).insert(peer.clone(), addr).is_none();
+                    let connected = me.view.load().nodes.contains_key(&peer);
+                    if new
+                        && !connected
+                        && peer != me.name
+                        && let Err(e) = me.connect(addr).await
+                    {
+                        tracing::warn!(node = %me.name, %peer, error = %e, "could not reach a peer");
+                    }
+                }
+            });
+        }
+        let kinds: Vec<(String, Rebalance)> = read(&self.kinds)
+            .iter()
+            .map(|(k, (_, r))| (k.clone(), r.clone()))
+            .collect();
+        for (kind, rebalance) in kinds {
+            if let Some(ring) = view.kinds.get(&kind) {
+                let fut = rebalance(Arc::new(ring.clone()), self.name.clone());
+                let name = self.name.clone();
+                tokio::spawn(async move {
+                    let moved = fut.await;
+                    if moved > 0 {
+                        tracing::info!(node = %name, %kind, moved, "passivated entities now owned elsewhere");
+                    }
+                });
+            }
+        }
+    }
+
+    /// Picks a node exposing `agent`: this one if it does, otherwise the
+    /// others in turn.
+    fn route_agent(&self, agent: &str) -> Result<Route, ClusterError> {
+        if read(&self.agents).contains_key(agent) {
+            return Ok(Route::Local);
+        }
+        let view = self.view.load();
+        let hosts = view
+            .agents
+            .get(agent)
+            .ok_or_else(|| ClusterError::UnknownAgent {
+                name: agent.to_owned(),
+            })?;
+        let i = self.rr.fetch_add(1, Ordering::Relaxed) % hosts.len();
+        let node = &hosts[i];
+        match view.nodes.get(node) {
+            Some(c) => Ok(Route::Remote(node.clone(), c.clone())),
+            None => Err(ClusterError::UnknownAgent {
+                name: agent.to_owned(),
+            }),
+        }
+    }
+}
+
+/// The node actor: decodes frames from other nodes and dispatches them.
+struct NodeActor;
+
+impl Actor for NodeActor {
+    type Msg = NodeMsg;
+    type State = std::sync::Weak<Inner>;
+    type Arguments = std::sync::Weak<Inner>;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        inner: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(inner)
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let Some(inner) = state.upgrade() else {
+            return Ok(());
+        };
+        match msg {
+            NodeMsg::Deliver(bytes) => {
+                metrics::counter!("troupe_cluster_frames_received_total", "kind" => "tell")
+                    .increment(1);
+                match decode::<Frame>(&inner.name, "frame", &bytes) {
+                    Ok(frame) => inner.serve_tell(frame),
+                    Err(e) => {
+                        metrics::counter!("troupe_cluster_tells_dropped_total").increment(1);
+                        tracing::warn!(node = %inner.name, error = %e, "undecodable frame dropped");
+                    }
+                }
+            }
+            NodeMsg::Call(bytes, reply) => {
+                metrics::counter!("troupe_cluster_frames_received_total", "kind" => "call")
+                    .increment(1);
+                let Ok(permit) = inner.inflight.clone().try_acquire_owned() else {
+                    let refused: Reply = Err(ClusterError::Overloaded {
+                        node: inner.name.clone(),
+                        limit: inner.config.max_inflight_calls,
+                    });
+                    if let Ok(b) = encode(&inner.name, "reply", &refused) {
+                        let _ = reply.send(b);
+                    }
+                    return Ok(());
+                };
+                tokio::spawn(async move {
+                    let outcome = match decode::<Frame>(&inner.name, "frame", &bytes) {
+                        Ok(frame) => inner.clone().serve(frame).await,
+                        Err(e) => Err(e),
+                    };
+                    let outcome: Reply = outcome.map(serde_bytes::ByteBuf::from);
+                    let bytes = encode(&inner.name, "reply", &outcome)
+                        .or_else(|e| encode(&inner.name, "reply", &Reply::Err(e)));
+                    if let Ok(b) = bytes {
+                        let _ = reply.send(b);
+                    }
+                    drop(permit);
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        if let SupervisionEvent::ProcessGroupChanged(_) = event
+            && let Some(inner) = state.upgrade()
+            && inner.refresh()
+        {
+            inner.after_change();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_bad_bytes_are_typed_errors() {
+        let f = Frame::Entity {
+            kind: "counter".into(),
+            key: "k1".into(),
+            body: serde_bytes::ByteBuf::from(vec![1, 2, 3]),
+            hops: 1,
+            timeout_ms: 10,
+        };
+        let b = encode("n", "frame", &f).unwrap();
+        let back: Frame = decode("n", "frame", &b).unwrap();
+        assert!(matches!(back, Frame::Entity { hops: 1, ref key, .. } if key == "k1"));
+        let err = decode::<Frame>("n1", "frame", &[0xc1, 0x00]).unwrap_err();
+        assert!(
+            matches!(err, ClusterError::Codec { ref node, .. } if node == "n1"),
+            "{err}"
+        );
+        let reply: Reply = Err(ClusterError::EntityUnavailable {
+            kind: "k".into(),
+            key: "x".into(),
+            node: "n2".into(),
+        });
+        let b = encode("n", "reply", &reply).unwrap();
+        assert_eq!(decode::<Reply>("n", "reply", &b).unwrap(), reply);
+    }
+
+    #[test]
+    fn configuration_is_checked() {
+        let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        assert!(ClusterConfig::new("a b", addr, "c").validate().is_err());
+        assert!(ClusterConfig::new("a", addr, "").validate().is_err());
+        let local = ClusterConfig::new("a", addr, "c").placement(Placement::NodeLocal {
+            members: vec!["b".into()],
+        });
+        assert!(local.validate().is_err());
+        assert!(ClusterConfig::new("node-1.x", addr, "c").validate().is_ok());
+    }
+}
