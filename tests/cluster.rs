@@ -36,6 +36,8 @@ use troupe::saga::{Handlers, Phase, SagaDefinition, Sagas, StepContext, StepDef}
 const COOKIE: &str = "troupe-test-cookie";
 const GIB: u64 = 1 << 30;
 const PATIENCE: Duration = Duration::from_secs(60);
+/// Short, so that a stopped node is found quickly (5 missed pings).
+const HEARTBEAT: Duration = Duration::from_millis(200);
 
 /// Serializes the tests of this binary: a process has one ractor registry,
 /// so one cluster node at a time.
@@ -284,6 +286,7 @@ async fn cluster_node() {
     let mut config =
         ClusterConfig::new(&name, SocketAddr::from(([127, 0, 0, 1], port)), COOKIE).seeds(seeds);
     config.tls = tls;
+    config.heartbeat_interval = HEARTBEAT;
     let node = ClusterNode::start(config).await.expect("node starts");
 
     if let Some(schema) = schema {
@@ -390,7 +393,7 @@ async fn retrying<T>(what: &str, mut f: impl AsyncFnMut() -> Result<T, ClusterEr
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_nodes_talk_spread_entities_and_survive_a_sigkill() {
+async fn three_nodes_talk_place_work_and_survive_sigkill_and_sigstop() {
     let _one = ONE_NODE_AT_A_TIME.lock().await;
     let schema = format!(
         "cluster_{}_{}",
@@ -435,10 +438,11 @@ async fn three_nodes_talk_spread_entities_and_survive_a_sigkill() {
     assert!(matches!(refused, ClusterError::Join { .. }), "{refused}");
 
     // The test process joins as a fourth node that hosts nothing.
-    let driver = ClusterNode::start(
-        ClusterConfig::new("driver", "127.0.0.1:0".parse().unwrap(), COOKIE)
-            .seeds([seed.parse().unwrap()]),
-    )
+    let driver = ClusterNode::start(ClusterConfig {
+        heartbeat_interval: HEARTBEAT,
+        ..ClusterConfig::new("driver", "127.0.0.1:0".parse().unwrap(), COOKIE)
+            .seeds([seed.parse().unwrap()])
+    })
     .await
     .expect("driver joins");
     let all = driver
@@ -453,6 +457,10 @@ async fn three_nodes_talk_spread_entities_and_survive_a_sigkill() {
         let agent = driver.agent(format!("echo-{name}"));
         // Exposures reach the driver a moment after membership does.
         let pong: EchoReply = retrying("ping", async || {
+            // Exposures reach the driver just after membership does.
+            agent.location().map_err(|_| ClusterError::NoOwner {
+                kind: "not exposed yet".into(),
+            })?;
             agent.ask(EchoAsk::Ping, Duration::from_secs(10)).await
         })
         .await;
@@ -623,7 +631,13 @@ async fn three_nodes_talk_spread_entities_and_survive_a_sigkill() {
             (acked, failed)
         })
     };
-    while served.recv().await.as_deref() != Some("n2") {}
+    loop {
+        match served.recv().await.as_deref() {
+            Some("n2") => break,
+            Some(_) => {}
+            None => panic!("the requests stopped before n2 served one"),
+        }
+    }
     let mut n2 = nodes.0.remove("n2").unwrap();
     n2.kill();
     let _ = n2.finish();
@@ -802,11 +816,17 @@ async fn three_nodes_talk_spread_entities_and_survive_a_sigkill() {
         .await
         .unwrap_err();
     match &refused {
-        ClusterError::NoGpuCapacity { retry_after, .. } => {
+        // Both GPU nodes were asked, and refused with their own reasons.
+        ClusterError::NoGpuCapacity {
+            retry_after,
+            detail,
+            ..
+        } => {
+            assert!(!retry_after.is_zero(), "{refused}");
             assert!(
-                !retry_after.is_zero(),
-                "a refusal carries a retry hint: {refused}"
-            )
+                detail.contains("n1:") && detail.contains("n3:"),
+                "{refused}"
+            );
         }
         other => panic!("expected a refusal, got {other}"),
     }
@@ -823,6 +843,56 @@ async fn three_nodes_talk_spread_entities_and_survive_a_sigkill() {
     let ran_on: BTreeSet<&str> = [a.node.as_str(), b.node.as_str()].into();
     assert_eq!(ran_on, BTreeSet::from(["n1", "n3"]), "{a:?} {b:?}");
     assert_eq!(a.output, format!("a@{}", a.node));
+
+    // ---- a node that stops answering (SIGSTOP) leaves; back, it rejoins
+    let n3_keys: Vec<String> = keys
+        .iter()
+        .filter(|k| counters.owner(k).unwrap() == "n3")
+        .cloned()
+        .collect();
+    assert!(!n3_keys.is_empty());
+    nodes.0["n3"].signal("STOP");
+    driver
+        .wait_for_members(|m| m == ["driver", "n1"], PATIENCE)
+        .await
+        .expect("n3 is disconnected after missing its pings");
+    for k in &n3_keys {
+        next_op += 1;
+        let op = next_op;
+        let reply = retrying("add while n3 is stopped", async || {
+            counters
+                .ask(k, CounterReq::Add(op), Duration::from_secs(10))
+                .await
+        })
+        .await;
+        assert_eq!(reply.node, "n1");
+        acked.entry(k.clone()).or_default().insert(op);
+    }
+    nodes.0["n3"].signal("CONT");
+    driver
+        .wait_for_members(|m| m == ["driver", "n1", "n3"], PATIENCE)
+        .await
+        .expect("n3 rejoins");
+    // Back on n3, its counters show what n1 wrote meanwhile: what n3 held
+    // in memory before the pause is not served.
+    for k in &n3_keys {
+        let reply = retrying("read back on n3", async || {
+            let r = counters
+                .ask(k, CounterReq::Get, Duration::from_secs(10))
+                .await?;
+            if r.node == "n3" {
+                Ok(r)
+            } else {
+                Err(ClusterError::NoOwner {
+                    kind: format!("{k} on {}", r.node),
+                })
+            }
+        })
+        .await;
+        let held: BTreeSet<u64> = reply.ops.iter().copied().collect();
+        let lost: Vec<_> = acked[k].difference(&held).collect();
+        assert!(lost.is_empty(), "{k} on n3 misses {lost:?}");
+    }
 
     driver.shutdown().await;
     drop(nodes);

@@ -75,17 +75,13 @@ impl<E: ClusterEntity> ClusterEntities<E> {
         timeout: Duration,
     ) -> Result<E::Reply, ClusterError> {
         let inner = &self.node.inner;
-        match inner.route_entity(E::KIND, key)? {
-            Route::Local => match &self.local {
-                Some(local) => local
-                    .ask(key, |port| E::command(request, port), timeout)
-                    .await
-                    .map_err(|e| actor_error(&inner.name, format!("{}/{key}", E::KIND), e)),
-                None => Err(ClusterError::NoOwner {
-                    kind: E::KIND.to_owned(),
-                }),
-            },
-            Route::Remote(..) => {
+        match (inner.route_entity(E::KIND, key)?, &self.local) {
+            (Route::Local, Some(local)) => local
+                .ask(key, |port| E::command(request, port), timeout)
+                .await
+                .map_err(|e| actor_error(&inner.name, format!("{}/{key}", E::KIND), e)),
+            // Remote, or hosted here but called through a client handle.
+            _ => {
                 let body = encode(
                     &inner.name,
                     &format!("request for {}/{key}", E::KIND),

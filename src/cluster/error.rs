@@ -119,6 +119,20 @@ pub enum ClusterError {
         /// Hops taken.
         hops: u8,
     },
+    /// A message larger than the frames nodes accept
+    /// ([`super::ClusterConfig::max_frame_bytes`]); sending it would cost
+    /// the connection.
+    #[error("{what} for node `{node}` is {bytes} bytes, over the {limit}-byte frame limit")]
+    TooLarge {
+        /// The node it was for.
+        node: String,
+        /// What was sent.
+        what: String,
+        /// Its encoded size.
+        bytes: u64,
+        /// The limit.
+        limit: u64,
+    },
     /// The node is already serving as many remote calls as it allows.
     #[error("node `{node}` is serving {limit} remote calls already; retry")]
     Overloaded {

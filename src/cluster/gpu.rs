@@ -117,7 +117,7 @@ impl GpuHost {
             memory: need.memory,
             compute: need.compute,
             priority: need.priority,
-            deadline_ms: now + need.start_within_ms,
+            deadline_ms: now.saturating_add(need.start_within_ms),
             ttl_ms: (timeout.as_millis() as u64)
                 .max(need.expected_ms)
                 .max(1_000),
@@ -142,11 +142,12 @@ impl GpuHost {
                     detail: format!("{node}: {e}"),
                 });
             }
+            // The task did not run: another node may take it.
             Err(e) => {
-                return Err(ClusterError::GpuTask {
+                return Err(ClusterError::NoGpuCapacity {
                     kind: kind.to_owned(),
-                    node: node.to_owned(),
-                    reason: e.to_string(),
+                    retry_after: Duration::ZERO,
+                    detail: format!("{node}: no lease: {e}"),
                 });
             }
         };

@@ -128,6 +128,14 @@ pub struct ClusterConfig {
     pub max_hops: u8,
     /// How long [`ClusterNode::start`] tries the seeds.
     pub join_timeout: Duration,
+    /// How often a node pings each peer, learns the peers' peers and
+    /// redials peers it lost.
+    pub heartbeat_interval: Duration,
+    /// Consecutive unanswered pings after which a peer is disconnected
+    /// (and leaves the members): a hung process or a lost network is found
+    /// in about `heartbeat_interval * heartbeat_misses`, not when TCP gives
+    /// up.
+    pub heartbeat_misses: u32,
 }
 
 impl std::fmt::Debug for ClusterConfig {
@@ -146,6 +154,8 @@ impl std::fmt::Debug for ClusterConfig {
             .field("max_frame_bytes", &self.max_frame_bytes)
             .field("max_hops", &self.max_hops)
             .field("join_timeout", &self.join_timeout)
+            .field("heartbeat_interval", &self.heartbeat_interval)
+            .field("heartbeat_misses", &self.heartbeat_misses)
             .finish()
     }
 }
@@ -153,7 +163,8 @@ impl std::fmt::Debug for ClusterConfig {
 impl ClusterConfig {
     /// A node named `node_name` listening on `listen`, with defaults: shared
     /// placement, 64 ring points, 5 s calls, 4,096 calls in flight, 16 MiB
-    /// frames, 3 hops, 10 s to join.
+    /// frames, 3 hops, 10 s to join, a ping every second and 5 missed
+    /// pings to disconnect a peer.
     pub fn new(
         node_name: impl Into<String>,
         listen: SocketAddr,
@@ -173,6 +184,8 @@ impl ClusterConfig {
             max_frame_bytes: 16 << 20,
             max_hops: 3,
             join_timeout: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_secs(1),
+            heartbeat_misses: 5,
         }
     }
 
@@ -210,9 +223,15 @@ impl ClusterConfig {
         if self.cookie.is_empty() {
             return Err(ClusterError::Config("the cookie must not be empty".into()));
         }
-        if self.max_inflight_calls == 0 || self.max_frame_bytes < 1024 || self.max_hops == 0 {
+        if self.max_inflight_calls == 0
+            || self.max_frame_bytes < 64 * 1024
+            || self.max_hops == 0
+            || self.heartbeat_misses == 0
+            || self.heartbeat_interval.is_zero()
+        {
             return Err(ClusterError::Config(
-                "max_inflight_calls and max_hops must be at least 1, max_frame_bytes at least 1 KiB"
+                "max_inflight_calls, max_hops and heartbeat_misses must be at least 1, \
+                 heartbeat_interval above zero, max_frame_bytes at least 64 KiB"
                     .into(),
             ));
         }
@@ -253,6 +272,8 @@ enum Frame {
     /// The sender's peers, so that it can connect to them (transitive
     /// joins over TLS too).
     Peers,
+    /// Are you there? (heartbeat)
+    Ping,
     /// GPU capacity of the node.
     GpuCapacity,
     /// Run a GPU task under a local lease.
@@ -333,7 +354,22 @@ struct Inner {
     inflight: Arc<tokio::sync::Semaphore>,
     rr: AtomicUsize,
     addrs: RwLock<HashMap<String, SocketAddr>>,
+    /// Serializes view rebuilds, so that no change is acted on twice or lost.
+    refreshing: std::sync::Mutex<()>,
+    /// One hand-over at a time per kind.
+    rebalancing: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Set by shutdown: the maintenance loop ends.
+    closed: std::sync::atomic::AtomicBool,
+    /// A periodic peer sync is running.
+    syncing: std::sync::atomic::AtomicBool,
 }
+
+/// The encoded `Frame::Ping` (compared byte for byte by the node actor).
+static PING_FRAME: std::sync::LazyLock<Vec<u8>> =
+    std::sync::LazyLock::new(|| rmp_serde::to_vec(&Frame::Ping).expect("a unit variant encodes"));
+
+/// Room left in a frame for ractor's own envelope.
+const FRAME_OVERHEAD: u64 = 4 * 1024;
 
 /// A running node. Cheap to clone; [`ClusterNode::shutdown`] leaves the
 /// cluster.
@@ -405,24 +441,8 @@ impl ClusterNode {
         let (server, _) = Actor::spawn(None, server, ())
             .await
             .map_err(|e| start_err(format!("node server: {e}")))?;
-        // The listener binds in its own start-up: wait until the port is
-        // taken (probing by binding, not connecting, opens no session).
-        let mut bound = false;
-        for _ in 0..200 {
-            if let Err(e) = std::net::TcpListener::bind(listen)
-                && e.kind() == std::io::ErrorKind::AddrInUse
-            {
-                bound = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        if !bound {
-            server.stop(None);
-            return Err(start_err(format!(
-                "the node server never listened on {listen}"
-            )));
-        }
+        // (The listener binds in the server's own start-up, which
+        // `spawn` waits for: the port is open now.)
         let (members, _) = tokio::sync::watch::channel(Vec::new());
         let inner = Arc::new(Inner {
             name: name.clone(),
@@ -439,14 +459,23 @@ impl ClusterNode {
             gpu: RwLock::new(None),
             rr: AtomicUsize::new(0),
             addrs: RwLock::new(HashMap::new()),
+            refreshing: std::sync::Mutex::new(()),
+            rebalancing: std::sync::Mutex::new(HashMap::new()),
+            closed: std::sync::atomic::AtomicBool::new(false),
+            syncing: std::sync::atomic::AtomicBool::new(false),
         });
-        let (actor, _) = Actor::spawn(None, NodeActor, Arc::downgrade(&inner))
-            .await
-            .map_err(|e| start_err(format!("node actor: {e}")))?;
+        let actor = match Actor::spawn(None, NodeActor, Arc::downgrade(&inner)).await {
+            Ok((actor, _)) => actor,
+            Err(e) => {
+                inner.server.stop(None);
+                return Err(start_err(format!("node actor: {e}")));
+            }
+        };
         let _ = inner.actor.set(actor.clone());
         ractor::pg::monitor_scope(SCOPE.to_owned(), actor.get_cell());
         inner.join_group(format!("node:{name}"));
         inner.refresh();
+        tokio::spawn(maintain(Arc::downgrade(&inner)));
         let node = Self { inner };
         if let Err(e) = node.join_seeds().await {
             node.shutdown().await;
@@ -464,11 +493,12 @@ impl ClusterNode {
         let mut members = self.inner.members.subscribe();
         let mut last = String::from("no answer");
         loop {
-            for seed in &seeds {
-                if *seed == self.inner.addr {
-                    continue;
-                }
-                if let Err(e) = self.inner.connect(*seed).await {
+            let dials = seeds
+                .iter()
+                .filter(|s| **s != self.inner.addr)
+                .map(|s| self.inner.connect(*s));
+            for r in futures::future::join_all(dials).await {
+                if let Err(e) = r {
                     last = e.to_string();
                 }
             }
@@ -545,6 +575,7 @@ impl ClusterNode {
     /// Leaves the cluster: stops the node actor (peers see it leave) and the
     /// node server (connections close).
     pub async fn shutdown(&self) {
+        self.inner.closed.store(true, Ordering::Relaxed);
         if let Some(a) = self.inner.actor.get() {
             a.stop(None);
         }
@@ -564,35 +595,52 @@ impl Inner {
         ractor::pg::join_scoped(SCOPE.to_owned(), group, vec![self.actor().get_cell()]);
     }
 
+    /// Dials `addr` (TCP, then TLS if configured) within the call
+    /// time-out; the handshake goes on in the node server.
     async fn connect(&self, addr: SocketAddr) -> Result<(), ClusterError> {
-        let r = match &self.tls {
-            Some(t) => {
-                ractor_cluster::client_connect_enc(
-                    &self.server,
-                    addr,
-                    t.connector.clone(),
-                    t.server_name.clone(),
-                )
-                .await
+        let dial = async {
+            match &self.tls {
+                Some(t) => {
+                    ractor_cluster::client_connect_enc(
+                        &self.server,
+                        addr,
+                        t.connector.clone(),
+                        t.server_name.clone(),
+                    )
+                    .await
+                }
+                None => ractor_cluster::client_connect(&self.server, addr).await,
             }
-            None => ractor_cluster::client_connect(&self.server, addr).await,
         };
-        r.map_err(|e| ClusterError::Join {
+        let failed = |reason: String| ClusterError::Join {
             seeds: addr.to_string(),
-            reason: e.to_string(),
-        })
+            reason,
+        };
+        match tokio::time::timeout(self.config.call_timeout, dial).await {
+            Ok(r) => r.map_err(|e| failed(e.to_string())),
+            Err(_) => Err(failed(format!(
+                "no connection within {:?}",
+                self.config.call_timeout
+            ))),
+        }
     }
 
-    /// Rebuilds the view from the process groups; returns whether the
-    /// members changed.
-    fn refresh(&self) -> bool {
+    /// Rebuilds the view from the process groups and, when members or
+    /// rings changed, acts on it ([`Inner::after_change`]). Serialized, so
+    /// that every change is acted on once, in order, whoever calls.
+    fn refresh(self: &Arc<Self>) {
+        let _one = self.refreshing.lock().unwrap_or_else(|p| p.into_inner());
         let scope = SCOPE.to_owned();
         let groups = ractor::pg::which_scoped_groups(&scope);
         let mut view = View::default();
         let mut names = HashMap::new();
         for g in &groups {
+            // A node restarted under its name while its old session lingers
+            // has two cells: the newest session has the highest node id.
             if let Some(n) = g.strip_prefix("node:")
-                && let Some(c) = ractor::pg::get_scoped_members(&scope, g).into_iter().next()
+                && let Some(c) = ractor::pg::get_scoped_members(&scope, g)
+                    .into_iter()
+                    .max_by_key(|c| c.get_id().node())
             {
                 names.insert(c.get_id(), n.to_owned());
                 view.nodes.insert(n.to_owned(), c);
@@ -637,8 +685,17 @@ impl Inner {
                 });
         }
         let members: Vec<String> = view.nodes.keys().cloned().collect();
-        let old = self.view.swap(Arc::new(view));
-        let changed = old.nodes.keys().ne(members.iter()) || old.kinds != self.view.load().kinds;
+        let changed = {
+            let old = self.view.load();
+            old.nodes.keys().ne(members.iter())
+                || old.kinds != view.kinds
+                || old
+                    .nodes
+                    .values()
+                    .map(|c| c.get_id())
+                    .ne(view.nodes.values().map(|c| c.get_id()))
+        };
+        self.view.store(Arc::new(view));
         metrics::gauge!("troupe_cluster_members").set(members.len() as f64);
         self.members.send_if_modified(|m| {
             if *m != members {
@@ -648,7 +705,9 @@ impl Inner {
                 false
             }
         });
-        changed
+        if changed {
+            self.after_change();
+        }
     }
 
     /// Hosts keyed kind `kind` here: joins its ring.
@@ -669,9 +728,7 @@ impl Inner {
             kinds.insert(kind.to_owned(), (dispatch, rebalance));
         }
         self.join_group(format!("kind:{kind}"));
-        if self.refresh() {
-            self.after_change();
-        }
+        self.refresh();
         Ok(())
     }
 
@@ -700,9 +757,24 @@ impl Inner {
         }
     }
 
+    /// Refuses a frame that the peer would drop the connection for.
+    fn check_size(&self, node: &str, what: &str, len: usize) -> Result<(), ClusterError> {
+        let limit = self.config.max_frame_bytes.saturating_sub(FRAME_OVERHEAD);
+        if len as u64 > limit {
+            return Err(ClusterError::TooLarge {
+                node: node.to_owned(),
+                what: what.to_owned(),
+                bytes: len as u64,
+                limit,
+            });
+        }
+        Ok(())
+    }
+
     /// Sends `frame` to `node` one way.
     fn cast(&self, node: &str, cell: &ActorCell, frame: &Frame) -> Result<(), ClusterError> {
         let bytes = encode(&self.name, "frame", frame)?;
+        self.check_size(node, "tell", bytes.len())?;
         let actor: ActorRef<NodeMsg> = cell.clone().into();
         metrics::counter!("troupe_cluster_frames_sent_total", "kind" => "tell").increment(1);
         actor
@@ -723,6 +795,7 @@ impl Inner {
         timeout: Duration,
     ) -> Result<Vec<u8>, ClusterError> {
         let bytes = encode(&self.name, "frame", frame)?;
+        self.check_size(node, operation, bytes.len())?;
         let actor: ActorRef<NodeMsg> = cell.clone().into();
         metrics::counter!("troupe_cluster_frames_sent_total", "kind" => "call").increment(1);
         let r = actor
@@ -786,7 +859,10 @@ impl Inner {
                     hops: hops + 1,
                     timeout_ms: timeout.as_millis() as u64,
                 };
-                self.call(&node, &cell, &frame, &format!("entity {kind}"), timeout)
+                // A little longer than the owner's own time-out, so that its
+                // answer (a time-out included) gets back.
+                let wait = timeout + Duration::from_millis(500);
+                self.call(&node, &cell, &frame, &format!("entity {kind}"), wait)
                     .await
             }
         }
@@ -828,6 +904,7 @@ impl Inner {
                 )
                 .await
             }
+            Frame::Ping => Ok(Vec::new()),
             Frame::Peers => {
                 let mut peers: Vec<(String, SocketAddr)> = read(&self.addrs)
                     .iter()
@@ -899,54 +976,153 @@ impl Inner {
         }
     }
 
-    /// After a membership change: learn the new nodes' peers (and connect
-    /// to those not connected yet), and hand over entities now owned
-    /// elsewhere.
+    /// After a membership change: learn the peers' peers (and connect to
+    /// those not connected), and hand over what moved.
     fn after_change(self: &Arc<Self>) {
-        let view = self.view.load_full();
-        let known: Vec<String> = read(&self.addrs).keys().cloned().collect();
-        for (node, cell) in &view.nodes {
-            if *node == self.name || known.contains(node) {
-                continue;
-            }
-            let me = self.clone();
-            let (node, cell) = (node.clone(), cell.clone());
-            tokio::spawn(async move {
-                let timeout = me.config.call_timeout;
-                let Ok(bytes) = me.call(&node, &cell, &Frame::Peers, "peers", timeout).await else {
-                    return;
-                };
-                let Ok(peers) = decode::<Vec<(String, SocketAddr)>>(&me.name, "peers", &bytes)
-                else {
-                    return;
-                };
-                for (peer, addr) in peers {
-                    let new = write(&me.addrs).insert(peer.clone(), addr).is_none();
-                    let connected = me.view.load().nodes.contains_key(&peer);
-                    if new
-                        && !connected
-                        && peer != me.name
-                        && let Err(e) = me.connect(addr).await
-                    {
-                        tracing::warn!(node = %me.name, %peer, error = %e, "could not reach a peer");
-                    }
-                }
-            });
-        }
+        tokio::spawn(self.clone().sync_peers());
+        self.hand_over(false);
+    }
+
+    /// After a pause: passivates or stops everything hosted here, then takes
+    /// back what this node owns under the current ring.
+    fn hand_over_all(self: &Arc<Self>) {
+        self.hand_over(true);
+    }
+
+    /// Runs each kind's hand-over with the ring current when it runs, one
+    /// at a time per kind; with `everything`, first with a ring where this
+    /// node owns nothing.
+    fn hand_over(self: &Arc<Self>, everything: bool) {
         let kinds: Vec<(String, Rebalance)> = read(&self.kinds)
             .iter()
             .map(|(k, (_, r))| (k.clone(), r.clone()))
             .collect();
         for (kind, rebalance) in kinds {
-            if let Some(ring) = view.kinds.get(&kind) {
-                let fut = rebalance(Arc::new(ring.clone()), self.name.clone());
-                let name = self.name.clone();
-                tokio::spawn(async move {
-                    let moved = fut.await;
-                    if moved > 0 {
-                        tracing::info!(node = %name, %kind, moved, "passivated entities now owned elsewhere");
+            let lock = self
+                .rebalancing
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(kind.clone())
+                .or_default()
+                .clone();
+            let me = self.clone();
+            tokio::spawn(async move {
+                let _one = lock.lock().await;
+                let mut moved = 0;
+                if everything {
+                    // A ring whose one member is no node.
+                    let nobody = Arc::new(HashRing::new(["\u{0}nobody"], 1));
+                    moved += rebalance(nobody, me.name.clone()).await;
+                }
+                if let Some(ring) = me.view.load().kinds.get(&kind).cloned() {
+                    moved += rebalance(Arc::new(ring), me.name.clone()).await;
+                }
+                if moved > 0 {
+                    tracing::info!(node = %me.name, %kind, moved, "handed over after a membership change");
+                }
+            });
+        }
+    }
+
+    /// Asks every connected peer for the peers it knows, then dials the
+    /// known nodes that are not connected (no session open to them).
+    async fn sync_peers(self: Arc<Self>) {
+        let view = self.view.load_full();
+        let timeout = self.config.call_timeout;
+        let asks = view
+            .nodes
+            .iter()
+            .filter(|(n, _)| **n != self.name)
+            .map(|(n, c)| {
+                let me = self.clone();
+                async move {
+                    let bytes = me.call(n, c, &Frame::Peers, "peers", timeout).await.ok()?;
+                    decode::<Vec<(String, SocketAddr)>>(&me.name, "peers", &bytes).ok()
+                }
+            });
+        for peers in futures::future::join_all(asks).await.into_iter().flatten() {
+            let mut addrs = write(&self.addrs);
+            for (peer, addr) in peers {
+                if peer != self.name {
+                    addrs.insert(peer, addr);
+                }
+            }
+        }
+        let connected = self.view.load_full();
+        let missing: Vec<(String, SocketAddr)> = read(&self.addrs)
+            .iter()
+            .filter(|(n, _)| !connected.nodes.contains_key(*n))
+            .map(|(n, a)| (n.clone(), *a))
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        // A session being set up (or to a stopped process) counts: dialling
+        // again would only pile up handshakes.
+        let sessions = self.sessions().await;
+        let dials = missing
+            .into_iter()
+            .filter(|(n, a)| {
+                !sessions
+                    .iter()
+                    .any(|(peer, peer_addr)| peer.as_deref() == Some(n.as_str()) || *peer_addr == a.to_string())
+            })
+            .map(|(peer, addr)| {
+                let me = self.clone();
+                async move {
+                    if let Err(e) = me.connect(addr).await {
+                        tracing::debug!(node = %me.name, %peer, error = %e, "could not reach a peer");
                     }
-                });
+                }
+            });
+        futures::future::join_all(dials).await;
+    }
+
+    /// The node server's sessions: (peer node name once known, peer address).
+    async fn sessions(&self) -> Vec<(Option<String>, String)> {
+        match self
+            .server
+            .call(
+                NodeServerMessage::GetSessions,
+                Some(self.config.call_timeout),
+            )
+            .await
+        {
+            Ok(ractor::rpc::CallResult::Success(s)) => s
+                .values()
+                .map(|i| {
+                    let peer = i
+                        .peer_name
+                        .as_ref()
+                        .and_then(|p| p.name.split('@').next().map(str::to_owned));
+                    (peer, i.peer_addr.clone())
+                })
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Closes the sessions to `node` (it stopped answering): it leaves the
+    /// members here, and its keys move.
+    async fn disconnect(&self, node: &str) {
+        if let Ok(ractor::rpc::CallResult::Success(sessions)) = self
+            .server
+            .call(
+                NodeServerMessage::GetSessions,
+                Some(self.config.call_timeout),
+            )
+            .await
+        {
+            for info in sessions.values() {
+                let peer = info
+                    .peer_name
+                    .as_ref()
+                    .and_then(|p| p.name.split('@').next());
+                if peer == Some(node) {
+                    tracing::warn!(node = %self.name, peer = %node, "peer stopped answering pings: disconnecting it");
+                    metrics::counter!("troupe_cluster_peers_disconnected_total").increment(1);
+                    info.actor.stop(Some("troupe heartbeat: no answer".into()));
+                }
             }
         }
     }
@@ -971,6 +1147,70 @@ impl Inner {
             None => Err(ClusterError::UnknownAgent {
                 name: agent.to_owned(),
             }),
+        }
+    }
+}
+
+/// Pings every peer each `heartbeat_interval`, disconnects the ones that
+/// missed `heartbeat_misses` pings in a row, and re-syncs peers (which
+/// redials lost ones). Ends when the node shuts down or is dropped.
+async fn maintain(weak: std::sync::Weak<Inner>) {
+    let mut misses: HashMap<String, u32> = HashMap::new();
+    loop {
+        let Some(interval) = weak.upgrade().map(|i| i.config.heartbeat_interval) else {
+            return;
+        };
+        let slept = std::time::Instant::now();
+        tokio::time::sleep(interval).await;
+        let late = slept.elapsed().saturating_sub(interval);
+        let Some(inner) = weak.upgrade() else { return };
+        if inner.closed.load(Ordering::Relaxed) {
+            return;
+        }
+        if late >= interval * inner.config.heartbeat_misses {
+            // This process stood still (stopped, swapped out, a long pause)
+            // for longer than peers wait: they have taken over its keys, so
+            // what it holds in memory may be stale.
+            tracing::warn!(node = %inner.name, paused = ?late, "this node was paused: handing over everything it held");
+            metrics::counter!("troupe_cluster_pauses_total").increment(1);
+            inner.hand_over_all();
+        }
+        let view = inner.view.load_full();
+        let pings = view
+            .nodes
+            .iter()
+            .filter(|(n, _)| **n != inner.name)
+            .map(|(n, c)| {
+                let inner = inner.clone();
+                async move {
+                    let answered = inner
+                        .call(n, c, &Frame::Ping, "ping", interval)
+                        .await
+                        .is_ok();
+                    (n.clone(), answered)
+                }
+            });
+        for (node, answered) in futures::future::join_all(pings).await {
+            if answered {
+                misses.remove(&node);
+                continue;
+            }
+            let m = misses.entry(node.clone()).or_default();
+            *m += 1;
+            if *m >= inner.config.heartbeat_misses {
+                misses.remove(&node);
+                inner.disconnect(&node).await;
+            }
+        }
+        misses.retain(|n, _| view.nodes.contains_key(n));
+        // In the background: a peer that does not answer must not delay
+        // the next round of pings.
+        if !inner.syncing.swap(true, Ordering::AcqRel) {
+            let inner = inner.clone();
+            tokio::spawn(async move {
+                inner.clone().sync_peers().await;
+                inner.syncing.store(false, Ordering::Release);
+            });
         }
     }
 }
@@ -1015,6 +1255,17 @@ impl Actor for NodeActor {
             NodeMsg::Call(bytes, reply) => {
                 metrics::counter!("troupe_cluster_frames_received_total", "kind" => "call")
                     .increment(1);
+                // Heartbeats are answered at once, even when overloaded.
+                if bytes == PING_FRAME.as_slice() {
+                    if let Ok(b) = encode(
+                        &inner.name,
+                        "reply",
+                        &Reply::Ok(serde_bytes::ByteBuf::new()),
+                    ) {
+                        let _ = reply.send(b);
+                    }
+                    return Ok(());
+                }
                 let Ok(permit) = inner.inflight.clone().try_acquire_owned() else {
                     let refused: Reply = Err(ClusterError::Overloaded {
                         node: inner.name.clone(),
@@ -1032,6 +1283,7 @@ impl Actor for NodeActor {
                     };
                     let outcome: Reply = outcome.map(serde_bytes::ByteBuf::from);
                     let bytes = encode(&inner.name, "reply", &outcome)
+                        .and_then(|b| inner.check_size("caller", "reply", b.len()).map(|()| b))
                         .or_else(|e| encode(&inner.name, "reply", &Reply::Err(e)));
                     if let Ok(b) = bytes {
                         let _ = reply.send(b);
@@ -1051,9 +1303,8 @@ impl Actor for NodeActor {
     ) -> Result<(), ActorProcessingErr> {
         if let SupervisionEvent::ProcessGroupChanged(_) = event
             && let Some(inner) = state.upgrade()
-            && inner.refresh()
         {
-            inner.after_change();
+            inner.refresh();
         }
         Ok(())
     }

@@ -48,14 +48,20 @@ impl<Q: Wire, R: Wire> Keyed<Q, R> {
     /// serialization) and waits up to `timeout` for the answer.
     pub async fn ask(&self, key: &str, request: Q, timeout: Duration) -> Result<R, ClusterError> {
         let inner = &self.node.inner;
-        match inner.route_entity(&self.kind, key)? {
-            Route::Local => match &self.local {
-                Some(local) => local(key.to_owned(), request, timeout).await,
-                None => Err(ClusterError::NoOwner {
-                    kind: self.kind.clone(),
-                }),
-            },
-            Route::Remote(..) => {
+        match (inner.route_entity(&self.kind, key)?, &self.local) {
+            (Route::Local, Some(local)) => {
+                match tokio::time::timeout(timeout, local(key.to_owned(), request, timeout)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(ClusterError::Timeout {
+                        node: inner.name.clone(),
+                        operation: format!("{}/{key}", self.kind),
+                        after: timeout,
+                    }),
+                }
+            }
+            // Remote, or served here through a handle that does not host the
+            // kind (the registered server answers it, encoded).
+            _ => {
                 let what = format!("request for {}/{key}", self.kind);
                 let body = encode(&inner.name, &what, &request)?;
                 let reply = inner
@@ -108,7 +114,17 @@ impl ClusterNode {
                 async move {
                     let q: Q = decode(&name, &format!("request for {k}/{key}"), &body)?;
                     let what = format!("reply of {k}/{key}");
-                    let r = serve(key, q, timeout).await?;
+                    let r =
+                        match tokio::time::timeout(timeout, serve(key.clone(), q, timeout)).await {
+                            Ok(r) => r?,
+                            Err(_) => {
+                                return Err(ClusterError::Timeout {
+                                    node: name,
+                                    operation: format!("{k}/{key}"),
+                                    after: timeout,
+                                });
+                            }
+                        };
                     encode(&name, &what, &r).map(serde_bytes::ByteBuf::from)
                 }
                 .boxed()
@@ -258,7 +274,25 @@ impl ClusterNode {
 }
 
 impl ClusterSessions {
+    /// Creates session `id` on the node that owns it (idempotent for the
+    /// same agent and tenant: retry it freely).
+    pub async fn open(
+        &self,
+        id: &str,
+        agent: &str,
+        tenant: Option<&str>,
+        timeout: Duration,
+    ) -> Result<(), ClusterError> {
+        let request = SessionRequest::Open {
+            agent: agent.to_owned(),
+            tenant: tenant.map(str::to_owned),
+        };
+        self.keyed.ask(id, request, timeout).await.map(drop)
+    }
+
     /// Creates a session with a fresh random id on the node that owns it.
+    /// A retry after a time-out may create a second session: to retry
+    /// safely, pick the id yourself and call [`ClusterSessions::open`].
     pub async fn create(
         &self,
         agent: &str,
@@ -391,10 +425,17 @@ impl ClusterNode {
                 async move {
                     let target = format!("saga/{id}");
                     let r = match request {
-                        SagaRequest::Start { definition, input } => sagas
-                            .start_with_id(&id, &definition, input)
-                            .await
-                            .map(|()| SagaReply::Started),
+                        SagaRequest::Start { definition, input } => {
+                            match sagas.start_with_id(&id, &definition, input).await {
+                                Ok(()) => Ok(SagaReply::Started),
+                                // Already started (a retried start whose
+                                // answer was lost): the same saga, started.
+                                Err(e) => match sagas.status(&id).await {
+                                    Ok(s) if s.definition == definition => Ok(SagaReply::Started),
+                                    _ => Err(e),
+                                },
+                            }
+                        }
                         SagaRequest::Signal { name, payload } => {
                             sagas.signal(&id, &name, payload).await.map(SagaReply::Signalled)
                         }
@@ -435,26 +476,47 @@ impl ClusterNode {
 }
 
 impl ClusterSagas {
+    /// A fresh saga id for `definition`, unique in the cluster (it carries
+    /// this node's name).
+    pub fn new_id(&self, definition: &str) -> String {
+        format!(
+            "{definition}-{}-{}-{}",
+            self.node.name(),
+            troupe_journal::now_ms(),
+            SAGA_IDS.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
     /// Starts an instance of `definition` on the node that owns its fresh
-    /// id; returns the id once the start is journaled.
+    /// id; returns the id once the start is journaled. To retry a start
+    /// whose answer was lost, use [`ClusterSagas::start_with_id`] with the
+    /// same id.
     pub async fn start(
         &self,
         definition: &str,
         input: Value,
         timeout: Duration,
     ) -> Result<String, ClusterError> {
-        let id = format!(
-            "{definition}-{}-{}-{}",
-            self.node.name(),
-            troupe_journal::now_ms(),
-            SAGA_IDS.fetch_add(1, Ordering::Relaxed)
-        );
+        let id = self.new_id(definition);
+        self.start_with_id(&id, definition, input, timeout).await?;
+        Ok(id)
+    }
+
+    /// Starts saga `id` (from [`ClusterSagas::new_id`]) on the node that
+    /// owns it. Idempotent: starting an id already started with the same
+    /// definition succeeds.
+    pub async fn start_with_id(
+        &self,
+        id: &str,
+        definition: &str,
+        input: Value,
+        timeout: Duration,
+    ) -> Result<(), ClusterError> {
         let request = SagaRequest::Start {
             definition: definition.to_owned(),
             input,
         };
-        self.keyed.ask(&id, request, timeout).await?;
-        Ok(id)
+        self.keyed.ask(id, request, timeout).await.map(drop)
     }
 
     /// Delivers signal `name`; true if a step was waiting for it.

@@ -76,6 +76,17 @@ impl Child {
         self.process.kill().expect("SIGKILL");
     }
 
+    /// Sends `signal` (`STOP`, `CONT`, ...) with kill(1).
+    #[allow(dead_code)] // not every test binary pauses its children
+    pub fn signal(&self, signal: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([format!("-{signal}"), self.process.id().to_string()])
+            .status()
+            .expect("kill(1)")
+            .success();
+        assert!(ok, "kill -{signal} failed");
+    }
+
     /// Waits for the child to exit (kill it first to stop it) and returns
     /// the lines not read yet.
     pub fn finish(mut self) -> Vec<String> {

@@ -446,6 +446,17 @@ impl<E: EventSourced> Entities<E> {
     /// their mailboxes) and waits; returns how many it passivated. A
     /// cluster node calls it when entities move to another node.
     pub async fn passivate_where(&self, which: impl Fn(&str) -> bool) -> usize {
+        // Activations under way finish first, so that they are passivated
+        // too rather than left running.
+        let activating: Vec<Activation<E::Command>> = Self::slots(&self.inner)
+            .iter()
+            .filter(|(k, _)| which(k))
+            .filter_map(|(_, slot)| match slot {
+                Slot::Activating(a) => Some(a.clone()),
+                _ => None,
+            })
+            .collect();
+        futures::future::join_all(activating).await;
         let waits: Vec<Shared<BoxFuture<'static, ()>>> = {
             let mut slots = Self::slots(&self.inner);
             let keys: Vec<String> = slots.keys().filter(|k| which(k)).cloned().collect();

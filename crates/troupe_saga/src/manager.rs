@@ -42,6 +42,8 @@ struct Inner {
     handlers: Arc<Handlers>,
     journal: Arc<dyn Journal>,
     running: Mutex<HashMap<String, ActorRef<SagaMsg>>>,
+    /// Ids being spawned: a resume and a start racing for one id spawn it once.
+    starting: Mutex<std::collections::HashSet<String>>,
     next: AtomicU64,
     max_running: std::sync::atomic::AtomicUsize,
     ended: tokio::sync::broadcast::Sender<SagaStatus>,
@@ -56,6 +58,7 @@ impl Sagas {
                 handlers: Arc::new(handlers),
                 journal,
                 running: Mutex::default(),
+                starting: Mutex::default(),
                 next: AtomicU64::new(1),
                 max_running: std::sync::atomic::AtomicUsize::new(DEFAULT_MAX_RUNNING),
                 ended: tokio::sync::broadcast::channel(1024).0,
@@ -167,7 +170,47 @@ impl Sagas {
         self.start(&req.definition, req.input).await
     }
 
-    async fn spawn(&self, id: String, def: Arc<SagaDefinition>) -> Result<(), SagaError> {
+    /// Whether saga `id` runs (or is being started) here.
+    fn is_running(&self, id: &str) -> bool {
+        // Lock order: `starting`, then `running` (as in `spawn`).
+        let starting = self
+            .inner
+            .starting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        starting.contains(id)
+            || self
+                .inner
+                .running
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(id)
+    }
+
+    /// Spawns the actor of saga `id` unless it runs here already; returns
+    /// whether it spawned one.
+    async fn spawn(&self, id: String, def: Arc<SagaDefinition>) -> Result<bool, SagaError> {
+        {
+            let mut starting = self
+                .inner
+                .starting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let running = self.inner.running.lock().unwrap_or_else(|p| p.into_inner());
+            if running.contains_key(&id) || !starting.insert(id.clone()) {
+                return Ok(false);
+            }
+        }
+        let spawned = self.spawn_actor(id.clone(), def).await;
+        self.inner
+            .starting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        spawned.map(|()| true)
+    }
+
+    async fn spawn_actor(&self, id: String, def: Arc<SagaDefinition>) -> Result<(), SagaError> {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let args = SagaArgs {
             id: id.clone(),
@@ -176,8 +219,8 @@ impl Sagas {
             journal: self.inner.journal.clone(),
             on_end: Some(tx),
         };
-        // Registered before the actor starts: a saga that ends at once
-        // removes itself through the forwarder below.
+        // A saga that ends before it is registered below still removes
+        // itself: the channel keeps its end notice for the forwarder.
         let (actor, _) = ractor::Actor::spawn(None, SagaActor, args)
             .await
             .map_err(|e| SagaError::NotRunning(format!("{id}: {e}")))?;
@@ -221,7 +264,7 @@ impl Sagas {
     /// own. Returns how many were resumed.
     pub async fn resume_where(&self, which: impl Fn(&str) -> bool) -> Result<usize, SagaError> {
         let mut after: Option<PersistenceId> = None;
-        let mut resumed = 0;
+        let (mut resumed, mut failed) = (0, 0);
         loop {
             let page = self
                 .inner
@@ -237,25 +280,34 @@ impl Sagas {
                 .filter(|p| p.kind() == "saga" && which(p.key()))
             {
                 let id = pid.key().to_owned();
-                if self
-                    .inner
-                    .running
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .contains_key(&id)
-                {
+                if self.is_running(&id) {
                     continue;
                 }
-                let Some(status) = self.load(&id).await? else {
-                    continue;
-                };
-                if !status.phase.is_final() {
+                // One saga that cannot be resumed (an unknown workflow, a
+                // corrupt journal) does not hold back the others.
+                let resume = async {
+                    let Some(status) = self.load(&id).await? else {
+                        return Ok(false);
+                    };
+                    if status.phase.is_final() {
+                        return Ok(false);
+                    }
                     let def = self.definition(&status.definition)?;
-                    self.spawn(id, def).await?;
-                    resumed += 1;
+                    self.spawn(id.clone(), def).await
+                };
+                match resume.await {
+                    Ok(true) => resumed += 1,
+                    Ok(false) => {}
+                    Err(e) => {
+                        failed += 1;
+                        tracing::error!(saga = %id, error = %e, "saga not resumed");
+                    }
                 }
             }
             after = Some(last);
+        }
+        if failed > 0 {
+            tracing::warn!(resumed, failed, "some sagas could not be resumed");
         }
         Ok(resumed)
     }

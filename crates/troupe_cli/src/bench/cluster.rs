@@ -1,6 +1,7 @@
 //! The cluster suite: tells and asks to an agent on another node process
 //! (over ractor_cluster on 127.0.0.1), against the same calls to an agent
-//! on the calling node, and raw ractor for context.
+//! on the calling node (the same cluster API, no network), a Troupe handle
+//! to that agent (no cluster layer) and raw ractor.
 //!
 //! Tells are sent in windows: after every window the sender asks the agent
 //! how many it has seen; tells and the ask go in order over one
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use ractor::{ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::{Deserialize, Serialize};
-use troupe::actor::mailbox;
+use troupe::actor::{ActorHandle, mailbox};
 use troupe::cluster::{AgentRef, ClusterConfig, ClusterNode};
 
 use super::{Report, percentile};
@@ -76,13 +77,50 @@ impl ractor::Actor for Sink {
     }
 }
 
-async fn expose_sink(node: &ClusterNode, name: &str) -> Result<(), BoxError> {
+async fn expose_sink(node: &ClusterNode, name: &str) -> Result<ActorHandle<SinkMsg>, BoxError> {
     let sink = mailbox::spawn(name, Sink, (), SINK_MAILBOX, None).await?;
-    node.expose(name, sink)
+    node.expose(name, sink.clone())
         .tells(SinkMsg::Hit)
         .asks(SinkMsg::Ask)
         .register()?;
-    Ok(())
+    Ok(sink)
+}
+
+/// The same calls on a Troupe handle without the cluster layer: what the
+/// local node path adds is the difference.
+async fn handle_calls(
+    sink: &ActorHandle<SinkMsg>,
+    n_tells: u64,
+    n_asks: u64,
+) -> Result<(f64, Vec<f64>), BoxError> {
+    let timeout = Duration::from_secs(30);
+    let base = sink
+        .ask(|r| SinkMsg::Ask(SinkAsk::Count, r), timeout)
+        .await?;
+    let start = Instant::now();
+    let mut sent = 0;
+    while sent < n_tells {
+        for i in 0..WINDOW.min(n_tells - sent) {
+            sink.tell(SinkMsg::Hit(sent + i)).map_err(|r| r.error)?;
+        }
+        sent += WINDOW.min(n_tells - sent);
+        let seen = sink
+            .ask(|r| SinkMsg::Ask(SinkAsk::Count, r), timeout)
+            .await?;
+        if seen - base != sent {
+            return Err("the handle lost tells".into());
+        }
+    }
+    let rate = n_tells as f64 / start.elapsed().as_secs_f64();
+    let mut lat = Vec::with_capacity(n_asks as usize);
+    for i in 0..n_asks {
+        let t = Instant::now();
+        let _ = sink
+            .ask(|r| SinkMsg::Ask(SinkAsk::Echo(i), r), timeout)
+            .await?;
+        lat.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    Ok((rate, lat))
 }
 
 /// Tells per second, in windows.
@@ -165,6 +203,7 @@ async fn run_async(n_tells: u64, n_asks: u64) -> Result<(), BoxError> {
     note(&format!("starting a peer node process on {peer_addr}"));
     let mut peer = Command::new(std::env::current_exe()?)
         .args(["bench", "cluster-peer", "--port", &port.to_string()])
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()?;
@@ -176,7 +215,16 @@ async fn run_async(n_tells: u64, n_asks: u64) -> Result<(), BoxError> {
             .read_line(&mut line)
             .map(|_| line)
     })
-    .await??;
+    .await
+    .map_err(|e| e.to_string())
+    .and_then(|r| r.map_err(|e| e.to_string()));
+    let ready = match ready {
+        Ok(line) => line,
+        Err(e) => {
+            let _ = peer.kill();
+            return Err(format!("the peer did not start: {e}").into());
+        }
+    };
     if ready.trim() != "READY" {
         let _ = peer.kill();
         return Err(format!("the peer said {ready:?}").into());
@@ -197,7 +245,7 @@ async fn measure(
         ClusterConfig::new("bench", "127.0.0.1:0".parse()?, COOKIE).seeds([peer]),
     )
     .await?;
-    expose_sink(&node, "sink-local").await?;
+    let handle = expose_sink(&node, "sink-local").await?;
     let remote = node.agent("sink-remote");
     let local = node.agent("sink-local");
     // The peer's exposure arrives just after membership.
@@ -220,6 +268,7 @@ async fn measure(
     let cross_ask = asks(&remote, n_asks).await?;
     let local_tell = tells(&local, n_tells).await?;
     let local_ask = asks(&local, n_asks).await?;
+    let (handle_tell, handle_ask) = handle_calls(&handle, n_tells, n_asks).await?;
     let (raw_tell, raw_ask) = raw(n_tells, n_asks).await?;
 
     let (cross_p50, local_p50, raw_p50) = (
@@ -229,16 +278,21 @@ async fn measure(
     );
     report.figure("cross_node_tell", cross_tell, "msgs/s");
     report.figure("local_node_tell", local_tell, "msgs/s");
+    report.figure("handle_tell", handle_tell, "msgs/s");
     report.figure("raw_ractor_tell", raw_tell, "msgs/s");
     report.ratio("cross_node_tell", cross_tell, local_tell);
-    report.ratio("local_node_tell", local_tell, raw_tell);
+    report.ratio("local_node_tell", local_tell, handle_tell);
+    report.ratio("handle_tell", handle_tell, raw_tell);
     report.figure("cross_node_ask_p50", cross_p50, "µs");
     report.figure("cross_node_ask_p99", percentile(&cross_ask, 0.99), "µs");
     report.figure("local_node_ask_p50", local_p50, "µs");
     report.figure("local_node_ask_p99", percentile(&local_ask, 0.99), "µs");
+    let handle_p50 = percentile(&handle_ask, 0.5);
+    report.figure("handle_ask_p50", handle_p50, "µs");
     report.figure("raw_ractor_ask_p50", raw_p50, "µs");
     report.ratio("cross_node_ask_p50", cross_p50, local_p50);
-    report.ratio("local_node_ask_p50", local_p50, raw_p50);
+    report.ratio("local_node_ask_p50", local_p50, handle_p50);
+    report.ratio("handle_ask_p50", handle_p50, raw_p50);
     node.shutdown().await;
     Ok(())
 }
@@ -258,7 +312,13 @@ pub fn peer(port: u16) -> Result<(), BoxError> {
         .await?;
         expose_sink(&node, "sink-remote").await?;
         println!("READY");
-        std::future::pending::<()>().await;
+        // Runs until its parent closes stdin (or dies).
+        tokio::task::spawn_blocking(|| {
+            let mut sink = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+        })
+        .await?;
+        node.shutdown().await;
         Ok(())
     })
 }
