@@ -526,6 +526,19 @@ async fn three_nodes_talk_place_work_and_survive_sigkill_and_sigstop() {
     );
     let mut acked: BTreeMap<String, BTreeSet<u64>> = BTreeMap::new();
     let mut next_op = 0u64;
+    // A request sent to a node that does not own the key is forwarded to
+    // the owner (as a gateway node would): through n1 to n2's and n3's keys.
+    for owner in ["n2", "n3"] {
+        let k = &owners[owner][0];
+        next_op += 1;
+        let op = next_op;
+        let reply = counters
+            .ask_via("n1", k, CounterReq::Add(op), Duration::from_secs(10))
+            .await
+            .expect("forwarded");
+        assert_eq!(reply.node, owner, "{k} answered by its owner");
+        acked.entry(k.clone()).or_default().insert(op);
+    }
     for round in 0..3 {
         for k in &keys {
             next_op += 1;

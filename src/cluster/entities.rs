@@ -96,6 +96,29 @@ impl<E: ClusterEntity> ClusterEntities<E> {
         }
     }
 
+    /// Sends `request` through node `via` (say, the node a client is
+    /// connected to), which forwards it to the owner of `key`: what a
+    /// gateway node does with requests it does not own.
+    pub async fn ask_via(
+        &self,
+        via: &str,
+        key: &str,
+        request: E::Request,
+        timeout: Duration,
+    ) -> Result<E::Reply, ClusterError> {
+        let inner = &self.node.inner;
+        let body = encode(
+            &inner.name,
+            &format!("request for {}/{key}", E::KIND),
+            &request,
+        )?;
+        let reply = inner
+            .clone()
+            .entity_via(via, E::KIND, key, body, timeout)
+            .await?;
+        decode(&inner.name, &format!("reply of {}/{key}", E::KIND), &reply)
+    }
+
     /// The node that owns `key` now.
     pub fn owner(&self, key: &str) -> Result<String, ClusterError> {
         self.node.owner_of(E::KIND, key)

@@ -868,6 +868,44 @@ impl Inner {
         }
     }
 
+    /// Sends an entity request to `via`, which forwards it to the owner
+    /// (or serves it, if it is the owner).
+    async fn entity_via(
+        self: Arc<Self>,
+        via: &str,
+        kind: &str,
+        key: &str,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, ClusterError> {
+        if via == self.name {
+            return self
+                .serve_entity(kind.to_owned(), key.to_owned(), body, 0, timeout)
+                .await;
+        }
+        let cell = self.node_cell(via).ok_or_else(|| ClusterError::NodeDown {
+            node: via.to_owned(),
+            reason: "not a member".into(),
+        })?;
+        let frame = Frame::Entity {
+            kind: kind.to_owned(),
+            key: key.to_owned(),
+            body: serde_bytes::ByteBuf::from(body),
+            hops: 0,
+            timeout_ms: timeout.as_millis() as u64,
+        };
+        // Room for the forward and the owner's own time-out.
+        let wait = timeout + Duration::from_secs(1);
+        self.call(
+            via,
+            &cell,
+            &frame,
+            &format!("entity {kind} via {via}"),
+            wait,
+        )
+        .await
+    }
+
     /// Serves one call frame from another node.
     async fn serve(self: Arc<Self>, frame: Frame) -> Result<Vec<u8>, ClusterError> {
         match frame {
