@@ -864,7 +864,7 @@ async fn three_nodes_talk_place_work_and_survive_sigkill_and_sigstop() {
         .cloned()
         .collect();
     assert!(!n3_keys.is_empty());
-    nodes.0["n3"].signal("STOP");
+    nodes.0["n3"].signal(libc::SIGSTOP);
     driver
         .wait_for_members(|m| m == ["driver", "n1"], PATIENCE)
         .await
@@ -881,7 +881,7 @@ async fn three_nodes_talk_place_work_and_survive_sigkill_and_sigstop() {
         assert_eq!(reply.node, "n1");
         acked.entry(k.clone()).or_default().insert(op);
     }
-    nodes.0["n3"].signal("CONT");
+    nodes.0["n3"].signal(libc::SIGCONT);
     driver
         .wait_for_members(|m| m == ["driver", "n1", "n3"], PATIENCE)
         .await

@@ -229,7 +229,16 @@ impl ClusterNode {
             }
             .boxed()
         });
-        write(&host.tasks).insert(kind.clone(), task);
+        {
+            let mut tasks = write(&host.tasks);
+            if tasks.contains_key(&kind) {
+                return Err(ClusterError::Config(format!(
+                    "GPU task `{kind}` is already registered on node `{}`",
+                    self.inner.name
+                )));
+            }
+            tasks.insert(kind.clone(), task);
+        }
         self.inner.join_group(format!("gpu:{kind}"));
         self.inner.refresh();
         Ok(())

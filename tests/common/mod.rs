@@ -76,15 +76,14 @@ impl Child {
         self.process.kill().expect("SIGKILL");
     }
 
-    /// Sends `signal` (`STOP`, `CONT`, ...) with kill(1).
+    /// Sends `signal` (`libc::SIGSTOP`, `libc::SIGCONT`, ...).
     #[allow(dead_code)] // not every test binary pauses its children
-    pub fn signal(&self, signal: &str) {
-        let ok = std::process::Command::new("kill")
-            .args([format!("-{signal}"), self.process.id().to_string()])
-            .status()
-            .expect("kill(1)")
-            .success();
-        assert!(ok, "kill -{signal} failed");
+    pub fn signal(&self, signal: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.process.id()).expect("a pid fits pid_t");
+        // SAFETY: kill(2) takes plain integers; the child is ours and not
+        // reaped yet, so its pid is not reused.
+        let rc = unsafe { libc::kill(pid, signal) };
+        assert_eq!(rc, 0, "kill({pid}, {signal}) failed");
     }
 
     /// Waits for the child to exit (kill it first to stop it) and returns
