@@ -424,8 +424,10 @@ async fn three_nodes_talk_place_work_and_survive_sigkill_and_sigstop() {
                 ("TROUPE_GPU_GIB", gpu[i].to_string()),
             ],
         );
-        ready(&child, name);
+        // Owned by `nodes` first, so that it is killed even if it never
+        // becomes ready.
         nodes.0.insert(name.to_string(), child);
+        ready(&nodes.0[*name], name);
     }
 
     // A node with the wrong cookie is refused.
