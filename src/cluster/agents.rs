@@ -7,9 +7,9 @@ use std::time::Duration;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use ractor::RpcReplyPort;
-use troupe_actor::{ActorError, ActorHandle, Rejected};
+use troupe_actor::{ActorHandle, Rejected};
 
-use super::{ClusterError, ClusterNode, Frame, Route, Wire, decode, encode, write};
+use super::{ClusterError, ClusterNode, Frame, Route, Wire, decode, encode, rejected, write};
 
 type LocalTell = Box<dyn Fn(Box<dyn Any + Send>) -> Result<(), ClusterError> + Send + Sync>;
 type RemoteTell = Box<dyn Fn(&str, &[u8]) -> Result<(), ClusterError> + Send + Sync>;
@@ -33,26 +33,6 @@ pub(crate) struct Exposed {
     name: String,
     tell: Option<(&'static str, LocalTell, RemoteTell)>,
     ask: Option<(&'static str, LocalAsk, RemoteAsk)>,
-}
-
-fn rejected(node: &str, target: &str, e: &ActorError) -> ClusterError {
-    ClusterError::Rejected {
-        node: node.to_owned(),
-        target: target.to_owned(),
-        reason: e.to_string(),
-        retryable: matches!(
-            e,
-            ActorError::Backpressure { .. }
-                | ActorError::NotRunning { .. }
-                | ActorError::Timeout { .. }
-        ) || matches!(
-            e,
-            ActorError::Journal {
-                transient: true,
-                ..
-            }
-        ),
-    }
 }
 
 fn mismatch(node: &str, agent: &str, expected: &str, what: &str) -> ClusterError {
@@ -112,12 +92,13 @@ impl<M: ractor::Message> Expose<M> {
         let (h1, h2) = (self.handle.clone(), self.handle.clone());
         let (w1, w2) = (wrap.clone(), wrap);
         let (n1, n2) = (self.name.clone(), self.name.clone());
+        let me1 = self.node.inner.name.clone();
         let local: LocalTell = Box::new(move |msg| {
             let msg = msg
                 .downcast::<T>()
-                .map_err(|_| mismatch("this node", &n1, type_name::<T>(), "a tell"))?;
+                .map_err(|_| mismatch(&me1, &n1, type_name::<T>(), "a tell"))?;
             h1.tell(w1(*msg))
-                .map_err(|Rejected { error, .. }| rejected("this node", &n1, &error))
+                .map_err(|Rejected { error, .. }| rejected(&me1, &n1, &error))
         });
         let remote: RemoteTell = Box::new(move |node, body| {
             let msg: T = decode(node, &format!("tell for `{n2}`"), body)?;
@@ -138,16 +119,17 @@ impl<M: ractor::Message> Expose<M> {
         let (h1, h2) = (self.handle.clone(), self.handle.clone());
         let (w1, w2) = (wrap.clone(), wrap);
         let (n1, n2) = (self.name.clone(), self.name.clone());
+        let me1 = self.node.inner.name.clone();
         let local: LocalAsk = Box::new(move |q, timeout| {
-            let (h, w, n) = (h1.clone(), w1.clone(), n1.clone());
+            let (h, w, n, me) = (h1.clone(), w1.clone(), n1.clone(), me1.clone());
             async move {
                 let q = q
                     .downcast::<Q>()
-                    .map_err(|_| mismatch("this node", &n, type_name::<Q>(), "an ask"))?;
+                    .map_err(|_| mismatch(&me, &n, type_name::<Q>(), "an ask"))?;
                 let r: R = h
                     .ask(|port| w(*q, port), timeout)
                     .await
-                    .map_err(|e| rejected("this node", &n, &e))?;
+                    .map_err(|e| rejected(&me, &n, &e))?;
                 Ok(Box::new(r) as Box<dyn Any + Send>)
             }
             .boxed()

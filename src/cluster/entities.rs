@@ -6,10 +6,11 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use ractor::RpcReplyPort;
-use troupe_actor::{ActorError, Entities, EventSourced};
+use troupe_actor::{Entities, EventSourced};
 
 use super::{
     ClusterError, ClusterNode, HashRing, KindDispatch, Rebalance, Route, Wire, decode, encode,
+    rejected,
 };
 
 /// An entity that can be reached from other nodes: its requests and
@@ -41,29 +42,6 @@ impl<E: ClusterEntity> Clone for ClusterEntities<E> {
     }
 }
 
-fn actor_error(node: &str, target: String, e: ActorError) -> ClusterError {
-    let retryable = matches!(
-        e,
-        ActorError::Backpressure { .. } | ActorError::NotRunning { .. } | ActorError::Timeout { .. }
-        // NoReply: the entity failed with the command in hand (a stale owner
-        // meeting the new owner's events, a journal error); it recovers from
-        // the journal and a retry finds the true state.
-        | ActorError::NoReply { .. }
-    ) || matches!(
-        e,
-        ActorError::Journal {
-            transient: true,
-            ..
-        }
-    );
-    ClusterError::Rejected {
-        node: node.to_owned(),
-        target,
-        reason: e.to_string(),
-        retryable,
-    }
-}
-
 impl<E: ClusterEntity> ClusterEntities<E> {
     /// Sends `request` to entity `key` on whichever node owns it and waits
     /// up to `timeout` for the reply (sent after the command's events are
@@ -79,20 +57,9 @@ impl<E: ClusterEntity> ClusterEntities<E> {
             (Route::Local, Some(local)) => local
                 .ask(key, |port| E::command(request, port), timeout)
                 .await
-                .map_err(|e| actor_error(&inner.name, format!("{}/{key}", E::KIND), e)),
+                .map_err(|e| rejected(&inner.name, &format!("{}/{key}", E::KIND), &e)),
             // Remote, or hosted here but called through a client handle.
-            _ => {
-                let body = encode(
-                    &inner.name,
-                    &format!("request for {}/{key}", E::KIND),
-                    &request,
-                )?;
-                let reply = inner
-                    .clone()
-                    .serve_entity(E::KIND.to_owned(), key.to_owned(), body, 0, timeout)
-                    .await?;
-                decode(&inner.name, &format!("reply of {}/{key}", E::KIND), &reply)
-            }
+            _ => self.ask_via(&inner.name, key, request, timeout).await,
         }
     }
 
@@ -153,7 +120,7 @@ impl ClusterNode {
                     let reply = entities
                         .ask(&key, |port| E::command(request, port), timeout)
                         .await
-                        .map_err(|e| actor_error(&name, target.clone(), e))?;
+                        .map_err(|e| rejected(&name, &target, &e))?;
                     encode(&name, &format!("reply of {target}"), &reply)
                         .map(serde_bytes::ByteBuf::from)
                 }

@@ -254,39 +254,30 @@ impl ClusterGpu {
     /// Each live node's GPU capacity (nodes without GPUs, or not answering
     /// within the call time-out, are left out).
     pub async fn capacity(&self) -> Vec<NodeGpuCapacity> {
+        self.capacity_of(None).await
+    }
+
+    /// The capacity of this node and the peers in `only` (all if None).
+    async fn capacity_of(&self, only: Option<&[String]>) -> Vec<NodeGpuCapacity> {
         let inner = &self.node.inner;
-        let nodes: Vec<(String, ractor::ActorCell)> = inner
-            .view
-            .load()
-            .nodes
-            .iter()
-            .map(|(n, c)| (n.clone(), c.clone()))
-            .collect();
-        let asks = nodes.into_iter().map(|(node, cell)| async move {
-            if node == inner.name {
-                let host = read(&inner.gpu).clone();
-                return match host {
-                    Some(h) => h.capacity(&node).await.ok(),
-                    None => None,
-                };
+        let here = async {
+            let host = read(&inner.gpu).clone();
+            match host {
+                Some(h) if only.is_none_or(|o| o.contains(&inner.name)) => {
+                    h.capacity(&inner.name).await.ok()
+                }
+                _ => None,
             }
-            let bytes = inner
-                .call(
-                    &node,
-                    &cell,
-                    &Frame::GpuCapacity,
-                    "GPU capacity",
-                    inner.config.call_timeout,
-                )
-                .await
-                .ok()?;
-            decode::<Option<NodeGpuCapacity>>(&inner.name, "GPU capacity", &bytes).ok()?
+        };
+        let timeout = inner.config.call_timeout;
+        let (here, peers) = futures::join!(
+            here,
+            inner.call_peers(only, &Frame::GpuCapacity, "GPU capacity", timeout)
+        );
+        let peers = peers.into_iter().filter_map(|(_, answer)| {
+            decode::<Option<NodeGpuCapacity>>(&inner.name, "GPU capacity", &answer.ok()?).ok()?
         });
-        futures::future::join_all(asks)
-            .await
-            .into_iter()
-            .flatten()
-            .collect()
+        here.into_iter().chain(peers).collect()
     }
 
     /// Runs GPU task `kind` on a node that can start it in time: the nodes
@@ -311,7 +302,7 @@ impl ClusterGpu {
             });
         }
         let mut order: Vec<(String, i64)> = self
-            .capacity()
+            .capacity_of(Some(&hosts))
             .await
             .into_iter()
             .filter(|c| hosts.contains(&c.node))

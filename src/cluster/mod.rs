@@ -307,6 +307,29 @@ fn encode<T: Serialize + ?Sized>(node: &str, what: &str, v: &T) -> Result<Vec<u8
     })
 }
 
+/// A target actor's refusal, as it crosses nodes.
+fn rejected(node: &str, target: &str, e: &troupe_actor::ActorError) -> ClusterError {
+    use troupe_actor::ActorError as A;
+    ClusterError::Rejected {
+        node: node.to_owned(),
+        target: target.to_owned(),
+        reason: e.to_string(),
+        // NoReply: the actor failed with the message in hand (for an entity,
+        // a stale owner meeting the new owner's events, a journal error); it
+        // recovers and a retry finds the true state.
+        retryable: matches!(
+            e,
+            A::Backpressure { .. } | A::NotRunning { .. } | A::Timeout { .. } | A::NoReply { .. }
+        ) || matches!(
+            e,
+            A::Journal {
+                transient: true,
+                ..
+            }
+        ),
+    }
+}
+
 fn decode<T: DeserializeOwned>(node: &str, what: &str, bytes: &[u8]) -> Result<T, ClusterError> {
     rmp_serde::from_slice(bytes).map_err(|e| ClusterError::Codec {
         node: node.to_owned(),
@@ -367,6 +390,9 @@ struct Inner {
 /// The encoded `Frame::Ping` (compared byte for byte by the node actor).
 static PING_FRAME: std::sync::LazyLock<Vec<u8>> =
     std::sync::LazyLock::new(|| rmp_serde::to_vec(&Frame::Ping).expect("a unit variant encodes"));
+
+/// Heartbeat rounds between two exchanges of peer lists.
+const PEER_SYNC_ROUNDS: u64 = 10;
 
 /// Room left in a frame for ractor's own envelope.
 const FRAME_OVERHEAD: u64 = 4 * 1024;
@@ -1062,23 +1088,38 @@ impl Inner {
         }
     }
 
+    /// Calls every live peer (or those named in `only`) with `frame` at
+    /// once; the answers come back with the peers' names.
+    async fn call_peers(
+        &self,
+        only: Option<&[String]>,
+        frame: &Frame,
+        operation: &str,
+        timeout: Duration,
+    ) -> Vec<(String, Result<Vec<u8>, ClusterError>)> {
+        let view = self.view.load_full();
+        let calls =
+            view.nodes
+                .iter()
+                .filter(|(n, _)| **n != self.name && only.is_none_or(|o| o.contains(n)))
+                .map(|(n, c)| async move {
+                    (n.clone(), self.call(n, c, frame, operation, timeout).await)
+                });
+        futures::future::join_all(calls).await
+    }
+
     /// Asks every connected peer for the peers it knows, then dials the
     /// known nodes that are not connected (no session open to them).
     async fn sync_peers(self: Arc<Self>) {
-        let view = self.view.load_full();
         let timeout = self.config.call_timeout;
-        let asks = view
-            .nodes
-            .iter()
-            .filter(|(n, _)| **n != self.name)
-            .map(|(n, c)| {
-                let me = self.clone();
-                async move {
-                    let bytes = me.call(n, c, &Frame::Peers, "peers", timeout).await.ok()?;
-                    decode::<Vec<(String, SocketAddr)>>(&me.name, "peers", &bytes).ok()
-                }
-            });
-        for peers in futures::future::join_all(asks).await.into_iter().flatten() {
+        let answers = self.call_peers(None, &Frame::Peers, "peers", timeout).await;
+        for (_, answer) in answers {
+            let Some(peers) = answer
+                .ok()
+                .and_then(|b| decode::<Vec<(String, SocketAddr)>>(&self.name, "peers", &b).ok())
+            else {
+                continue;
+            };
             let mut addrs = write(&self.addrs);
             for (peer, addr) in peers {
                 if peer != self.name {
@@ -1086,6 +1127,11 @@ impl Inner {
                 }
             }
         }
+        self.redial().await;
+    }
+
+    /// Dials the known nodes that are not members and have no session open.
+    async fn redial(self: &Arc<Self>) {
         let connected = self.view.load_full();
         let missing: Vec<(String, SocketAddr)> = read(&self.addrs)
             .iter()
@@ -1194,6 +1240,7 @@ impl Inner {
 /// redials lost ones). Ends when the node shuts down or is dropped.
 async fn maintain(weak: std::sync::Weak<Inner>) {
     let mut misses: HashMap<String, u32> = HashMap::new();
+    let mut round: u64 = 0;
     loop {
         let Some(interval) = weak.upgrade().map(|i| i.config.heartbeat_interval) else {
             return;
@@ -1214,22 +1261,9 @@ async fn maintain(weak: std::sync::Weak<Inner>) {
             inner.hand_over_all();
         }
         let view = inner.view.load_full();
-        let pings = view
-            .nodes
-            .iter()
-            .filter(|(n, _)| **n != inner.name)
-            .map(|(n, c)| {
-                let inner = inner.clone();
-                async move {
-                    let answered = inner
-                        .call(n, c, &Frame::Ping, "ping", interval)
-                        .await
-                        .is_ok();
-                    (n.clone(), answered)
-                }
-            });
-        for (node, answered) in futures::future::join_all(pings).await {
-            if answered {
+        let pings = inner.call_peers(None, &Frame::Ping, "ping", interval).await;
+        for (node, answer) in pings {
+            if answer.is_ok() {
                 misses.remove(&node);
                 continue;
             }
@@ -1242,11 +1276,18 @@ async fn maintain(weak: std::sync::Weak<Inner>) {
         }
         misses.retain(|n, _| view.nodes.contains_key(n));
         // In the background: a peer that does not answer must not delay
-        // the next round of pings.
+        // the next round of pings. Peers' peers are re-learnt every few
+        // rounds (and on every membership change); lost ones are redialled
+        // every round.
+        round += 1;
         if !inner.syncing.swap(true, Ordering::AcqRel) {
             let inner = inner.clone();
             tokio::spawn(async move {
-                inner.clone().sync_peers().await;
+                if round.is_multiple_of(PEER_SYNC_ROUNDS) {
+                    inner.clone().sync_peers().await;
+                } else {
+                    inner.redial().await;
+                }
                 inner.syncing.store(false, Ordering::Release);
             });
         }

@@ -293,9 +293,12 @@ fn archive(
     if cold.is_some() {
         config.cold.url = cold;
     }
-    if older_than.is_some() || snapshot_retention.is_some() {
-        config.archive.archive_after_s = older_than.map(|d| d.as_secs());
-        config.archive.snapshot_retention_s = snapshot_retention.map(|d| d.as_secs());
+    // Each flag given wins over the file's value; the others stay.
+    if let Some(d) = older_than {
+        config.archive.archive_after_s = Some(d.as_secs());
+    }
+    if let Some(d) = snapshot_retention {
+        config.archive.snapshot_retention_s = Some(d.as_secs());
     }
     if let Some(level) = zstd_level {
         config.archive.zstd_level = level;

@@ -205,6 +205,13 @@ async fn post_message(
     ApiJson(body): ApiJson<NewMessage>,
 ) -> Result<Response, GatewayError> {
     let view = st.session(&tenant, &id).await?;
+    // A busy session refuses before any attachment is looked up.
+    if let Some(p) = view.pending {
+        return Err(GatewayError::Conflict(format!(
+            "session `{id}` is busy with turn {}; wait for it to finish",
+            p.turn
+        )));
+    }
     if !body.attachments.is_empty() {
         let blobs = st.0.tiered.as_ref().map(|t| t.blobs()).ok_or_else(|| {
             GatewayError::BadRequest("`attachments` need blob storage (a [storage] section)".into())
@@ -232,12 +239,6 @@ async fn post_message(
                 }
             }
         }
-    }
-    if let Some(p) = view.pending {
-        return Err(GatewayError::Conflict(format!(
-            "session `{id}` is busy with turn {}; wait for it to finish",
-            p.turn
-        )));
     }
     st.admit(st.0.config.session_priority).await?;
     let permit = st.0.tasks.reserve()?;

@@ -65,9 +65,10 @@ pub struct PostgresSection {
 }
 
 fn default_schema() -> String {
-    "troupe".into()
+    troupe_postgres::DEFAULT_SCHEMA.into()
 }
 
+/// Twice the library's default: a server runs 64 task workers by default.
 fn default_pool() -> usize {
     16
 }

@@ -78,14 +78,18 @@ async fn run<J: Journal>(
     // Offsets on the feed are consecutive (every tagged event of every tag
     // is on it, in commit order). A hole means events the feed did not
     // carry (published late, or by a writer that never published them):
-    // they are in storage, so read from there before going on.
+    // they are in storage, so read from there before going on. Before the
+    // first live event there is no previous offset to compare with, so that
+    // one always checks storage.
     let mut feed_last: Option<u64> = None;
     loop {
         match live.recv().await {
             Ok(ev) => {
-                if feed_last.is_some_and(|l| ev.offset > l + 1)
-                    && catch_up(&journal, &tag, &mut next, &tx).await.is_err()
-                {
+                // The first event after a catch-up may follow a hole too: a
+                // batch that committed between the catch-up's read and this
+                // receiver's first event may not have been published to it.
+                let hole = feed_last.is_none_or(|l| ev.offset > l + 1);
+                if hole && catch_up(&journal, &tag, &mut next, &tx).await.is_err() {
                     return;
                 }
                 feed_last = Some(feed_last.map_or(ev.offset, |l| l.max(ev.offset)));

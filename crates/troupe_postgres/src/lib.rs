@@ -68,13 +68,16 @@ pub struct PgConfig {
     pub pool_wait: std::time::Duration,
 }
 
+/// The schema a journal uses unless told otherwise.
+pub const DEFAULT_SCHEMA: &str = "troupe";
+
 impl PgConfig {
     /// Defaults for a connection string: schema `troupe`, 8 connections,
     /// pages of 1,024 events, 30 s waits for a connection.
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
-            schema: "troupe".into(),
+            schema: DEFAULT_SCHEMA.into(),
             pool_size: 8,
             replay_batch_size: troupe_journal::DEFAULT_REPLAY_BATCH,
             pool_wait: std::time::Duration::from_secs(30),

@@ -430,6 +430,22 @@ impl Sagas {
     /// journals keep their state; another process may resume them).
     /// Returns how many it stopped.
     pub async fn stop_where(&self, which: impl Fn(&str) -> bool) -> usize {
+        // A saga being spawned right now would be registered after the
+        // drain: wait for such spawns first (each takes an actor start;
+        // bounded, in case one hangs).
+        for _ in 0..STOP_WAIT_ROUNDS {
+            let spawning = self
+                .inner
+                .starting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .any(|id| which(id));
+            if !spawning {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let actors: Vec<ActorRef<SagaMsg>> = {
             let mut running = self.inner.running.lock().unwrap_or_else(|p| p.into_inner());
             let ids: Vec<String> = running.keys().filter(|id| which(id)).cloned().collect();
@@ -442,6 +458,9 @@ impl Sagas {
         n
     }
 }
+
+/// `stop_where` waits at most this many 10 ms rounds for spawns under way.
+const STOP_WAIT_ROUNDS: u32 = 500;
 
 /// Step slots used to read a journal's header before the definition is known.
 const MAX_PROBE_STEPS: usize = crate::definition::MAX_STEPS;

@@ -374,6 +374,8 @@ pub fn default_cold_dir(journal_dir: &FsPath) -> PathBuf {
 }
 
 struct Inner {
+    /// The cold store was claimed (or found ours) once: no need to look again.
+    claimed: std::sync::atomic::AtomicBool,
     warm: RocksJournal,
     hot: Arc<HotCache>,
     cold: Arc<dyn ObjectStore>,
@@ -413,6 +415,7 @@ impl TieredJournal {
         warm.set_commit_hook(hot.clone());
         Ok(Self {
             inner: Arc::new(Inner {
+                claimed: std::sync::atomic::AtomicBool::new(false),
                 hot,
                 blobs: BlobStore::new(cold.clone(), config.blobs),
                 cold: cold.store.clone(),
@@ -527,14 +530,31 @@ impl TieredJournal {
             }
             Err(e) => return Err(err(e.to_string())),
         };
+        metrics::counter!("troupe_journal_cold_segment_reads_total").increment(1);
+        Self::decode_segment(id, seg, bytes, from_seq).await
+    }
+
+    /// Checks and decodes a segment's bytes (on the blocking pool) from
+    /// `from_seq` on.
+    async fn decode_segment(
+        id: &PersistenceId,
+        seg: &SegmentEntry,
+        bytes: bytes::Bytes,
+        from_seq: u64,
+    ) -> Result<Vec<PersistedEvent>> {
         let (id2, seg2) = (id.clone(), seg.clone());
         let decoded = tokio::task::spawn_blocking(move || {
             segment::decode_from(&id2, &seg2, &bytes, from_seq)
         })
         .await
         .map_err(|e| JournalError::storage("decoding a segment", e))?;
-        metrics::counter!("troupe_journal_cold_segment_reads_total").increment(1);
-        decoded.map_err(err)
+        decoded.map_err(|reason| JournalError::ColdSegment {
+            id: id.clone(),
+            from: seg.from,
+            to: seg.to,
+            segment: seg.object.clone(),
+            reason,
+        })
     }
 
     /// Archives what the policy allows of one id. Returns what was moved.
@@ -674,7 +694,8 @@ impl TieredJournal {
                     reason: "read back different bytes than were written".into(),
                 });
             }
-            let checked = self.fetch_segment(id, &entry, start).await?;
+            // The bytes just read back are the stored object: decode those.
+            let checked = Self::decode_segment(id, &entry, back, start).await?;
             if checked.len() != take {
                 return Err(JournalError::ColdSegment {
                     id: id.clone(),
@@ -713,6 +734,16 @@ impl TieredJournal {
     /// the journal's id into it, and a store claimed by another journal is
     /// refused (its segments and blobs would look like orphans here).
     async fn claim_store(&self) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        if self.inner.claimed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.claim_store_once().await?;
+        self.inner.claimed.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    async fn claim_store_once(&self) -> Result<()> {
         let mine = self.inner.warm.with_db(rocks::journal_id).await?;
         let path = Path::from("troupe-journal-id");
         match self.inner.cold.get(&path).await {
@@ -783,13 +814,26 @@ impl TieredJournal {
         now_ms: u64,
         mut progress: impl FnMut(u64, u64) + Send,
     ) -> Result<ArchiveReport> {
+        self.archive_all_with(now_ms, Some(&mut progress)).await
+    }
+
+    /// `archive_all`; without a progress callback the ids are not counted
+    /// first (one scan of the ids instead of two).
+    async fn archive_all_with(
+        &self,
+        now_ms: u64,
+        mut progress: Option<&mut (dyn FnMut(u64, u64) + Send)>,
+    ) -> Result<ArchiveReport> {
         let _guard = self.inner.archive_lock.lock().await;
         self.claim_store().await?;
         let mut report = ArchiveReport {
             orphans_removed: self.remove_orphans_locked().await?,
             ..ArchiveReport::default()
         };
-        let total = self.count_ids().await?;
+        let total = match progress {
+            Some(_) => self.count_ids().await?,
+            None => 0,
+        };
         let mut after: Option<PersistenceId> = None;
         loop {
             let page = self
@@ -823,7 +867,9 @@ impl TieredJournal {
                     report.ids_archived += 1;
                 }
                 report.add(&r);
-                progress(report.ids_scanned, total.max(report.ids_scanned));
+                if let Some(p) = progress.as_mut() {
+                    p(report.ids_scanned, total.max(report.ids_scanned));
+                }
             }
             after = Some(last);
         }
@@ -983,7 +1029,7 @@ impl TieredJournal {
             loop {
                 tick.tick().await;
                 let now = crate::event::now_ms();
-                match journal.archive_all(now, |_, _| {}).await {
+                match journal.archive_all_with(now, None).await {
                     Ok(r) => tracing::info!(
                         events = r.events,
                         segments = r.segments,
