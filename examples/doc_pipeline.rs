@@ -316,7 +316,7 @@ async fn wait_until(
     sagas: &Sagas,
     id: &str,
     ready: impl Fn(&SagaStatus) -> bool,
-) -> Result<(), Box<dyn std::error::Error>> {
+) -> troupe::Result<()> {
     let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
     while !ready(&sagas.status(id).await?) {
         if tokio::time::Instant::now() > give_up {
@@ -335,7 +335,7 @@ fn succeeded(status: &SagaStatus, step: &str) -> bool {
 }
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn main() -> troupe::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
     let temp = tempfile::tempdir()?;

@@ -115,7 +115,7 @@ fn arg(name: &str) -> Option<String> {
 }
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn main() -> troupe::Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
     let data_dir = arg("--data-dir")
         .map(PathBuf::from)
@@ -210,7 +210,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             );
             assert_eq!(history.turns.len(), turns);
         }
-        Ok::<_, Box<dyn std::error::Error>>(())
+        Ok::<_, troupe::Error>(())
     };
     tokio::select! {
         r = work => r?,

@@ -1,8 +1,8 @@
 //! Your first durable agent: one agent with one tool answers a
 //! conversation that is journaled event by event, a client follows the
-//! reply as it streams, and after a restart the conversation is still
-//! there. The book's tutorial, "Your first durable agent in ten minutes",
-//! walks through it.
+//! reply as it streams, and after a restart the conversation, and what the
+//! agent remembers of it, are still there. The book's tutorial, "Your
+//! first durable agent in ten minutes", walks through it.
 //!
 //! Run with `cargo run --example first_agent`. `--quick` streams faster;
 //! `--data-dir DIR` chooses where the journal goes (default: a fresh
@@ -14,11 +14,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use schemars::JsonSchema;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use troupe::prelude::*;
-
-type Error = Box<dyn std::error::Error + Send + Sync>;
 
 // ANCHOR: tool
 /// The arguments of the `forecast` tool; the model sees their JSON schema.
@@ -40,39 +38,64 @@ fn forecast() -> Tool {
 // ANCHOR_END: tool
 
 // ANCHOR: agent
-/// Answers the pending turn of every session it is sent.
+/// Answers every session that names it: one instance per session.
 struct Concierge;
 
-#[troupe::async_trait]
-impl Agent for Concierge {
-    type Msg = String; // a session id
+/// The typed key sessions name it by.
+const CONCIERGE: AgentKey<Concierge> = AgentKey::new("concierge");
 
-    async fn handle(&mut self, ctx: &AgentContext, session: String) -> Result<(), AgentError> {
+/// What the concierge remembers of one conversation (journaled).
+#[derive(Default, Serialize, Deserialize)]
+struct Visit {
+    questions: u32,
+}
+
+impl Agent for Concierge {
+    type State = Visit;
+
+    async fn on_turn(&self, visit: &mut Visit, ctx: &mut Context<Self>) -> Result<(), AgentError> {
+        visit.questions += 1;
         // Streams the model's reply into the session, runs the tools it
         // calls, and journals every chunk, call and result.
-        ctx.reply(&session).await?;
+        ctx.reply().await?;
         Ok(())
+    }
+}
+
+/// A message of its own: how many questions this conversation had.
+struct HowMany;
+
+impl Handles<HowMany> for Concierge {
+    type Reply = u32;
+    async fn handle(&self, visit: &mut Visit, _: HowMany, _: &mut Context<Self>) -> u32 {
+        visit.questions
     }
 }
 // ANCHOR_END: agent
 
-/// The first run: starts the system, has a conversation, stops. Returns
-/// the session's id.
-async fn first_run(data_dir: &Path, between_chunks: Duration) -> Result<String, Error> {
-    // ANCHOR: system
-    let troupe = Troupe::builder().data_dir(data_dir).build().await?;
-    let sessions = Sessions::new(troupe.journal(), SessionConfig::default());
+// ANCHOR: system
+/// The system: a journal in `data_dir`, a model, the concierge.
+async fn system(data_dir: &Path, between_chunks: Duration) -> troupe::Result<Troupe> {
     let model = LocalBackend::default()
-        .words(12, 2)
         .latency(between_chunks, between_chunks)
         .call_tool_when("weather", "forecast", json!({"city": "Lisbon"}));
-    let system = AgentSystem::new(sessions.clone(), Inference::new().with_backend(model));
     let options = AgentOptions::default().tools(Tools::new().with(forecast()));
-    let (concierge, supervisor) = system.spawn("concierge", options, || Concierge).await?;
-    // ANCHOR_END: system
+    let troupe = Troupe::builder()
+        .data_dir(data_dir)
+        .backend(model)
+        .agent(&CONCIERGE, Concierge, options)
+        .build()
+        .await?;
+    Ok(troupe)
+}
+// ANCHOR_END: system
 
+/// The first run: a conversation of two turns. Returns the session's id.
+async fn first_run(data_dir: &Path, between_chunks: Duration) -> troupe::Result<String> {
+    let troupe = system(data_dir, between_chunks).await?;
     // ANCHOR: session
-    let id = sessions.create("concierge", None).await?;
+    let sessions = troupe.sessions();
+    let id = sessions.create(CONCIERGE.name(), None).await?;
     let mut events = sessions.subscribe(&id, 0).await?;
     // ANCHOR_END: session
 
@@ -82,11 +105,8 @@ async fn first_run(data_dir: &Path, between_chunks: Duration) -> Result<String, 
         "Thanks! Do I need a coat?",
     ] {
         println!("you:       {question}");
+        // Posting journals the turn and hands it to the concierge.
         let posted = sessions.post(&id, question).await?;
-        concierge
-            .send(id.clone(), Duration::from_secs(5))
-            .await
-            .map_err(|r| r.error)?;
         print!("concierge: ");
         // Follow the session until this turn ends.
         while let Some(item) = events.next().await {
@@ -109,15 +129,13 @@ async fn first_run(data_dir: &Path, between_chunks: Duration) -> Result<String, 
     // ANCHOR_END: turns
 
     // ANCHOR: stop
-    supervisor.stop(Duration::from_secs(5)).await;
-    sessions.passivate_all().await;
     troupe.shutdown().await?;
     Ok(id)
     // ANCHOR_END: stop
 }
 
 #[tokio::main]
-async fn main() -> Result<(), Error> {
+async fn main() -> troupe::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
     let temp = tempfile::tempdir()?;
@@ -132,12 +150,12 @@ async fn main() -> Result<(), Error> {
     let id = first_run(&data_dir, between_chunks).await?;
 
     // ANCHOR: restart
-    // A new process would do just this: open the same directory.
-    let troupe = Troupe::builder().data_dir(&data_dir).build().await?;
-    let sessions = Sessions::new(troupe.journal(), SessionConfig::default());
-    let view = sessions.view(&id).await?;
+    // A new process would do just this: build the same system again.
+    let troupe = system(&data_dir, between_chunks).await?;
+    let view = troupe.sessions().view(&id).await?;
+    let asked = troupe.agent(&CONCIERGE)?.get(&id).ask(HowMany).await?;
     println!(
-        "\nafter a restart: {} events, {} turns answered; the model's context:",
+        "\nafter a restart: {} events, {} turns answered, {asked} questions remembered by the concierge; the model's context:",
         view.seq, view.completed
     );
     for message in &view.messages {
@@ -148,9 +166,8 @@ async fn main() -> Result<(), Error> {
         }
     }
     // ANCHOR_END: restart
-    sessions.passivate_all().await;
     troupe.shutdown().await?;
-    if view.completed != 2 {
+    if view.completed != 2 || asked != 2 {
         return Err(format!("expected 2 answered turns, found {}", view.completed).into());
     }
     Ok(())

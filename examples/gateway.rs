@@ -12,9 +12,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::{Value, json};
-use troupe::gateway::{Gateway, GatewayConfig, ModelConfig, Tenant};
-
-type BoxError = Box<dyn std::error::Error>;
+use troupe::gateway::{GatewayConfig, ModelConfig, Server, Tenant};
 
 const TOKEN: &str = "acme-secret-token";
 
@@ -44,30 +42,38 @@ struct Client {
     http: reqwest::Client,
 }
 
+/// An HTTP client's failure, as the program reports it.
+fn http(e: impl std::fmt::Display) -> troupe::Error {
+    troupe::Error::Other(format!("HTTP: {e}"))
+}
+
 impl Client {
     async fn call(
         &self,
         method: &str,
         path: &str,
         body: Option<Value>,
-    ) -> Result<(u16, Value), BoxError> {
+    ) -> troupe::Result<(u16, Value)> {
         let mut req = self
             .http
-            .request(method.parse()?, format!("{}{path}", self.base))
+            .request(
+                method.parse().map_err(http)?,
+                format!("{}{path}", self.base),
+            )
             .bearer_auth(TOKEN);
         if let Some(b) = body {
             req = req.json(&b);
         }
-        let resp = req.send().await?;
+        let resp = req.send().await.map_err(http)?;
         let status = resp.status().as_u16();
-        let text = resp.text().await?;
+        let text = resp.text().await.map_err(http)?;
         Ok((
             status,
             serde_json::from_str(&text).unwrap_or(Value::String(text)),
         ))
     }
 
-    async fn wait_task(&self, id: &str) -> Result<Value, BoxError> {
+    async fn wait_task(&self, id: &str) -> troupe::Result<Value> {
         for _ in 0..6_000 {
             let (_, t) = self.call("GET", &format!("/v1/tasks/{id}"), None).await?;
             if !matches!(t["state"]["status"].as_str(), Some("queued" | "running")) {
@@ -110,7 +116,7 @@ async fn read_events(resp: reqwest::Response, stop: usize) -> Vec<(u64, String)>
 // ANCHOR_END: sse
 
 #[tokio::main]
-async fn main() -> Result<(), BoxError> {
+async fn main() -> troupe::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
     let tmp = tempfile::tempdir()?;
@@ -122,7 +128,7 @@ async fn main() -> Result<(), BoxError> {
         .unwrap_or_else(|| tmp.path().to_path_buf());
     let _ = std::fs::remove_dir_all(&data_dir);
 
-    let gateway = Gateway::start(config(data_dir.clone(), quick)).await?;
+    let gateway = Server::start(config(data_dir.clone(), quick)).await?;
     let client = Client {
         base: format!("http://{}", gateway.addr()),
         http: reqwest::Client::new(),
@@ -156,7 +162,8 @@ async fn main() -> Result<(), BoxError> {
         .get(&events_url)
         .bearer_auth(TOKEN)
         .send()
-        .await?;
+        .await
+        .map_err(http)?;
     let seen = read_events(first, 5).await;
     let last = seen.last().map_or(0, |(s, _)| *s);
     println!(
@@ -180,7 +187,8 @@ async fn main() -> Result<(), BoxError> {
         .bearer_auth(TOKEN)
         .header("Last-Event-ID", last.to_string())
         .send()
-        .await?;
+        .await
+        .map_err(http)?;
     let rest = read_events(resumed, (end - last) as usize).await;
     println!(
         "SSE resumed with Last-Event-ID: {last}: {} more events, seq {}..={}",

@@ -30,7 +30,7 @@ fn request(holder: &str, gb: u64, priority: u8, start_within: Duration) -> Lease
 }
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn main() -> troupe::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let data_dir = args
         .iter()

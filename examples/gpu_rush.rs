@@ -259,7 +259,7 @@ fn percentile(xs: &[Duration], p: f64) -> Duration {
 }
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn main() -> troupe::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
     let temp = tempfile::tempdir()?;

@@ -88,7 +88,7 @@ fn script(n: usize, rounds: usize) -> Vec<TicketEvent> {
 }
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn main() -> troupe::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
     let data_dir = args

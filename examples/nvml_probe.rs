@@ -46,7 +46,7 @@ fn print_sample(index: u32, reading: Result<DeviceSample, GpuError>) {
 // ANCHOR_END: sample
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn main() -> troupe::Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
     let (readings, apart) = if quick {
         (2, Duration::from_millis(100))

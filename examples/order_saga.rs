@@ -74,7 +74,7 @@ fn definition() -> Result<SagaDefinition, troupe::saga::SagaError> {
 // ANCHOR_END: definition
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn main() -> troupe::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let data_dir = args
         .iter()

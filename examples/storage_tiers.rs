@@ -39,7 +39,7 @@ impl Schema for ChatEvent {
 
 const DAY_MS: u64 = 86_400_000;
 
-fn check(ok: bool, what: &str) -> Result<(), Box<dyn std::error::Error>> {
+fn check(ok: bool, what: &str) -> troupe::Result<()> {
     if ok {
         println!("  ok: {what}");
         Ok(())
@@ -64,7 +64,7 @@ fn media(n: usize, seed: u8) -> impl futures::Stream<Item = Result<Vec<u8>, std:
 }
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn main() -> troupe::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
     let data_dir = args

@@ -118,7 +118,7 @@ fn archiving_killed_at_random_loses_and_duplicates_nothing() {
     let mut archived_total = 0u64;
     let rounds = 8;
     for round in 0..rounds {
-        let mut child = common::Child::spawn(
+        let mut child = common::spawn(
             "archive_child",
             &[(CHILD_DIR, dir.path().display().to_string())],
         );

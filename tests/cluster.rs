@@ -410,7 +410,7 @@ async fn three_nodes_talk_place_work_and_survive_sigkill_and_sigstop() {
     let gpu = ["16", "0", "16"]; // n1 and n3 have one 16 GiB GPU each
     let mut nodes = Nodes(BTreeMap::new());
     for (i, name) in names.iter().enumerate() {
-        let child = common::Child::spawn(
+        let child = common::spawn(
             "cluster_node",
             &[
                 ("TROUPE_CLUSTER_NODE", name.to_string()),
@@ -866,7 +866,7 @@ async fn three_nodes_talk_place_work_and_survive_sigkill_and_sigstop() {
         .cloned()
         .collect();
     assert!(!n3_keys.is_empty());
-    nodes.0["n3"].signal(libc::SIGSTOP);
+    nodes.0["n3"].signal(libc::SIGSTOP).expect("SIGSTOP");
     driver
         .wait_for_members(|m| m == ["driver", "n1"], PATIENCE)
         .await
@@ -883,7 +883,7 @@ async fn three_nodes_talk_place_work_and_survive_sigkill_and_sigstop() {
         assert_eq!(reply.node, "n1");
         acked.entry(k.clone()).or_default().insert(op);
     }
-    nodes.0["n3"].signal(libc::SIGCONT);
+    nodes.0["n3"].signal(libc::SIGCONT).expect("SIGCONT");
     driver
         .wait_for_members(|m| m == ["driver", "n1", "n3"], PATIENCE)
         .await
@@ -1003,7 +1003,7 @@ async fn tls_nodes_join_only_with_the_cluster_ca() {
     let other_ca = make_certs(dir.path(), "other");
     let port = free_port();
     let seed: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let child = common::Child::spawn(
+    let child = common::spawn(
         "cluster_node",
         &[
             ("TROUPE_CLUSTER_NODE", "t1".to_owned()),

@@ -150,7 +150,7 @@ fn crash_recovery_loses_no_acknowledged_event() {
     let mut acks = Vec::new();
     let mut states = Vec::new();
     for round in 0..rounds {
-        let mut child = common::Child::spawn(
+        let mut child = common::spawn(
             "crash_child",
             &[
                 (CHILD_DIR, dir.path().display().to_string()),

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use rand::Rng;
-use troupe::agent::{SessionEvent, SessionItem, TurnOutcome};
+use troupe::agent::{SessionEvent, SessionItem};
 use troupe::prelude::*;
 
 mod common;
@@ -18,20 +18,14 @@ const CHILD_AFTER: &str = "TROUPE_SESSION_CHILD_AFTER";
 const TURNS: u32 = 12;
 const SESSION: &str = "conversation-1";
 
+/// Answers with the model (the default turn).
 struct Desk;
 
-#[troupe::async_trait]
 impl Agent for Desk {
-    type Msg = (String, RpcReplyPort<Result<TurnOutcome, AgentError>>);
-    async fn handle(
-        &mut self,
-        ctx: &AgentContext,
-        (id, reply): Self::Msg,
-    ) -> Result<(), AgentError> {
-        let _ = reply.send(ctx.reply(&id).await);
-        Ok(())
-    }
+    type State = ();
 }
+
+const DESK: AgentKey<Desk> = AgentKey::new("desk");
 
 /// The serving process: resumes the client after `AFTER`, finishes an
 /// interrupted turn, then runs turns until `TURNS`, printing `EV` lines
@@ -49,22 +43,21 @@ fn session_child() {
         .build()
         .expect("runtime");
     rt.block_on(async move {
+        // Building the system resumes the turn a kill interrupted.
         let troupe = Troupe::builder()
             .data_dir(&dir)
             .durability(Durability::Fsync)
+            .backend(
+                LocalBackend::default()
+                    .words(24, 2)
+                    .latency(Duration::from_millis(1), Duration::from_millis(1)),
+            )
+            .agent(&DESK, Desk, AgentOptions::default())
             .build()
             .await
             .expect("troupe");
-        let sessions = Sessions::new(troupe.journal(), SessionConfig::default());
-        let backend = LocalBackend::default()
-            .words(24, 2)
-            .latency(Duration::from_millis(1), Duration::from_millis(1));
-        let system = AgentSystem::new(sessions.clone(), Inference::new().with_backend(backend));
-        let (desk, _sup) = system
-            .spawn("desk", AgentOptions::default(), || Desk)
-            .await
-            .expect("agent");
-        sessions.open(SESSION, "desk", None).await.expect("open");
+        let sessions = troupe.sessions().clone();
+        sessions.open(SESSION, DESK.name(), None).await.expect("open");
 
         // The client: everything after what it saw, then live.
         let mut stream = sessions.subscribe(SESSION, after).await.expect("subscribe");
@@ -80,15 +73,13 @@ fn session_child() {
             }
         });
 
-        let answer = || async {
-            desk.ask(|p| (SESSION.to_owned(), p), Duration::from_secs(60))
-                .await
-                .expect("ask")
-                .expect("turn")
+        let answer = |turn| {
+            let agents = troupe.agents().clone();
+            async move { agents.wait_turn_end(SESSION, turn).await.expect("turn") }
         };
         let view = sessions.view(SESSION).await.expect("view");
-        if view.pending.is_some() {
-            let o = answer().await;
+        if let Some(p) = view.pending {
+            let o = answer(p.turn).await;
             println!("ACK {}", o.seq);
         }
         let mut view = sessions.view(SESSION).await.expect("view");
@@ -98,7 +89,7 @@ fn session_child() {
                 .await
                 .expect("post");
             println!("ACK {}", posted.seq);
-            let o = answer().await;
+            let o = answer(posted.turn).await;
             println!("ACK {}", o.seq);
             view = sessions.view(SESSION).await.expect("view");
         }
@@ -117,7 +108,7 @@ fn a_killed_session_loses_nothing_and_carries_on() {
     let mut finished = false;
     for round in 0..40 {
         let after = received.last().map_or(0, |(s, _)| *s);
-        let mut child = common::Child::spawn(
+        let mut child = common::spawn(
             "session_child",
             &[
                 (CHILD_DIR, dir.path().display().to_string()),

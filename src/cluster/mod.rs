@@ -317,16 +317,7 @@ fn rejected(node: &str, target: &str, e: &troupe_actor::ActorError) -> ClusterEr
         // NoReply: the actor failed with the message in hand (for an entity,
         // a stale owner meeting the new owner's events, a journal error); it
         // recovers and a retry finds the true state.
-        retryable: matches!(
-            e,
-            A::Backpressure { .. } | A::NotRunning { .. } | A::Timeout { .. } | A::NoReply { .. }
-        ) || matches!(
-            e,
-            A::Journal {
-                transient: true,
-                ..
-            }
-        ),
+        retryable: e.is_transient() || matches!(e, A::NoReply { .. }),
     }
 }
 

@@ -23,10 +23,13 @@
 //!
 //! A retry that meets a `SeqConflict` means the first attempt was in fact
 //! written (its acknowledgement was lost) or another incarnation wrote: the
-//! actor fails and recovers rather than guess. In every failure case the
-//! command's reply port is dropped, so its caller gets
-//! [`ActorError::NoReply`](crate::ActorError::NoReply): the outcome is unknown, and
-//! the recovered state says what happened.
+//! actor fails and recovers rather than guess. In every failure case a
+//! port answered with [`Effect::reply_result`] gets the journal's error
+//! ([`ActorError::Journal`](crate::ActorError::Journal), which says whether
+//! it is transient), and one answered with [`Effect::reply`] is dropped,
+//! so its caller gets [`ActorError::NoReply`](crate::ActorError::NoReply).
+//! Either way the outcome is unknown (an append whose acknowledgement was
+//! lost may have been written): the recovered state says what happened.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -73,11 +76,16 @@ pub trait EventSourced: Send + Sync + 'static {
 }
 
 type After<E> = Box<dyn FnOnce(&<E as EventSourced>::State) + Send>;
+type Publish<E> =
+    Box<dyn FnOnce(&<E as EventSourced>::State, &[<E as EventSourced>::Event]) + Send>;
+type OnFailure = Box<dyn FnOnce(ActorError) + Send>;
 
 /// The outcome of a command: events to persist, then what to run.
 pub struct Effect<E: EventSourced + ?Sized> {
     events: Vec<E::Event>,
     after: Vec<After<E>>,
+    publish: Vec<Publish<E>>,
+    failed: Vec<OnFailure>,
     stop: bool,
 }
 
@@ -87,6 +95,8 @@ impl<E: EventSourced + ?Sized> Effect<E> {
         Self {
             events: Vec::new(),
             after: Vec::new(),
+            publish: Vec::new(),
+            failed: Vec::new(),
             stop: false,
         }
     }
@@ -96,6 +106,8 @@ impl<E: EventSourced + ?Sized> Effect<E> {
         Self {
             events: events.into_iter().collect(),
             after: Vec::new(),
+            publish: Vec::new(),
+            failed: Vec::new(),
             stop: false,
         }
     }
@@ -115,6 +127,44 @@ impl<E: EventSourced + ?Sized> Effect<E> {
         self.after.push(Box::new(move |s| {
             let _ = port.send(f(s));
         }));
+        self
+    }
+
+    /// Like [`Effect::reply`], for a port that takes a `Result`: if
+    /// persisting fails, the port is answered with the journal's error
+    /// (its kind and source kept, so the caller can tell a transient
+    /// failure) instead of being dropped.
+    pub fn reply_result<T, Er>(
+        mut self,
+        port: ractor::RpcReplyPort<Result<T, Er>>,
+        f: impl FnOnce(&E::State) -> Result<T, Er> + Send + 'static,
+    ) -> Self
+    where
+        T: Send + 'static,
+        Er: From<ActorError> + Send + 'static,
+    {
+        let port = Arc::new(std::sync::Mutex::new(Some(port)));
+        let on_fail = port.clone();
+        self.after.push(Box::new(move |s| {
+            if let Some(p) = port.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                let _ = p.send(f(s));
+            }
+        }));
+        self.failed.push(Box::new(move |e| {
+            if let Some(p) = on_fail.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                let _ = p.send(Err(Er::from(e)));
+            }
+        }));
+        self
+    }
+
+    /// Once persisted and applied, and before any reply, run `f` with the
+    /// new state and the events just persisted: to publish them to live
+    /// readers. Deciding there, after the commit, whether anyone listens
+    /// means a reader that starts listening later finds the events in the
+    /// journal, and one that listened before receives them here.
+    pub fn publish(mut self, f: impl FnOnce(&E::State, &[E::Event]) + Send + 'static) -> Self {
+        self.publish.push(Box::new(f));
         self
     }
 
@@ -244,7 +294,7 @@ impl<E: EventSourced> ractor::Actor for DurableActor<E> {
         let started = std::time::Instant::now();
         let (state, seq) = recover::<E>(&*args.journal, &args.id, &args.config.upcasters)
             .await
-            .map_err(|e| Box::new(ActorError::journal(args.id.as_str(), &e)))?;
+            .map_err(|e| Box::new(ActorError::journal(args.id.as_str(), e)))?;
         metrics::histogram!("troupe_actor_recovery_seconds", "kind" => E::KIND)
             .record(started.elapsed().as_secs_f64());
         tracing::debug!(id = %args.id, seq, "recovered");
@@ -264,18 +314,21 @@ impl<E: EventSourced> ractor::Actor for DurableActor<E> {
     ) -> Result<(), ActorProcessingErr> {
         let effect = self.0.handle(&st.state, msg);
         if !effect.events.is_empty() {
-            let mut new = Vec::with_capacity(effect.events.len());
-            for ev in &effect.events {
-                let journal_err = |e: troupe_journal::JournalError| {
-                    Box::new(ActorError::journal(st.args.id.as_str(), &e))
-                };
-                let mut event = NewEvent::new(ev).map_err(journal_err)?;
-                for blob in E::blobs(ev) {
-                    event = event.with_blob(&blob).map_err(journal_err)?;
+            let persisted = match encode::<E>(&st.args.id, &effect.events) {
+                Ok(new) => append_with_policy(&st.args, st.seq, new).await,
+                Err(e) => Err(e),
+            };
+            let out = match persisted {
+                Ok(n) => n,
+                Err(e) => {
+                    // Tell the callers that can hear why, then fail: the
+                    // restarted incarnation recovers what was written.
+                    for f in effect.failed {
+                        f(e.clone());
+                    }
+                    return Err(Box::new(e));
                 }
-                new.push(event);
-            }
-            let out = append_with_policy(&st.args, st.seq, new).await?;
+            };
             for ev in &effect.events {
                 E::apply(&mut st.state, ev);
             }
@@ -287,6 +340,9 @@ impl<E: EventSourced> ractor::Actor for DurableActor<E> {
                 snapshot(st).await;
             }
         }
+        for f in effect.publish {
+            f(&st.state, &effect.events);
+        }
         for f in effect.after {
             f(&st.state);
         }
@@ -297,11 +353,27 @@ impl<E: EventSourced> ractor::Actor for DurableActor<E> {
     }
 }
 
+fn encode<E: EventSourced>(
+    id: &PersistenceId,
+    events: &[E::Event],
+) -> Result<Vec<NewEvent>, ActorError> {
+    let mut new = Vec::with_capacity(events.len());
+    for ev in events {
+        let journal_err = |e: JournalError| ActorError::journal(id.as_str(), e);
+        let mut event = NewEvent::new(ev).map_err(journal_err)?;
+        for blob in E::blobs(ev) {
+            event = event.with_blob(&blob).map_err(journal_err)?;
+        }
+        new.push(event);
+    }
+    Ok(new)
+}
+
 async fn append_with_policy(
     args: &DurableArgs,
     seq: u64,
     events: Vec<NewEvent>,
-) -> Result<u64, ActorProcessingErr> {
+) -> Result<u64, ActorError> {
     let n = events.len() as u64;
     let (attempts, backoff) = match args.config.on_append_failure {
         AppendFailure::Stop => (0, Duration::ZERO),
@@ -326,7 +398,7 @@ async fn append_with_policy(
             }
             Err(e) => {
                 metrics::counter!("troupe_actor_append_failures_total").increment(1);
-                return Err(Box::new(ActorError::journal(args.id.as_str(), &e)));
+                return Err(ActorError::journal(args.id.as_str(), e));
             }
         }
     }

@@ -1,5 +1,6 @@
 //! The actor crate's error type.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use troupe_journal::JournalError;
@@ -45,15 +46,26 @@ pub enum ActorError {
         /// Actor name.
         actor: String,
     },
-    /// Recovery or persistence failed in the journal.
-    #[error("journal error in `{actor}`: {message}")]
+    /// Recovery or persistence failed in the journal (the journal's own
+    /// error is the source: [`ActorError::is_transient`] follows it).
+    #[error("journal error in `{actor}`")]
     Journal {
         /// Actor (or persistence id).
         actor: String,
-        /// The journal's message.
-        message: String,
-        /// Whether retrying may help.
-        transient: bool,
+        /// What the journal said.
+        #[source]
+        source: Arc<JournalError>,
+    },
+    /// A keyed kind (entities, agent instances) has as many keys in memory
+    /// as it may: the message for one more is refused.
+    #[error(
+        "`{kind}` has {limit} keys in memory, its limit: retry later, or passivate idle ones sooner"
+    )]
+    TooManyActive {
+        /// The kind.
+        kind: String,
+        /// Its limit.
+        limit: usize,
     },
     /// An actor could not be spawned.
     #[error("could not start `{actor}`: {message}")]
@@ -89,11 +101,36 @@ pub enum ActorError {
 }
 
 impl ActorError {
-    pub(crate) fn journal(actor: impl Into<String>, e: &JournalError) -> Self {
+    /// A journal failure in `actor`, keeping the journal's error.
+    pub fn journal(actor: impl Into<String>, e: JournalError) -> Self {
         ActorError::Journal {
             actor: actor.into(),
-            message: e.to_string(),
-            transient: e.is_transient(),
+            source: Arc::new(e),
+        }
+    }
+
+    /// Whether retrying the same operation later may succeed: a full
+    /// mailbox or key table, a time-out, an actor between two
+    /// incarnations, a transient journal failure.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ActorError::Backpressure { .. }
+            | ActorError::TooManyActive { .. }
+            | ActorError::NotRunning { .. }
+            | ActorError::Timeout { .. } => true,
+            ActorError::Journal { source, .. } => source.is_transient(),
+            _ => false,
+        }
+    }
+
+    /// When a retry has a fair chance, for the errors that are overloads
+    /// (a full mailbox or key table): one second.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ActorError::Backpressure { .. } | ActorError::TooManyActive { .. } => {
+                Some(Duration::from_secs(1))
+            }
+            _ => None,
         }
     }
 }

@@ -260,6 +260,12 @@ impl SupervisorSpec {
         self
     }
 
+    /// Adds a child before the others (started first, stopped last).
+    pub fn prepend(mut self, c: ChildSpec) -> Self {
+        self.children.insert(0, c);
+        self
+    }
+
     /// Adds a child (started after those added before it).
     pub fn child(mut self, c: ChildSpec) -> Self {
         self.children.push(c);

@@ -212,9 +212,10 @@ async fn entities_past_the_bound_are_refused_until_others_passivate() {
         .await
         .expect_err("third entity");
     assert!(
-        matches!(err, ActorError::Backpressure { capacity: 2, .. }),
+        matches!(err, ActorError::TooManyActive { limit: 2, .. }),
         "{err}"
     );
+    assert!(err.is_transient() && err.retry_after().is_some(), "{err}");
     entities
         .ask("a", CounterCmd::Get, T)
         .await

@@ -1,80 +1,210 @@
-//! Agents: typed actors with a context for models, tools, other agents,
-//! topics and sessions.
+//! Agents: one instance per session, typed messages, durable state.
+//!
+//! An agent *kind* is registered once, under a typed [`AgentKey`]; every
+//! session (or any other key) that names it gets an *instance* of its own:
+//! an actor activated on demand (its state loaded from the journal),
+//! passivated when idle, handling its messages one at a time. So N sessions
+//! of one kind are answered concurrently, each with state that needs no
+//! lock, bounded by the kind's [`AgentOptions::max_concurrent_turns`] and
+//! by GPU leases, never by one mailbox.
 //!
 //! ```
-//! use troupe_agent::{Agent, AgentContext, AgentError};
+//! use troupe_agent::{Agent, AgentError, AgentKey, Context, Handles};
 //!
-//! /// Answers every session it is told about.
-//! struct Echo;
+//! /// Answers with the model and its tools; counts the questions it got.
+//! struct Concierge;
 //!
-//! #[async_trait::async_trait]
-//! impl Agent for Echo {
-//!     type Msg = String; // a session id
-//!     async fn handle(&mut self, ctx: &AgentContext, session: String) -> Result<(), AgentError> {
-//!         let outcome = ctx.reply(&session).await?;
-//!         ctx.publish("answered", outcome.turn).await?;
+//! /// The kind's typed key: the name sessions are opened with.
+//! const CONCIERGE: AgentKey<Concierge> = AgentKey::new("concierge");
+//!
+//! impl Agent for Concierge {
+//!     /// What the instance of one session remembers (journaled).
+//!     type State = u32;
+//!
+//!     async fn on_turn(&self, asked: &mut u32, ctx: &mut Context<Self>) -> Result<(), AgentError> {
+//!         *asked += 1;
+//!         ctx.reply().await?; // the model, its tools, every chunk journaled
 //!         Ok(())
+//!     }
+//! }
+//!
+//! /// A message of its own, with a typed reply.
+//! struct HowMany;
+//!
+//! impl Handles<HowMany> for Concierge {
+//!     type Reply = u32;
+//!     async fn handle(&self, asked: &mut u32, _: HowMany, _: &mut Context<Self>) -> u32 {
+//!         *asked
 //!     }
 //! }
 //! ```
 //!
-//! An agent handles one message at a time, like any actor. Returning an
-//! error fails the agent: its supervisor restarts it with a fresh value
-//! from its factory (the durable part of its work lives in sessions, which
-//! survive). Register agents with [`AgentSystem::agent`], which gives a
-//! [`ChildSpec`] for any supervisor and a restart-stable handle; agents
-//! then reach each other by name with [`AgentContext::send`] and
-//! [`AgentContext::ask`].
+//! ## What an instance receives
 //!
-//! [`AgentContext::reply`] runs one whole turn of a session: it starts an
-//! attempt, streams the model's answer under a GPU lease, journals the
-//! chunks (coalescing those that arrive while an append is in flight),
-//! runs the tools the model calls and journals each call and result, and
-//! ends the turn with `turn_completed` or `turn_failed`.
+//! | message | handled by | comes from |
+//! |---|---|---|
+//! | the session's pending user turn | [`Agent::on_turn`] (default: [`Context::reply`]) | [`Sessions::post`](crate::Sessions::post), [`Context::hand_off`], [`AgentSystem::answer`], a resume after a restart |
+//! | any `M` the agent [`Handles`] | [`Handles::handle`], answering `Reply` | [`AgentRef::tell`], [`AgentRef::send`], [`AgentRef::ask`] |
+//! | a durable timer | [`Agent::on_timer`] | [`Context::schedule_at`], after restarts too |
+//!
+//! ## State, failures, restarts
+//!
+//! The instance's [`Agent::State`] is journaled (as JSON, under
+//! `agent.<kind>/<key>`) after every message that changed it, before an
+//! `ask` is answered, and loaded again when the instance is activated. A
+//! handler that returns an error or panics restarts its instance alone:
+//! the state goes back to what was last journaled, the turn it was
+//! answering is journaled as failed, an `ask` gets the error, and every
+//! other instance carries on. A kind whose state is `()` (or any type of
+//! size zero) never touches the journal for it.
+//!
+//! One caveat, by design: the state is journaled after the turn's own
+//! events, so a process that dies between a turn's end and the state's
+//! write loses that one state change (the turn itself is not run again).
+//!
+//! ## Addressing
+//!
+//! [`AgentKey<A>`] names a kind with its type, so a message the agent does
+//! not handle is a compile error. User message and reply types need only
+//! `Send + 'static`: Troupe wraps them in its own envelope. Time-outs are
+//! set once per system ([`crate::AgentSystem::with_ask_timeout`]) and
+//! overridden per call ([`AgentRef::timeout`]).
 
 use std::any::Any;
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::marker::PhantomData;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures::{FutureExt, StreamExt};
-use ractor::{ActorCell, ActorProcessingErr, ActorRef, Message};
-use troupe_actor::{ActorHandle, ChildSpec, Restart, SupervisorHandle, SupervisorSpec};
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use ractor::{ActorCell, ActorProcessingErr, ActorRef};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::{Notify, Semaphore, oneshot};
+use troupe_actor::{
+    Activator, ActorError, ActorHandle, Keyed, KeyedConfig, Rejected, Timer, TimerTarget, mailbox,
+};
+use troupe_journal::{NewEvent, PersistenceId, Schema};
 
 use crate::error::AgentError;
-use crate::inference::{Holder, Inference, InferenceStream, LeaseSpec};
-use crate::model::{ChatMessage, ChatRequest, Chunk, Role, ToolCall};
-use crate::session::{SessionEvent, Sessions, TurnRef};
+use crate::inference::{Holder, InferenceStream, LeaseSpec};
+use crate::model::ChatRequest;
+use crate::session::{SessionView, Sessions, TurnRef};
+use crate::system::{AgentSystem, SystemInner};
 use crate::tool::Tools;
-use crate::topic::{Published, Topics};
+use crate::topic::Published;
+use crate::turn::ReplyRun;
 
-/// An agent. See the [module docs](self).
-#[async_trait::async_trait]
-pub trait Agent: Send + 'static {
-    /// What it is sent. Requests that want an answer carry a
-    /// [`ractor::RpcReplyPort`].
-    type Msg: Message;
+/// An agent kind. See the [module docs](self).
+///
+/// `&self` is shared by every instance of the kind (its configuration, its
+/// clients); what one instance remembers lives in `State`.
+pub trait Agent: Sized + Send + Sync + 'static {
+    /// What one instance remembers, journaled after each message that
+    /// changes it. `()` for an agent that remembers nothing of its own
+    /// (the conversation lives in the session either way).
+    type State: Serialize + DeserializeOwned + Default + Send + Sync + 'static;
 
-    /// Runs once per incarnation, before the first message.
-    async fn started(&mut self, _ctx: &AgentContext) -> Result<(), AgentError> {
-        Ok(())
+    /// Answers the session's pending user turn. The default replies with
+    /// the model and this agent's tools ([`Context::reply`]). It must end
+    /// the turn: reply, [`Context::hand_off`] it, or return an error (the
+    /// turn is then journaled as failed).
+    fn on_turn(
+        &self,
+        state: &mut Self::State,
+        ctx: &mut Context<Self>,
+    ) -> impl Future<Output = Result<(), AgentError>> + Send {
+        let _ = state;
+        async move { ctx.reply().await.map(drop) }
     }
 
-    /// Handles one message. An error fails the agent (its supervisor
-    /// restarts it).
-    async fn handle(&mut self, ctx: &AgentContext, msg: Self::Msg) -> Result<(), AgentError>;
+    /// A durable timer scheduled with [`Context::schedule_at`] is due. It
+    /// is delivered once its effect on the state is journaled; an error is
+    /// retried (see [`troupe_actor::timers`]). Ignores timers by default.
+    fn on_timer(
+        &self,
+        state: &mut Self::State,
+        ctx: &mut Context<Self>,
+        timer: TimerFired,
+    ) -> impl Future<Output = Result<(), AgentError>> + Send {
+        let _ = (state, ctx, timer);
+        async { Ok(()) }
+    }
 }
 
-/// How an agent runs and answers.
+/// A message type `M` an agent takes, with its reply.
+pub trait Handles<M: Send + 'static>: Agent {
+    /// What an `ask` gets back.
+    type Reply: Send + 'static;
+
+    /// Handles one message (one at a time per instance).
+    fn handle(
+        &self,
+        state: &mut Self::State,
+        msg: M,
+        ctx: &mut Context<Self>,
+    ) -> impl Future<Output = Self::Reply> + Send;
+}
+
+/// A due durable timer, as [`Agent::on_timer`] gets it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TimerFired {
+    /// Its id (unique; a timer delivered again after a crash has the same).
+    pub id: u64,
+    /// The name it was scheduled with.
+    pub name: String,
+    /// Its payload.
+    pub payload: serde_json::Value,
+    /// When it was due.
+    pub due: SystemTime,
+}
+
+/// The typed name of an agent kind: sessions are opened with the name,
+/// handles are found with the key, and the type makes a message the agent
+/// does not take a compile error.
+pub struct AgentKey<A> {
+    name: &'static str,
+    _agent: PhantomData<fn() -> A>,
+}
+
+impl<A> AgentKey<A> {
+    /// The key of kind `name` (letters, digits, `-`, `_` and `.`).
+    pub const fn new(name: &'static str) -> Self {
+        Self {
+            name,
+            _agent: PhantomData,
+        }
+    }
+
+    /// The kind's name.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+}
+
+impl<A> Clone for AgentKey<A> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<A> Copy for AgentKey<A> {}
+
+impl<A> std::fmt::Debug for AgentKey<A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AgentKey({:?})", self.name)
+    }
+}
+
+/// How the instances of one kind run and answer.
 #[derive(Clone)]
 pub struct AgentOptions {
-    /// Restart policy under its supervisor.
-    pub restart: Restart,
-    /// Mailbox capacity.
-    pub mailbox: usize,
     /// Tools the model may call.
     pub tools: Tools,
-    /// Backend name (see [`Inference`]).
+    /// Backend name (see [`crate::Inference`]).
     pub backend: String,
     /// Model name, as the backend knows it.
     pub model: String,
@@ -88,15 +218,26 @@ pub struct AgentOptions {
     pub max_tool_calls: usize,
     /// Most chunks journaled in one append.
     pub chunk_batch: usize,
+    /// Most turns of this kind answered at once (all instances together).
+    pub max_concurrent_turns: usize,
+    /// How long a turn waits for one of those slots before it fails with
+    /// [`AgentError::Overloaded`].
+    pub turn_wait: Duration,
+    /// Mailbox capacity of each instance.
+    pub mailbox: usize,
+    /// Passivate an instance after this long without messages.
+    pub idle_timeout: Option<Duration>,
+    /// Most instances in memory at once.
+    pub max_instances: usize,
 }
 
 impl Default for AgentOptions {
-    /// Permanent, 1,024 messages, no tools, the `local` backend, default
-    /// lease, 4 tool rounds of at most 16 calls, 64 chunks per append.
+    /// No tools, the `local` backend, default lease, 4 tool rounds of at
+    /// most 16 calls, 64 chunks per append, 256 turns at once (a turn waits
+    /// up to 10 s for a slot), mailboxes of 64, passivation after 60 s
+    /// idle, at most 100,000 instances in memory.
     fn default() -> Self {
         Self {
-            restart: Restart::Permanent,
-            mailbox: 1024,
             tools: Tools::new(),
             backend: "local".into(),
             model: "local".into(),
@@ -105,6 +246,11 @@ impl Default for AgentOptions {
             max_tool_rounds: 4,
             max_tool_calls: 16,
             chunk_batch: 64,
+            max_concurrent_turns: 256,
+            turn_wait: Duration::from_secs(10),
+            mailbox: 64,
+            idle_timeout: Some(Duration::from_secs(60)),
+            max_instances: 100_000,
         }
     }
 }
@@ -134,187 +280,23 @@ impl AgentOptions {
         self.model = model.into();
         self
     }
-}
 
-/// A registered agent: its handle (typed) and its options.
-struct Registered {
-    handle: Box<dyn Any + Send + Sync>,
-    options: Arc<AgentOptions>,
-}
-
-struct SystemInner {
-    directory: Mutex<HashMap<String, Registered>>,
-    topics: Topics,
-    sessions: Sessions,
-    inference: Inference,
-}
-
-/// Agents by name, with the sessions, topics and models they share. Cheap
-/// to clone.
-#[derive(Clone)]
-pub struct AgentSystem {
-    inner: Arc<SystemInner>,
-}
-
-impl AgentSystem {
-    /// A system over these sessions and models.
-    pub fn new(sessions: Sessions, inference: Inference) -> Self {
-        Self {
-            inner: Arc::new(SystemInner {
-                directory: Mutex::new(HashMap::new()),
-                topics: Topics::new(),
-                sessions,
-                inference,
-            }),
-        }
-    }
-
-    /// The sessions.
-    pub fn sessions(&self) -> &Sessions {
-        &self.inner.sessions
-    }
-
-    /// The topics.
-    pub fn topics(&self) -> &Topics {
-        &self.inner.topics
-    }
-
-    /// The models.
-    pub fn inference(&self) -> &Inference {
-        &self.inner.inference
-    }
-
-    /// Registers agent `name`: returns the child spec to put under a
-    /// supervisor (each incarnation is a fresh `make()`) and a handle that
-    /// stays valid across restarts. Names are unique.
-    pub fn agent<A, F>(
-        &self,
-        name: &str,
-        options: AgentOptions,
-        make: F,
-    ) -> Result<(ChildSpec, ActorHandle<A::Msg>), AgentError>
-    where
-        A: Agent,
-        F: Fn() -> A + Send + Sync + 'static,
-    {
-        let mut dir = self
-            .inner
-            .directory
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if dir.contains_key(name) {
-            return Err(AgentError::DuplicateAgent(name.to_owned()));
-        }
-        let shared = Arc::new(options.clone());
-        let template = AgentContext {
-            name: Arc::from(name),
-            myself: None,
-            system: self.clone(),
-            options: shared.clone(),
-        };
-        let make: Arc<dyn Fn() -> A + Send + Sync> = Arc::new(make);
-        let (spec, handle) = ChildSpec::actor(name, options.restart, options.mailbox, move || {
-            (
-                AgentActor {
-                    make: make.clone(),
-                    template: template.clone(),
-                },
-                (),
-            )
-        });
-        dir.insert(
-            name.to_owned(),
-            Registered {
-                handle: Box::new(handle.clone()),
-                options: shared,
-            },
-        );
-        Ok((spec, handle))
-    }
-
-    /// Registers agent `name` and starts it under a supervisor of its own
-    /// (one-for-one, OTP's default intensity).
-    pub async fn spawn<A, F>(
-        &self,
-        name: &str,
-        options: AgentOptions,
-        make: F,
-    ) -> Result<(ActorHandle<A::Msg>, SupervisorHandle), AgentError>
-    where
-        A: Agent,
-        F: Fn() -> A + Send + Sync + 'static,
-    {
-        let (child, handle) = self.agent(name, options, make)?;
-        let sup = SupervisorHandle::spawn(SupervisorSpec::new(format!("{name}-sup")).child(child))
-            .await?;
-        Ok((handle, sup))
-    }
-
-    fn registered<T>(&self, name: &str, f: impl FnOnce(&Registered) -> T) -> Result<T, AgentError> {
-        let dir = self
-            .inner
-            .directory
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        dir.get(name)
-            .map(f)
-            .ok_or_else(|| AgentError::UnknownAgent(name.to_owned()))
-    }
-
-    /// The handle of agent `name`, if it takes messages of type `M`.
-    pub fn handle<M: Message>(&self, name: &str) -> Result<ActorHandle<M>, AgentError> {
-        self.registered(name, |r| r.handle.downcast_ref::<ActorHandle<M>>().cloned())?
-            .ok_or_else(|| AgentError::WrongMessageType {
-                name: format!("agent `{name}`"),
-                expected: std::any::type_name::<M>(),
-            })
-    }
-
-    /// A context of agent `name` outside its actor: for work that belongs
-    /// to the agent (its tools, model, lease) but runs in the caller's task,
-    /// such as a gateway worker answering a session turn. Leases taken
-    /// through it are held by the caller's task and freed when it drops
-    /// them (no actor is watched).
-    pub fn context(&self, name: &str) -> Result<AgentContext, AgentError> {
-        let options = self.registered(name, |r| r.options.clone())?;
-        Ok(AgentContext {
-            name: Arc::from(name),
-            myself: None,
-            system: self.clone(),
-            options,
-        })
-    }
-
-    /// Names of the registered agents, sorted.
-    pub fn agents(&self) -> Vec<String> {
-        let dir = self
-            .inner
-            .directory
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let mut names: Vec<String> = dir.keys().cloned().collect();
-        names.sort();
-        names
+    /// Sets the most turns answered at once and how long one more waits.
+    pub fn concurrency(mut self, max_turns: usize, wait: Duration) -> Self {
+        self.max_concurrent_turns = max_turns.max(1);
+        self.turn_wait = wait;
+        self
     }
 }
 
-/// What an agent works through. Cheap to clone (for tasks an agent spawns).
-#[derive(Clone)]
-pub struct AgentContext {
-    name: Arc<str>,
-    myself: Option<ActorCell>,
-    system: AgentSystem,
-    options: Arc<AgentOptions>,
-}
-
-/// The outcome of one turn run by [`AgentContext::reply`].
+/// The outcome of one turn run by [`Context::reply`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct TurnOutcome {
     /// The turn and attempt answered.
     pub turn: TurnRef,
     /// The reply's text (of the last model call).
     pub text: String,
-    /// Tool calls made.
+    /// Tool calls made (those an interrupted attempt left open included).
     pub tool_calls: u32,
     /// Chunks journaled.
     pub chunks: u32,
@@ -322,13 +304,526 @@ pub struct TurnOutcome {
     pub seq: u64,
 }
 
-impl AgentContext {
-    /// This agent's name.
-    pub fn name(&self) -> &str {
-        &self.name
+type Done = oneshot::Sender<Result<TurnOutcome, AgentError>>;
+
+/// A message of an agent instance: Troupe's own envelope around a turn, a
+/// typed message with its reply, or a timer. Users never build one.
+pub struct AgentMsg<A: Agent>(Job<A>);
+
+#[cfg(feature = "cluster")]
+impl<A: Agent> ractor::Message for AgentMsg<A> {}
+
+enum Job<A: Agent> {
+    Turn { turn: u32, done: Option<Done> },
+    Call(Box<dyn Envelope<A>>),
+    Timer(Timer, oneshot::Sender<Result<(), String>>),
+}
+
+/// A typed message and where its reply goes.
+trait Envelope<A: Agent>: Send {
+    fn run<'a>(
+        &'a mut self,
+        agent: &'a A,
+        state: &'a mut A::State,
+        ctx: &'a mut Context<A>,
+    ) -> BoxFuture<'a, ()>;
+    /// Sends the reply (after the state is journaled), or `error` instead.
+    fn finish(self: Box<Self>, error: Option<AgentError>);
+}
+
+struct Call<M, R> {
+    msg: Option<M>,
+    result: Option<R>,
+    reply: Option<oneshot::Sender<Result<R, AgentError>>>,
+}
+
+impl<A, M> Envelope<A> for Call<M, <A as Handles<M>>::Reply>
+where
+    A: Handles<M>,
+    M: Send + 'static,
+{
+    fn run<'a>(
+        &'a mut self,
+        agent: &'a A,
+        state: &'a mut A::State,
+        ctx: &'a mut Context<A>,
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            if let Some(msg) = self.msg.take() {
+                self.result = Some(agent.handle(state, msg, ctx).await);
+            }
+        })
     }
 
-    /// The system it belongs to.
+    fn finish(self: Box<Self>, error: Option<AgentError>) {
+        let Some(reply) = self.reply else { return };
+        let _ = match (error, self.result) {
+            (None, Some(r)) => reply.send(Ok(r)),
+            (Some(e), _) => reply.send(Err(e)),
+            (None, None) => reply.send(Err(AgentError::Invalid {
+                what: "agent message".into(),
+                message: "handled without a reply".into(),
+            })),
+        };
+    }
+}
+
+/// What is shared by every instance of one kind.
+pub(crate) struct KindCore<A: Agent> {
+    pub(crate) name: Arc<str>,
+    pub(crate) agent: A,
+    pub(crate) options: Arc<AgentOptions>,
+    pub(crate) system: Weak<SystemInner>,
+    turns: Arc<Semaphore>,
+    /// Turns running now, by key: the turn and what cancels it.
+    running: Mutex<HashMap<String, (u32, Arc<Notify>)>>,
+    /// Live instances by actor, so the kind's supervisor knows whose death
+    /// it hears of.
+    instances: Mutex<HashMap<ractor::ActorId, Arc<str>>>,
+    /// The actor instances are linked to (set once the kind is registered).
+    supervisor: std::sync::OnceLock<ActorCell>,
+    restarts: metrics::Counter,
+    restart_count: std::sync::atomic::AtomicU64,
+    in_flight: metrics::Gauge,
+}
+
+impl<A: Agent> KindCore<A> {
+    fn system(&self) -> Result<AgentSystem, AgentError> {
+        self.system
+            .upgrade()
+            .map(AgentSystem::from_inner)
+            .ok_or(AgentError::Actor(ActorError::ShuttingDown))
+    }
+
+    fn state_pid(&self, key: &str) -> Result<PersistenceId, AgentError> {
+        PersistenceId::new(&format!("agent.{}", self.name), key).map_err(|e| AgentError::Invalid {
+            what: "agent key".into(),
+            message: e.to_string(),
+        })
+    }
+
+    fn stateless() -> bool {
+        std::mem::size_of::<A::State>() == 0
+    }
+
+    fn count_restart(&self) {
+        self.restarts.increment(1);
+        self.restart_count
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// An instance's actor ended. If it died while answering a turn (it
+    /// was killed, or its task aborted), that turn is dispatched again: a
+    /// new attempt answers it.
+    fn instance_ended(self: &Arc<Self>, id: ractor::ActorId) {
+        let Some(key) = self
+            .instances
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id)
+        else {
+            return;
+        };
+        let interrupted = self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&*key);
+        let Some((turn, _)) = interrupted else {
+            return;
+        };
+        tracing::warn!(agent = %self.name, key = %key, turn, "agent instance died during a turn; answering it again");
+        self.count_restart();
+        let Ok(system) = self.system() else { return };
+        let name = self.name.to_string();
+        tokio::spawn(async move {
+            if let Ok(kind) = system.kind_dyn(&name) {
+                kind.dispatch_turn(key.to_string(), turn, None).await;
+            }
+        });
+    }
+}
+
+/// The parent of a kind's instances: hears when one dies.
+struct KindSupervisor {
+    on_exit: Box<dyn Fn(ractor::ActorId) + Send + Sync>,
+}
+
+impl ractor::Actor for KindSupervisor {
+    type Msg = ();
+    type State = ();
+    type Arguments = ();
+
+    async fn pre_start(&self, _: ActorRef<()>, _: ()) -> Result<(), ActorProcessingErr> {
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        _: ActorRef<()>,
+        event: ractor::SupervisionEvent,
+        _: &mut (),
+    ) -> Result<(), ActorProcessingErr> {
+        match event {
+            ractor::SupervisionEvent::ActorTerminated(cell, ..)
+            | ractor::SupervisionEvent::ActorFailed(cell, _) => (self.on_exit)(cell.get_id()),
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// A registered agent kind: its instances, by key. Cheap to clone.
+pub struct AgentKind<A: Agent> {
+    pub(crate) core: Arc<KindCore<A>>,
+    keyed: Keyed<InstanceActivator<A>>,
+    timeout: Duration,
+}
+
+impl<A: Agent> Clone for AgentKind<A> {
+    fn clone(&self) -> Self {
+        Self {
+            core: self.core.clone(),
+            keyed: self.keyed.clone(),
+            timeout: self.timeout,
+        }
+    }
+}
+
+impl<A: Agent> AgentKind<A> {
+    pub(crate) fn new(
+        name: &str,
+        agent: A,
+        options: AgentOptions,
+        system: Weak<SystemInner>,
+        timeout: Duration,
+    ) -> Self {
+        let label = name.to_owned();
+        let core = Arc::new(KindCore {
+            name: Arc::from(name),
+            agent,
+            turns: Arc::new(Semaphore::new(options.max_concurrent_turns.max(1))),
+            options: Arc::new(options.clone()),
+            system,
+            running: Mutex::new(HashMap::new()),
+            instances: Mutex::new(HashMap::new()),
+            supervisor: std::sync::OnceLock::new(),
+            restarts: metrics::counter!("troupe_agent_restarts_total", "agent" => label.clone()),
+            restart_count: std::sync::atomic::AtomicU64::new(0),
+            in_flight: metrics::gauge!("troupe_agent_turns_in_flight", "agent" => label),
+        });
+        let keyed = Keyed::new(
+            format!("agent.{name}"),
+            InstanceActivator { core: core.clone() },
+            KeyedConfig {
+                mailbox_capacity: options.mailbox.max(1),
+                idle_timeout: options.idle_timeout,
+                drain_timeout: Duration::from_secs(30),
+                max_active: options.max_instances.max(1),
+            },
+        );
+        Self {
+            core,
+            keyed,
+            timeout,
+        }
+    }
+
+    /// Starts the actor that hears of its instances' deaths.
+    pub(crate) async fn start_supervisor(&self) -> Result<(), AgentError> {
+        let weak = Arc::downgrade(&self.core);
+        let sup = KindSupervisor {
+            on_exit: Box::new(move |id| {
+                if let Some(core) = weak.upgrade() {
+                    core.instance_ended(id);
+                }
+            }),
+        };
+        let (actor, _) =
+            ractor::Actor::spawn(None, sup, ())
+                .await
+                .map_err(|e| ActorError::Spawn {
+                    actor: format!("agent.{} supervisor", self.core.name),
+                    message: e.to_string(),
+                })?;
+        let _ = self.core.supervisor.set(actor.get_cell());
+        Ok(())
+    }
+
+    /// Stops the kind's supervisor (its instances are passivated first).
+    pub(crate) fn stop_supervisor(&self) {
+        if let Some(cell) = self.core.supervisor.get() {
+            cell.stop(None);
+        }
+    }
+
+    /// Kills the instance of `key` at once, as a crash would: for chaos
+    /// drills and tests. A turn it was answering is answered again by a
+    /// new attempt; its state comes back from the journal. Returns whether
+    /// the instance was running.
+    pub fn kill_instance(&self, key: &str) -> bool {
+        match self.keyed.active_handle(key).and_then(|h| h.cell()) {
+            Some(cell) => {
+                cell.kill();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The kind's name.
+    pub fn name(&self) -> &str {
+        &self.core.name
+    }
+
+    /// The kind's options.
+    pub fn options(&self) -> &AgentOptions {
+        &self.core.options
+    }
+
+    /// The instance of `key` (a session id): activated by its first message.
+    pub fn get(&self, key: &str) -> AgentRef<A> {
+        AgentRef {
+            kind: self.clone(),
+            key: Arc::from(key),
+            timeout: self.timeout,
+        }
+    }
+
+    /// Instances in memory now.
+    pub fn active_count(&self) -> usize {
+        self.keyed.active_count()
+    }
+
+    /// Turns being answered now.
+    pub fn turns_in_flight(&self) -> usize {
+        self.core.options.max_concurrent_turns.max(1) - self.core.turns.available_permits()
+    }
+
+    /// Instances restarted after a failure or a panic, since the start.
+    pub fn restarts(&self) -> u64 {
+        self.core
+            .restart_count
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Passivates every instance (draining their mailboxes) and waits.
+    pub async fn passivate_all(&self) {
+        self.keyed.passivate_all().await
+    }
+
+    /// Sends a turn job; fails at once if the instance cannot take it.
+    pub(crate) async fn dispatch(
+        &self,
+        key: &str,
+        turn: u32,
+        done: Option<Done>,
+    ) -> Result<(), AgentError> {
+        let msg = AgentMsg(Job::Turn { turn, done });
+        match self.keyed.send(key, msg, self.timeout).await {
+            Ok(()) => Ok(()),
+            Err(Rejected { error, message }) => {
+                if let AgentMsg(Job::Turn {
+                    done: Some(done), ..
+                }) = message
+                {
+                    let _ = done.send(Err(error.clone().into()));
+                }
+                Err(error.into())
+            }
+        }
+    }
+
+    /// Cancels the turn running at `key`; returns whether one was.
+    pub(crate) fn cancel(&self, key: &str) -> bool {
+        match self
+            .core
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+        {
+            Some((_, n)) => {
+                n.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub(crate) async fn deliver_timer(&self, timer: Timer) -> Result<(), String> {
+        let (tx, rx) = oneshot::channel();
+        let key = timer.target.key.clone();
+        self.keyed
+            .send(&key, AgentMsg(Job::Timer(timer, tx)), self.timeout)
+            .await
+            .map_err(|r| r.error.to_string())?;
+        rx.await
+            .unwrap_or_else(|_| Err("the agent instance stopped".into()))
+    }
+}
+
+/// The address of one agent instance (a kind and a key). Cheap to clone.
+pub struct AgentRef<A: Agent> {
+    kind: AgentKind<A>,
+    key: Arc<str>,
+    timeout: Duration,
+}
+
+impl<A: Agent> Clone for AgentRef<A> {
+    fn clone(&self) -> Self {
+        Self {
+            kind: self.kind.clone(),
+            key: self.key.clone(),
+            timeout: self.timeout,
+        }
+    }
+}
+
+impl<A: Agent> std::fmt::Debug for AgentRef<A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AgentRef({}/{})", self.kind.name(), self.key)
+    }
+}
+
+impl<A: Agent> AgentRef<A> {
+    /// The instance's key.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The same address with another time-out for `send` and `ask`.
+    pub fn timeout(&self, timeout: Duration) -> Self {
+        Self {
+            timeout,
+            ..self.clone()
+        }
+    }
+
+    fn envelope<M: Send + 'static>(
+        msg: M,
+        reply: Option<oneshot::Sender<Result<<A as Handles<M>>::Reply, AgentError>>>,
+    ) -> AgentMsg<A>
+    where
+        A: Handles<M>,
+    {
+        AgentMsg(Job::Call(Box::new(Call {
+            msg: Some(msg),
+            result: None,
+            reply,
+        })))
+    }
+
+    /// Enqueues `msg` if the instance's mailbox has room (activating the
+    /// instance first if needed); fails at once with `Backpressure` if not.
+    pub async fn tell<M: Send + 'static>(&self, msg: M) -> Result<(), AgentError>
+    where
+        A: Handles<M>,
+    {
+        self.kind
+            .keyed
+            .tell(&self.key, Self::envelope(msg, None))
+            .await
+            .map_err(|r| r.error.into())
+    }
+
+    /// Enqueues `msg`, waiting up to the time-out for room.
+    pub async fn send<M: Send + 'static>(&self, msg: M) -> Result<(), AgentError>
+    where
+        A: Handles<M>,
+    {
+        self.kind
+            .keyed
+            .send(&self.key, Self::envelope(msg, None), self.timeout)
+            .await
+            .map_err(|r| r.error.into())
+    }
+
+    /// Sends `msg` and waits for the reply; the time-out bounds it all.
+    pub async fn ask<M: Send + 'static>(
+        &self,
+        msg: M,
+    ) -> Result<<A as Handles<M>>::Reply, AgentError>
+    where
+        A: Handles<M>,
+    {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let (tx, rx) = oneshot::channel();
+        self.kind
+            .keyed
+            .send(&self.key, Self::envelope(msg, Some(tx)), self.timeout)
+            .await
+            .map_err(|r| AgentError::from(r.error))?;
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(AgentError::Actor(ActorError::NoReply {
+                actor: format!("{}/{}", self.kind.name(), self.key),
+            })),
+            Err(_) => Err(AgentError::Timeout {
+                what: format!("ask to `{}/{}`", self.kind.name(), self.key),
+                after: self.timeout,
+            }),
+        }
+    }
+
+    /// Has the instance answer the pending turn `turn` of its session and
+    /// waits for the outcome (for as long as the turn takes, a new attempt
+    /// after a crash of the instance included).
+    pub async fn answer(&self, turn: u32) -> Result<TurnOutcome, AgentError> {
+        let system = self.kind.core.system()?;
+        let (tx, rx) = oneshot::channel();
+        self.kind.dispatch(&self.key, turn, Some(tx)).await?;
+        match rx.await {
+            Ok(r) => r,
+            // The instance died with the turn: it is answered again; wait
+            // for its end in the session.
+            Err(_) => system.wait_turn_end(&self.key, turn).await,
+        }
+    }
+}
+
+/// The turn an instance is answering.
+struct TurnSlot {
+    number: u32,
+    done: Option<Done>,
+    outcome: Option<TurnOutcome>,
+    /// How `reply` failed (the failure is journaled already).
+    failed: Option<AgentError>,
+    handed_off: bool,
+}
+
+/// What an agent's handlers work through: its key, its session, other
+/// agents, models, tools, topics and timers.
+pub struct Context<A: Agent> {
+    core: Arc<KindCore<A>>,
+    system: AgentSystem,
+    key: Arc<str>,
+    cell: Option<ActorCell>,
+    turn: Option<TurnSlot>,
+}
+
+impl<A: Agent> Context<A> {
+    /// The instance's key (for agents of sessions, the session id).
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The session this instance answers (its key).
+    pub fn session(&self) -> &str {
+        &self.key
+    }
+
+    /// The kind's name.
+    pub fn agent_name(&self) -> &str {
+        &self.core.name
+    }
+
+    /// The kind's options.
+    pub fn options(&self) -> &AgentOptions {
+        &self.core.options
+    }
+
+    /// The system.
     pub fn system(&self) -> &AgentSystem {
         &self.system
     }
@@ -338,45 +833,103 @@ impl AgentContext {
         self.system.sessions()
     }
 
-    /// This agent's options.
-    pub fn options(&self) -> &AgentOptions {
-        &self.options
+    /// This instance's own address.
+    pub fn myself(&self) -> Result<AgentRef<A>, AgentError> {
+        Ok(self
+            .system
+            .agent_named::<A>(&self.core.name)?
+            .get(&self.key))
     }
 
-    /// Sends `msg` to agent `agent`; fails at once if its mailbox is full.
-    pub fn send<M: Message>(&self, agent: &str, msg: M) -> Result<(), AgentError> {
-        self.system
-            .handle::<M>(agent)?
-            .tell(msg)
-            .map_err(|r| r.error.into())
+    /// Another kind, by its typed key.
+    pub fn agent<B: Agent>(&self, key: &AgentKey<B>) -> Result<AgentKind<B>, AgentError> {
+        self.system.agent(key)
     }
 
-    /// Sends `msg` to agent `agent`, waiting up to `timeout` for room.
-    pub async fn send_timeout<M: Message>(
-        &self,
-        agent: &str,
-        msg: M,
-        timeout: Duration,
-    ) -> Result<(), AgentError> {
+    /// The turn being answered, if this message is one.
+    pub fn turn(&self) -> Option<u32> {
+        self.turn.as_ref().map(|t| t.number)
+    }
+
+    /// The session's state (the conversation, the turn in progress).
+    pub async fn view(&self) -> Result<SessionView, AgentError> {
+        self.sessions().view(&self.key).await
+    }
+
+    fn holder(&self) -> Holder {
+        Holder {
+            name: format!("{}/{}", self.core.name, self.key),
+            actor: self.cell.clone(),
+        }
+    }
+
+    /// Answers the pending turn with the model and this kind's tools: an
+    /// attempt begins, the reply streams into the session chunk by chunk
+    /// under a GPU lease, every tool call and result is journaled, and the
+    /// turn ends with `turn_completed`. A failure is journaled as
+    /// `turn_failed` (with the retry hint of an overload) and returned.
+    pub async fn reply(&mut self) -> Result<TurnOutcome, AgentError> {
+        let options = self.core.options.clone();
+        self.reply_with(&options).await
+    }
+
+    /// [`Context::reply`] with other options for this turn (another system
+    /// prompt, tools, model or lease).
+    pub async fn reply_with(&mut self, options: &AgentOptions) -> Result<TurnOutcome, AgentError> {
+        if self.turn.is_none() {
+            return Err(AgentError::NothingToAnswer(self.key.to_string()));
+        }
+        let run = ReplyRun {
+            sessions: self.system.sessions(),
+            inference: self.system.inference(),
+            session: &self.key,
+            options,
+            holder: self.holder(),
+        };
+        let result = run.run().await;
+        if let Some(t) = self.turn.as_mut() {
+            match &result {
+                Ok(outcome) => t.outcome = Some(outcome.clone()),
+                Err(e) => t.failed = Some(e.clone()),
+            }
+        }
+        result
+    }
+
+    /// Hands the pending turn to agent `to`, whose instance for this
+    /// session answers it (and any resumed attempt of it). Journaled first.
+    pub async fn hand_off<B: Agent>(&mut self, to: &AgentKey<B>) -> Result<(), AgentError> {
+        let Some(slot) = self.turn.as_mut() else {
+            return Err(AgentError::NothingToAnswer(self.key.to_string()));
+        };
+        let target = self.system.agent(to)?;
         self.system
-            .handle::<M>(agent)?
-            .send(msg, timeout)
+            .sessions()
+            .hand_off(&self.key, slot.number, to.name())
+            .await?;
+        slot.handed_off = true;
+        let done = slot.done.take();
+        target.dispatch(&self.key, slot.number, done).await
+    }
+
+    /// Calls one of this kind's tools directly (not journaled: inside a
+    /// turn, [`Context::reply`] journals every call it makes).
+    pub async fn call_tool(&self, name: &str, arguments: &str) -> Result<String, AgentError> {
+        self.core.options.tools.call(name, arguments).await
+    }
+
+    /// Streams a model answer under a lease held by this instance (freed if
+    /// it dies), outside the turn's journal (a router's own model call).
+    pub async fn infer(&self, request: ChatRequest) -> Result<InferenceStream, AgentError> {
+        let options = &self.core.options;
+        self.system
+            .inference()
+            .stream(&options.backend, request, &options.lease, &self.holder())
             .await
-            .map_err(|r| r.error.into())
     }
 
-    /// Asks agent `agent` and waits for the answer (`timeout` bounds it all).
-    pub async fn ask<M: Message, R: Send + 'static>(
-        &self,
-        agent: &str,
-        build: impl FnOnce(ractor::RpcReplyPort<R>) -> M,
-        timeout: Duration,
-    ) -> Result<R, AgentError> {
-        Ok(self.system.handle::<M>(agent)?.ask(build, timeout).await?)
-    }
-
-    /// Publishes `msg` on topic `topic` (see [`Topics::publish`]).
-    pub async fn publish<M: Clone + Message>(
+    /// Publishes `msg` on topic `topic` (see [`crate::Topics::publish`]).
+    pub async fn publish<M: Clone + Send + Sync + 'static>(
         &self,
         topic: &str,
         msg: M,
@@ -384,248 +937,488 @@ impl AgentContext {
         self.system.topics().publish(topic, msg).await
     }
 
-    /// Calls one of this agent's tools.
-    pub async fn call_tool(&self, name: &str, arguments: &str) -> Result<String, AgentError> {
-        self.options.tools.call(name, arguments).await
+    /// Schedules a durable timer for this instance at `due`: it reaches
+    /// [`Agent::on_timer`] with `name` and `payload`, once, after restarts
+    /// too. Returns its id once it is journaled.
+    pub async fn schedule_at(
+        &self,
+        due: SystemTime,
+        name: &str,
+        payload: &impl Serialize,
+    ) -> Result<u64, AgentError> {
+        let timers = self.system.timers().ok_or_else(|| AgentError::Invalid {
+            what: "timer".into(),
+            message: "this system has no durable timers (build it with Troupe::builder)".into(),
+        })?;
+        let bytes = serde_json::to_vec(payload).map_err(|e| AgentError::Invalid {
+            what: "timer payload".into(),
+            message: e.to_string(),
+        })?;
+        let due_ms = due
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let target = TimerTarget::new(format!("agent.{}", self.core.name), self.key.to_string());
+        Ok(timers.schedule(target, name, bytes, due_ms).await?)
     }
 
-    /// Streams a model answer under a lease held by this agent (freed if
-    /// the agent dies).
-    pub async fn infer(&self, request: ChatRequest) -> Result<InferenceStream, AgentError> {
-        let holder = Holder {
-            name: self.name.to_string(),
-            actor: self.myself.clone(),
-        };
-        self.system
-            .inference()
-            .stream(&self.options.backend, request, &self.options.lease, &holder)
+    /// [`Context::schedule_at`] `after` from now.
+    pub async fn schedule_in(
+        &self,
+        after: Duration,
+        name: &str,
+        payload: &impl Serialize,
+    ) -> Result<u64, AgentError> {
+        self.schedule_at(SystemTime::now() + after, name, payload)
             .await
     }
 
-    /// Ends the pending turn of `session` as failed with `error` (and its
-    /// retry hint): for an agent that cannot answer (its own model call
-    /// failed, it routes nowhere) so the client is not left waiting.
-    pub async fn fail_turn(&self, session: &str, error: &AgentError) -> Result<u64, AgentError> {
-        let sessions = self.sessions();
-        let turn = sessions.begin(session, &self.options.backend).await?;
-        sessions
-            .append(session, turn, vec![failed_event(turn, error)])
-            .await
-    }
-
-    /// Answers the pending user turn of `session` (see the [module docs](self)).
-    /// A failure is journaled as `turn_failed` (with the retry hint of an
-    /// overload) and returned.
-    pub async fn reply(&self, session: &str) -> Result<TurnOutcome, AgentError> {
-        let sessions = self.sessions();
-        let turn = sessions.begin(session, &self.options.backend).await?;
-        match self.answer(session, turn).await {
-            Ok(outcome) => Ok(outcome),
-            Err(e) => {
-                let stale = matches!(
-                    e,
-                    AgentError::StaleTurn { .. }
-                        | AgentError::UnknownSession(_)
-                        | AgentError::SessionClosed(_)
-                );
-                if !stale
-                    && let Err(j) = sessions
-                        .append(session, turn, vec![failed_event(turn, &e)])
-                        .await
-                {
-                    tracing::warn!(session, error = %j, "could not journal a failed turn");
-                }
-                Err(e)
-            }
+    /// Cancels timer `id`; returns whether it was still pending.
+    pub async fn cancel_timer(&self, id: u64) -> Result<bool, AgentError> {
+        match self.system.timers() {
+            Some(t) => Ok(t.cancel(id).await?),
+            None => Ok(false),
         }
     }
+}
 
-    async fn answer(&self, session: &str, turn: TurnRef) -> Result<TurnOutcome, AgentError> {
-        let sessions = self.sessions();
-        let opts = &self.options;
-        let view = sessions.view(session).await?;
-        let mut messages: Vec<ChatMessage> = opts
-            .system_prompt
-            .iter()
-            .map(|p| ChatMessage::system(p.clone()))
-            .collect();
-        messages.extend(view.messages);
-        let holder = Holder {
-            name: format!("{}/{session}", self.name),
-            actor: self.myself.clone(),
-        };
-        let mut outcome = TurnOutcome {
-            turn,
-            text: String::new(),
-            tool_calls: 0,
-            chunks: 0,
-            seq: 0,
-        };
-        for _round in 0..=opts.max_tool_rounds {
-            let mut request = ChatRequest::new(opts.model.clone(), messages.clone());
-            request.tools = opts.tools.specs();
-            let mut stream = self
-                .system
-                .inference()
-                .stream(&opts.backend, request, &opts.lease, &holder)
-                .await?;
-            outcome.text.clear();
-            let mut calls: Vec<ToolCall> = Vec::new();
-            let mut finished: Option<SessionEvent> = None;
-            while finished.is_none() {
-                // Wait for one chunk, then take whatever else is ready, so
-                // chunks that arrive during an append share the next one.
-                let mut batch = Vec::new();
-                let mut next = Some(stream.next().await);
-                while let Some(item) = next.take() {
-                    let chunk = match item {
-                        None => Err(AgentError::StreamClosed {
-                            backend: opts.backend.clone(),
-                            chunks: outcome.chunks,
-                        }),
-                        Some(r) => r,
-                    };
-                    match chunk {
-                        Ok(Chunk::Text(text)) => {
-                            outcome.text.push_str(&text);
-                            outcome.chunks += 1;
-                            batch.push(SessionEvent::ModelChunk {
-                                turn: turn.turn,
-                                text,
-                            });
-                        }
-                        Ok(Chunk::ToolCall(call)) => calls.push(call),
-                        Ok(Chunk::Done {
-                            finish_reason,
-                            usage,
-                        }) => {
-                            finished = Some(SessionEvent::TurnCompleted {
-                                turn: turn.turn,
-                                finish_reason,
-                                usage,
-                            });
-                        }
-                        Err(e) => {
-                            if !batch.is_empty() {
-                                sessions.append(session, turn, batch).await?;
-                            }
-                            return Err(e);
-                        }
-                    }
-                    if finished.is_none() && batch.len() < opts.chunk_batch {
-                        next = stream.next().now_or_never();
-                    }
-                }
-                if finished.is_some() && calls.is_empty() {
-                    batch.extend(finished.clone());
-                } else if finished.is_some() {
-                    batch.extend(calls.iter().map(|c| SessionEvent::ToolCalled {
-                        turn: turn.turn,
-                        call: c.clone(),
-                    }));
-                }
-                if !batch.is_empty() {
-                    outcome.seq = sessions.append(session, turn, batch).await?;
-                }
-            }
-            drop(stream);
-            if calls.is_empty() {
-                return Ok(outcome);
-            }
-            if calls.len() > opts.max_tool_calls {
-                return Err(AgentError::TooLarge {
-                    what: format!(
-                        "tool calls in one answer (turn {} of `{session}`)",
-                        turn.turn
-                    ),
-                    limit: opts.max_tool_calls,
-                });
-            }
-            // Run the calls concurrently; journal every result in one append.
-            outcome.tool_calls += calls.len() as u32;
-            let results = futures::future::join_all(
-                calls.iter().map(|c| opts.tools.call(&c.name, &c.arguments)),
+/// What the journal holds of an instance's state.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct AgentStateSaved {
+    /// The state, as JSON.
+    state: serde_json::Value,
+    /// The latest timers delivered (deduplication after a crash).
+    #[serde(default)]
+    fired: Vec<u64>,
+}
+
+impl Schema for AgentStateSaved {
+    const TYPE_NAME: &'static str = "agent.State";
+}
+
+/// Timers remembered per instance for deduplication.
+const FIRED_KEPT: usize = 64;
+/// Old state events are deleted every this many saves.
+const PRUNE_EVERY: u64 = 64;
+
+/// An instance's state as loaded or last journaled.
+struct Loaded<A: Agent> {
+    state: A::State,
+    saved: Vec<u8>,
+    seq: u64,
+    fired: VecDeque<u64>,
+}
+
+async fn load<A: Agent>(core: &KindCore<A>, key: &str) -> Result<Loaded<A>, AgentError> {
+    let state = A::State::default();
+    let saved = serde_json::to_vec(&state).unwrap_or_default();
+    let mut loaded = Loaded {
+        state,
+        saved,
+        seq: 0,
+        fired: VecDeque::new(),
+    };
+    if KindCore::<A>::stateless() {
+        return Ok(loaded);
+    }
+    let system = core.system()?;
+    let journal = system.sessions().journal();
+    let pid = core.state_pid(key)?;
+    let highest = journal.highest_seq(&pid).await?;
+    loaded.seq = highest;
+    if highest == 0 {
+        return Ok(loaded);
+    }
+    let events = journal.replay(&pid, highest, highest).collect_all().await?;
+    let Some(last) = events.last() else {
+        return Ok(loaded);
+    };
+    let saved: AgentStateSaved = last.decode()?;
+    loaded.state =
+        serde_json::from_value(saved.state.clone()).map_err(|e| AgentError::Invalid {
+            what: format!("journaled state of `{pid}` #{}", last.seq),
+            message: e.to_string(),
+        })?;
+    loaded.saved = serde_json::to_vec(&saved.state).unwrap_or_default();
+    loaded.fired = saved.fired.into_iter().collect();
+    Ok(loaded)
+}
+
+struct InstanceActivator<A: Agent> {
+    core: Arc<KindCore<A>>,
+}
+
+impl<A: Agent> Activator for InstanceActivator<A> {
+    type Msg = AgentMsg<A>;
+
+    fn check_key(&self, key: &str) -> Result<(), ActorError> {
+        self.core
+            .state_pid(key)
+            .map(drop)
+            .map_err(|e| ActorError::Invalid {
+                what: "agent key",
+                message: e.to_string(),
+            })
+    }
+
+    fn activate(
+        &self,
+        key: &str,
+    ) -> BoxFuture<'static, Result<ActorHandle<AgentMsg<A>>, ActorError>> {
+        let core = self.core.clone();
+        let key: Arc<str> = Arc::from(key);
+        async move {
+            let loaded = load(&core, &key).await.map_err(|e| ActorError::Spawn {
+                actor: format!("{}/{key}", core.name),
+                message: e.to_string(),
+            })?;
+            let handle = ActorHandle::detached_with_label(
+                format!("{}/{key}", core.name),
+                core.name.to_string(),
+                core.options.mailbox.max(1),
+            );
+            let parent = core.supervisor.get().cloned();
+            let cell = mailbox::start_into(
+                &handle,
+                Instance {
+                    core: core.clone(),
+                    key: key.clone(),
+                },
+                loaded,
+                parent,
             )
-            .await;
-            messages.push(ChatMessage {
-                role: Role::Assistant,
-                content: std::mem::take(&mut outcome.text),
-                tool_calls: calls.clone(),
-                tool_call_id: None,
-            });
-            let mut events = Vec::with_capacity(calls.len());
-            for (call, result) in calls.iter().zip(results) {
-                let (ok, output) = match result {
-                    Ok(out) => (true, out),
-                    Err(e) => (false, e.to_string()),
-                };
-                messages.push(ChatMessage {
-                    role: Role::Tool,
-                    content: if ok {
-                        output.clone()
-                    } else {
-                        format!("error: {output}")
-                    },
-                    tool_calls: Vec::new(),
-                    tool_call_id: Some(call.id.clone()),
-                });
-                events.push(SessionEvent::ToolResult {
-                    turn: turn.turn,
-                    call_id: call.id.clone(),
-                    ok,
-                    output,
-                });
-            }
-            outcome.seq = sessions.append(session, turn, events).await?;
+            .await?;
+            core.instances
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(cell.get_id(), key);
+            Ok(handle)
         }
-        Err(AgentError::TooLarge {
-            what: format!("tool rounds of turn {} in session `{session}`", turn.turn),
-            limit: opts.max_tool_rounds as usize,
-        })
+        .boxed()
     }
 }
 
-fn failed_event(turn: TurnRef, error: &AgentError) -> SessionEvent {
-    SessionEvent::TurnFailed {
-        turn: turn.turn,
-        error: error.to_string(),
-        retry_after_ms: error.retry_after().map(|d| d.as_millis() as u64),
-    }
+/// The ractor actor of one instance.
+struct Instance<A: Agent> {
+    core: Arc<KindCore<A>>,
+    key: Arc<str>,
 }
 
-/// The ractor actor that runs an [`Agent`].
-pub struct AgentActor<A: Agent> {
-    make: Arc<dyn Fn() -> A + Send + Sync>,
-    template: AgentContext,
-}
-
-impl<A: Agent> ractor::Actor for AgentActor<A> {
-    type Msg = A::Msg;
-    type State = (A, AgentContext);
-    type Arguments = ();
+impl<A: Agent> ractor::Actor for Instance<A> {
+    type Msg = AgentMsg<A>;
+    type State = Loaded<A>;
+    type Arguments = Loaded<A>;
 
     async fn pre_start(
         &self,
-        myself: ActorRef<Self::Msg>,
-        _: (),
-    ) -> Result<Self::State, ActorProcessingErr> {
-        let mut ctx = self.template.clone();
-        ctx.myself = Some(myself.get_cell());
-        let mut agent = (self.make)();
-        agent.started(&ctx).await?;
-        Ok((agent, ctx))
+        _myself: ActorRef<AgentMsg<A>>,
+        loaded: Loaded<A>,
+    ) -> Result<Loaded<A>, ActorProcessingErr> {
+        Ok(loaded)
     }
 
     async fn handle(
         &self,
-        _myself: ActorRef<Self::Msg>,
-        msg: Self::Msg,
-        state: &mut Self::State,
+        myself: ActorRef<AgentMsg<A>>,
+        AgentMsg(job): AgentMsg<A>,
+        st: &mut Loaded<A>,
     ) -> Result<(), ActorProcessingErr> {
-        let (agent, ctx) = state;
-        agent.handle(ctx, msg).await.map_err(|e| {
-            tracing::warn!(agent = %ctx.name, error = %e, "agent failed");
-            Box::new(e) as ActorProcessingErr
-        })
+        let system = match self.core.system() {
+            Ok(s) => s,
+            Err(e) => {
+                fail_job(job, e);
+                return Ok(());
+            }
+        };
+        let mut ctx = Context {
+            core: self.core.clone(),
+            system,
+            key: self.key.clone(),
+            cell: Some(myself.get_cell()),
+            turn: None,
+        };
+        match job {
+            Job::Turn { turn, done } => self.turn(st, &mut ctx, turn, done).await,
+            Job::Call(mut envelope) => {
+                let run = AssertUnwindSafe(envelope.run(&self.core.agent, &mut st.state, &mut ctx))
+                    .catch_unwind()
+                    .await;
+                match run {
+                    Ok(()) => {
+                        let saved = self.save(st, &ctx, false).await;
+                        envelope.finish(saved.err());
+                    }
+                    Err(panic) => {
+                        let e = self.panicked(panic);
+                        self.restart(st, &e).await;
+                        envelope.finish(Some(e));
+                    }
+                }
+            }
+            Job::Timer(timer, ack) => {
+                if st.fired.contains(&timer.id) {
+                    let _ = ack.send(Ok(()));
+                    return Ok(());
+                }
+                let fired = TimerFired {
+                    id: timer.id,
+                    name: timer.name.clone(),
+                    payload: serde_json::from_slice(&timer.payload)
+                        .unwrap_or(serde_json::Value::Null),
+                    due: UNIX_EPOCH + Duration::from_millis(timer.due_ms),
+                };
+                let run =
+                    AssertUnwindSafe(self.core.agent.on_timer(&mut st.state, &mut ctx, fired))
+                        .catch_unwind()
+                        .await;
+                let outcome = match run {
+                    Ok(Ok(())) => {
+                        st.fired.push_back(timer.id);
+                        while st.fired.len() > FIRED_KEPT {
+                            st.fired.pop_front();
+                        }
+                        self.save(st, &ctx, true).await.map_err(|e| e.to_string())
+                    }
+                    Ok(Err(e)) => {
+                        self.restart(st, &e).await;
+                        Err(e.to_string())
+                    }
+                    Err(panic) => {
+                        let e = self.panicked(panic);
+                        self.restart(st, &e).await;
+                        Err(e.to_string())
+                    }
+                };
+                let _ = ack.send(outcome);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Counts a turn in flight until dropped (also when the instance is killed).
+struct InFlight(metrics::Gauge);
+
+impl InFlight {
+    fn new(g: metrics::Gauge) -> Self {
+        g.increment(1.0);
+        Self(g)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
+
+fn fail_job<A: Agent>(job: Job<A>, e: AgentError) {
+    match job {
+        Job::Turn { done: Some(d), .. } => {
+            let _ = d.send(Err(e));
+        }
+        Job::Turn { .. } => {}
+        Job::Call(envelope) => envelope.finish(Some(e)),
+        Job::Timer(_, ack) => {
+            let _ = ack.send(Err(e.to_string()));
+        }
+    }
+}
+
+impl<A: Agent> Instance<A> {
+    fn panicked(&self, panic: Box<dyn Any + Send>) -> AgentError {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".into());
+        AgentError::Panicked {
+            agent: self.core.name.to_string(),
+            key: self.key.to_string(),
+            message,
+        }
+    }
+
+    /// Restarts the instance: its state goes back to what was journaled.
+    async fn restart(&self, st: &mut Loaded<A>, why: &AgentError) {
+        tracing::warn!(agent = %self.core.name, key = %self.key, error = %why, "agent instance restarted");
+        self.core.count_restart();
+        match load(&self.core, &self.key).await {
+            Ok(loaded) => *st = loaded,
+            Err(e) => {
+                tracing::warn!(agent = %self.core.name, key = %self.key, error = %e, "cannot reload agent state; starting from its default");
+                *st = Loaded {
+                    state: A::State::default(),
+                    saved: Vec::new(),
+                    seq: st.seq,
+                    fired: VecDeque::new(),
+                };
+            }
+        }
+    }
+
+    /// Journals the state if it changed (or `force`).
+    async fn save(
+        &self,
+        st: &mut Loaded<A>,
+        ctx: &Context<A>,
+        force: bool,
+    ) -> Result<(), AgentError> {
+        if KindCore::<A>::stateless() && !force {
+            return Ok(());
+        }
+        let value = serde_json::to_value(&st.state).map_err(|e| AgentError::Invalid {
+            what: format!("state of agent `{}`", self.core.name),
+            message: e.to_string(),
+        })?;
+        let bytes = serde_json::to_vec(&value).unwrap_or_default();
+        if bytes == st.saved && !force {
+            return Ok(());
+        }
+        let pid = self.core.state_pid(&self.key)?;
+        let event = NewEvent::new(&AgentStateSaved {
+            state: value,
+            fired: st.fired.iter().copied().collect(),
+        })?;
+        let journal = ctx.system.sessions().journal();
+        journal.append(&pid, st.seq, vec![event]).await?;
+        st.seq += 1;
+        st.saved = bytes;
+        if st.seq.is_multiple_of(PRUNE_EVERY)
+            && let Err(e) = journal.delete_events_to(&pid, st.seq - 1).await
+        {
+            tracing::warn!(%pid, error = %e, "cannot prune old agent states");
+        }
+        Ok(())
+    }
+
+    async fn turn(&self, st: &mut Loaded<A>, ctx: &mut Context<A>, turn: u32, done: Option<Done>) {
+        let sessions = ctx.system.sessions().clone();
+        let view = match sessions.view(&self.key).await {
+            Ok(v) => v,
+            Err(e) => {
+                if let Some(d) = done {
+                    let _ = d.send(Err(e));
+                }
+                return;
+            }
+        };
+        // Already answered (a job sent twice), or not this turn.
+        if view.pending.is_none_or(|p| p.turn != turn) {
+            if let Some(d) = done {
+                let _ = d.send(Err(AgentError::NothingToAnswer(self.key.to_string())));
+            }
+            return;
+        }
+        // The turn belongs to another agent (it was handed off): forward.
+        let answering = view.answering_agent().to_owned();
+        if answering != *self.core.name {
+            match ctx.system.kind_dyn(&answering) {
+                Ok(k) => k.dispatch_turn(self.key.to_string(), turn, done).await,
+                Err(e) => {
+                    let _ = sessions.fail_pending(&self.key, turn, &e).await;
+                    if let Some(d) = done {
+                        let _ = d.send(Err(e));
+                    }
+                }
+            }
+            return;
+        }
+        let opts = &self.core.options;
+        let permit =
+            match tokio::time::timeout(opts.turn_wait, self.core.turns.clone().acquire_owned())
+                .await
+            {
+                Ok(Ok(p)) => p,
+                _ => {
+                    let e = AgentError::Overloaded {
+                        retry_after: opts.turn_wait.max(Duration::from_millis(100)),
+                        reason: format!(
+                            "agent `{}` is answering {} turns, its most at once",
+                            self.core.name, opts.max_concurrent_turns
+                        ),
+                    };
+                    let _ = sessions.fail_pending(&self.key, turn, &e).await;
+                    if let Some(d) = done {
+                        let _ = d.send(Err(e));
+                    }
+                    return;
+                }
+            };
+        let in_flight = InFlight::new(self.core.in_flight.clone());
+        let cancel = Arc::new(Notify::new());
+        self.core
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(self.key.to_string(), (turn, cancel.clone()));
+        ctx.turn = Some(TurnSlot {
+            number: turn,
+            done,
+            outcome: None,
+            failed: None,
+            handed_off: false,
+        });
+        let handled = {
+            let run = AssertUnwindSafe(self.core.agent.on_turn(&mut st.state, ctx)).catch_unwind();
+            tokio::select! {
+                r = run => Some(r),
+                _ = cancel.notified() => None,
+            }
+        };
+        self.core
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&*self.key);
+        drop(in_flight);
+        drop(permit);
+        let slot = ctx.turn.take().expect("the turn slot is set above");
+        let result = match handled {
+            None => {
+                let e = AgentError::Failed {
+                    agent: self.core.name.to_string(),
+                    message: "the turn was cancelled".into(),
+                };
+                self.restart(st, &e).await;
+                Err(e)
+            }
+            Some(Err(panic)) => {
+                let e = self.panicked(panic);
+                self.restart(st, &e).await;
+                Err(e)
+            }
+            Some(Ok(Err(e))) => {
+                self.restart(st, &e).await;
+                Err(e)
+            }
+            Some(Ok(Ok(()))) if slot.handed_off => return,
+            Some(Ok(Ok(()))) => {
+                let saved = self.save(st, ctx, false).await;
+                if let Err(e) = saved {
+                    tracing::warn!(agent = %self.core.name, key = %self.key, error = %e, "cannot journal agent state after a turn");
+                }
+                match (slot.outcome, slot.failed) {
+                    (Some(outcome), _) => Ok(outcome),
+                    // `reply` failed and journaled it; the agent took it
+                    // (a refused lease is the customer's business).
+                    (None, Some(e)) => Err(e),
+                    (None, None) => Err(AgentError::Failed {
+                        agent: self.core.name.to_string(),
+                        message: format!("returned from turn {turn} without answering it"),
+                    }),
+                }
+            }
+        };
+        if let Err(e) = &result {
+            // Whatever ended the turn without an answer is journaled, so
+            // the session takes the next message.
+            if let Err(j) = sessions.fail_pending(&self.key, turn, e).await {
+                tracing::warn!(session = %self.key, error = %j, "could not journal a failed turn");
+            }
+        }
+        if let Some(d) = slot.done {
+            let _ = d.send(result);
+        }
     }
 }

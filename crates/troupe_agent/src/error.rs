@@ -1,5 +1,6 @@
 //! The agent crate's error type.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use troupe_actor::ActorError;
@@ -24,12 +25,21 @@ pub enum AgentError {
     /// No agent is registered under this name.
     #[error("no agent named `{0}`")]
     UnknownAgent(String),
-    /// An agent (or topic) exists but takes another message type.
+    /// A topic exists but takes another message type.
     #[error("`{name}` takes messages of another type than `{expected}`")]
     WrongMessageType {
-        /// Agent or topic name.
+        /// Topic name.
         name: String,
         /// The type the caller used.
+        expected: &'static str,
+    },
+    /// An agent name is registered with another agent type than the key
+    /// used to look it up (two keys share a name).
+    #[error("agent `{name}` is registered with another type than `{expected}`")]
+    WrongAgentType {
+        /// Agent name.
+        name: String,
+        /// The type of the key used.
         expected: &'static str,
     },
     /// Two agents with one name.
@@ -59,6 +69,19 @@ pub enum AgentError {
         turn: u32,
         /// Attempt presented.
         attempt: u32,
+    },
+    /// A turn ended as failed (read from the session: the failure was
+    /// journaled, perhaps by another process).
+    #[error("session `{session}`: turn {turn} failed: {error}")]
+    TurnFailed {
+        /// Session id.
+        session: String,
+        /// The turn.
+        turn: u32,
+        /// What went wrong, as journaled.
+        error: String,
+        /// The retry hint journaled with it.
+        retry_after: Option<Duration>,
     },
     /// The session has no user turn waiting for an answer.
     #[error("session `{0}` has no user turn waiting for a reply")]
@@ -156,12 +179,23 @@ pub enum AgentError {
     /// An actor failed, was full or did not answer.
     #[error(transparent)]
     Actor(#[from] ActorError),
-    /// The journal failed.
+    /// The journal failed (its error is the source).
     #[error("journal: {0}")]
-    Journal(String),
+    Journal(#[source] Arc<JournalError>),
     /// The GPU supervisor failed (other than a refusal, which is `Overloaded`).
     #[error("GPU: {0}")]
-    Gpu(GpuError),
+    Gpu(#[source] GpuError),
+    /// An agent's handler panicked; the instance was restarted with the
+    /// state it had journaled last.
+    #[error("agent `{agent}` panicked handling `{key}`: {message}")]
+    Panicked {
+        /// Agent name.
+        agent: String,
+        /// The instance's key (a session id).
+        key: String,
+        /// The panic's message.
+        message: String,
+    },
     /// An agent's own failure.
     #[error("agent `{agent}` failed: {message}")]
     Failed {
@@ -174,7 +208,7 @@ pub enum AgentError {
 
 impl From<JournalError> for AgentError {
     fn from(e: JournalError) -> Self {
-        AgentError::Journal(e.to_string())
+        AgentError::Journal(Arc::new(e))
     }
 }
 
@@ -194,24 +228,34 @@ impl From<GpuError> for AgentError {
 }
 
 impl AgentError {
-    /// The retry hint, for errors that have one.
+    /// The retry hint, for errors that have one (an overload, a full
+    /// mailbox or key table).
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             AgentError::Overloaded { retry_after, .. } => Some(*retry_after),
+            AgentError::TurnFailed { retry_after, .. } => *retry_after,
+            AgentError::Actor(e) => e.retry_after(),
             _ => None,
         }
     }
 
-    /// Whether retrying the same work later may succeed.
+    /// Whether retrying the same work later may succeed: overloads, time-
+    /// outs, broken connections, a model server's 5xx or 429, and actor and
+    /// journal failures that are themselves transient.
     pub fn is_transient(&self) -> bool {
-        matches!(
-            self,
+        match self {
             AgentError::Overloaded { .. }
-                | AgentError::Transport { .. }
-                | AgentError::StreamClosed { .. }
-                | AgentError::Timeout { .. }
-                | AgentError::LeaseLost { .. }
-                | AgentError::Busy { .. }
-        ) || matches!(self, AgentError::Backend { status, .. } if *status >= 500)
+            | AgentError::Transport { .. }
+            | AgentError::StreamClosed { .. }
+            | AgentError::Timeout { .. }
+            | AgentError::LeaseLost { .. }
+            | AgentError::Busy { .. } => true,
+            AgentError::TurnFailed { retry_after, .. } => retry_after.is_some(),
+            AgentError::Backend { status, .. } => *status >= 500 || *status == 429,
+            AgentError::Actor(e) => e.is_transient(),
+            AgentError::Journal(e) => e.is_transient(),
+            AgentError::Gpu(e) => e.is_transient(),
+            _ => false,
+        }
     }
 }

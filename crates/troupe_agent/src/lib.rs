@@ -4,15 +4,19 @@
 //!
 //! | you want | use |
 //! |---|---|
-//! | an actor with typed messages that calls models and tools, sends to other agents by name, publishes to topics | [`Agent`], registered with [`AgentSystem::agent`], working through [`AgentContext`] |
-//! | a conversation that survives crashes, and clients that resume from the last event they saw | [`Sessions`] ([`Sessions::subscribe`]) |
-//! | one full turn: stream the model's reply into the session, run its tool calls | [`AgentContext::reply`] |
+//! | an agent that answers sessions, one instance per session, with typed messages of its own and durable state | [`Agent`] (and [`Handles`] per message type), registered under an [`AgentKey`], working through a [`Context`] |
+//! | to reach an instance | [`AgentSystem::agent`] then [`AgentKind::get`]: an [`AgentRef`] with `tell`, `send`, `ask` |
+//! | a conversation that survives crashes, and clients that resume from the last event they saw | [`Sessions`] ([`Sessions::post`] dispatches the turn; [`Sessions::subscribe`] follows it) |
+//! | one full turn: stream the model's reply into the session, run its tool calls, each at most once per journaled result | [`Context::reply`] |
+//! | a message for later that survives restarts | [`Context::schedule_at`] |
 //! | a model server | [`OpenAiBackend`] (any OpenAI-compatible server), [`LocalBackend`] (deterministic, for examples and tests), or your own [`ModelBackend`] |
 //! | inference that never piles onto saturated GPUs | [`Inference`] with a GPU supervisor: every call holds a lease |
 //! | typed tools with a JSON schema | [`Tool`], [`Tools`] |
 //! | fan-out with bounded publishing | [`Topics`] |
 //!
-//! Everything is bounded: mailboxes ([`AgentOptions::mailbox`]), live
+//! Everything is bounded: turns answered at once per kind
+//! ([`AgentOptions::max_concurrent_turns`]), instances in memory
+//! ([`AgentOptions::max_instances`]), mailboxes ([`AgentOptions::mailbox`]), live
 //! buffers and message sizes ([`SessionConfig`]), chunks per append and
 //! tool rounds ([`AgentOptions`]), tool argument and result sizes
 //! ([`tool::MAX_TOOL_ARGUMENTS`], [`tool::MAX_TOOL_RESULT`]), response
@@ -28,13 +32,18 @@ pub mod local;
 pub mod model;
 pub mod openai;
 pub mod session;
+mod system;
 pub mod tool;
 pub mod topic;
+mod turn;
 
 /// The JSON-schema crate tool argument types derive `JsonSchema` with.
 pub use schemars;
 
-pub use agent::{Agent, AgentActor, AgentContext, AgentOptions, AgentSystem, TurnOutcome};
+pub use agent::{
+    Agent, AgentKey, AgentKind, AgentMsg, AgentOptions, AgentRef, Context, Handles, TimerFired,
+    TurnOutcome,
+};
 pub use error::AgentError;
 pub use inference::{Holder, Inference, InferenceStream, LeaseSpec};
 pub use local::LocalBackend;
@@ -43,8 +52,10 @@ pub use model::{
 };
 pub use openai::{OpenAiBackend, OpenAiConfig};
 pub use session::{
-    MAX_ATTACHMENTS, Posted, SessionConfig, SessionEvent, SessionItem, SessionRecord,
-    SessionStream, SessionView, Sessions, TurnRef,
+    Dispatch, MAX_ATTACHMENTS, OpenCall, Posted, SessionConfig, SessionEvent, SessionItem,
+    SessionRecord, SessionStream, SessionView, Sessions, TurnRef,
 };
-pub use tool::{Tool, Tools};
+pub use system::{AgentSystem, SystemConfig};
+pub use tool::{Tool, ToolCallInfo, Tools};
 pub use topic::{Overflow, Published, Topics};
+pub use turn::INTERRUPTED;

@@ -3,21 +3,101 @@
 //! The reply depends only on the conversation: the same request always
 //! streams the same words, so a test can compute what a session must
 //! contain, and a turn re-run after a crash produces the same text again.
-//! Latency is configurable (time to the first chunk, time between chunks;
-//! zero for benchmarks that measure the framework). Tool calls are
-//! triggered by keywords: [`LocalBackend::call_tool_when`].
+//! It reads like a support agent's answer: a greeting or what the tools
+//! returned ("I checked our records: order A-1042, refund sent, 3
+//! days."), a sentence or two on the question's topic (refunds, invoices,
+//! connections, orders), and a closing line. Latency is configurable (time
+//! to the first chunk, time between chunks; zero for benchmarks that
+//! measure the framework). Tool calls are triggered by keywords:
+//! [`LocalBackend::call_tool_when`].
 
 use std::time::Duration;
 
 use futures::StreamExt;
 
 use crate::error::AgentError;
-use crate::model::{ChatRequest, Chunk, ChunkStream, ModelBackend, Role, ToolCall, Usage};
+use crate::model::{
+    ChatMessage, ChatRequest, Chunk, ChunkStream, ModelBackend, Role, ToolCall, Usage,
+};
 
-const VOCABULARY: &[&str] = &[
-    "sure", "the", "order", "is", "on", "its", "way", "and", "your", "account", "looks", "fine",
-    "we", "checked", "invoice", "refund", "will", "arrive", "within", "days", "please", "restart",
-    "device", "then", "try", "again", "thanks", "for", "waiting", "ticket", "updated", "today",
+const OPENERS: &[&str] = &[
+    "Thanks for reaching out.",
+    "Happy to help with that.",
+    "Sure, let me help.",
+];
+
+const CLOSERS: &[&str] = &[
+    "Is there anything else I can do for you?",
+    "Let me know if that helps.",
+    "Have a great day!",
+];
+
+/// Sentences by topic: the keywords that pick the topic, then what a
+/// support agent says about it.
+const TOPICS: &[(&[&str], &[&str])] = &[
+    (
+        &["refund", "money back"],
+        &[
+            "Your refund is on its way back to the card you paid with.",
+            "Refunds usually show up within three to five business days.",
+            "You will get an email as soon as the bank confirms it.",
+        ],
+    ),
+    (
+        &["invoice", "charge", "bill", "payment", "statement"],
+        &[
+            "I can see both payments on that invoice.",
+            "The duplicate charge will be reversed automatically.",
+            "A corrected invoice is on its way to your inbox.",
+        ],
+    ),
+    (
+        &[
+            "router",
+            "error",
+            "internet",
+            "connection",
+            "wifi",
+            "modem",
+            "blink",
+        ],
+        &[
+            "I ran a check on your line and it looks stable now.",
+            "If the light keeps blinking red, unplug the router for thirty seconds.",
+            "I have reset the connection profile on our side.",
+        ],
+    ),
+    (
+        &["order", "delivery", "shipping", "package", "parcel"],
+        &[
+            "Your order has left our warehouse.",
+            "The tracking link in your confirmation email shows where it is.",
+            "Deliveries in your area usually take two days.",
+        ],
+    ),
+    (
+        &["weather", "forecast", "coat", "rain", "umbrella"],
+        &[
+            "Tomorrow looks bright, with a light breeze in the afternoon.",
+            "A light jacket will do; no coat needed.",
+            "No rain is expected before the weekend.",
+        ],
+    ),
+    (
+        &["thank", "great", "works now"],
+        &[
+            "You are very welcome.",
+            "Glad to hear it is sorted.",
+            "It was a pleasure to help.",
+        ],
+    ),
+];
+
+const GENERAL: &[&str] = &[
+    "I have looked into it for you.",
+    "I have added a note to your account.",
+    "Our team will follow up if anything changes.",
+    "Everything on our side looks in order.",
 ];
 
 struct ToolRule {
@@ -29,7 +109,8 @@ struct ToolRule {
 /// A deterministic streaming backend. See the [module docs](self).
 pub struct LocalBackend {
     name: String,
-    words: usize,
+    /// Words after the tool facts (None: the reply's natural length).
+    words: Option<usize>,
     words_per_chunk: usize,
     first_chunk: Duration,
     between_chunks: Duration,
@@ -37,11 +118,11 @@ pub struct LocalBackend {
 }
 
 impl Default for LocalBackend {
-    /// 24 words in chunks of 2, no latency.
+    /// Replies of their natural length in chunks of 2 words, no latency.
     fn default() -> Self {
         Self {
             name: "local".into(),
-            words: 24,
+            words: None,
             words_per_chunk: 2,
             first_chunk: Duration::ZERO,
             between_chunks: Duration::ZERO,
@@ -59,9 +140,11 @@ impl LocalBackend {
         }
     }
 
-    /// Reply length in words (at least 1) and words per chunk (at least 1).
+    /// Reply length in words (at least 1; not counting what the tools
+    /// returned, which is always said in full) and words per chunk (at
+    /// least 1). A reply longer than that is cut, a shorter one goes on.
     pub fn words(mut self, words: usize, per_chunk: usize) -> Self {
-        self.words = words.max(1);
+        self.words = Some(words.max(1));
         self.words_per_chunk = per_chunk.max(1);
         self
     }
@@ -136,16 +219,8 @@ impl LocalBackend {
         for m in &request.messages {
             seed = fnv1a_continue(seed, m.content.as_bytes());
         }
-        let mut words: Vec<String> = Vec::with_capacity(self.words);
-        if last.role == Role::Tool {
-            words.push(format!("({})", last.content));
-        }
-        while words.len() < self.words {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            words.push(VOCABULARY[(seed >> 33) as usize % VOCABULARY.len()].to_owned());
-        }
+        let words = self.prose(request, seed);
+        let count = words.len();
         let mut chunks: Vec<Chunk> = words
             .chunks(self.words_per_chunk)
             .enumerate()
@@ -158,10 +233,99 @@ impl LocalBackend {
             finish_reason: "stop".into(),
             usage: Some(Usage {
                 prompt_tokens,
-                completion_tokens: self.words as u32,
+                completion_tokens: count as u32,
             }),
         });
         chunks
+    }
+
+    /// The reply's words: what the tools returned (if the model is
+    /// answering after a tool round), then the topic's sentences.
+    fn prose(&self, request: &ChatRequest, seed: u64) -> Vec<String> {
+        let pick = |list: &[&'static str], salt: u64| -> &'static str {
+            let h = seed.wrapping_add(salt).wrapping_mul(6364136223846793005) >> 33;
+            list[h as usize % list.len()]
+        };
+        // The results of the last tool round, if the model answers after one.
+        let tools: Vec<&ChatMessage> = request
+            .messages
+            .iter()
+            .rev()
+            .take_while(|m| m.role == Role::Tool)
+            .collect();
+        let question = request
+            .messages
+            .iter()
+            .rev()
+            .find(|m| m.role == Role::User)
+            .map(|m| m.content.to_lowercase())
+            .unwrap_or_default();
+        let mut facts = String::new();
+        let mut body: Vec<&'static str> = Vec::new();
+        if tools.is_empty() {
+            body.push(pick(OPENERS, 1));
+        } else {
+            let parts: Vec<String> = tools.iter().rev().map(|m| fact(&m.content)).collect();
+            facts = format!("I checked our records: {}.", parts.join("; "));
+        }
+        let topic = TOPICS
+            .iter()
+            .find(|(keys, _)| keys.iter().any(|k| question.contains(k)))
+            .map_or(GENERAL, |(_, lines)| *lines);
+        let first = pick(topic, 2);
+        body.push(first);
+        let second = pick(topic, 3);
+        if second != first {
+            body.push(second);
+        }
+        body.push(pick(CLOSERS, 4));
+        let mut words: Vec<String> = body
+            .iter()
+            .flat_map(|s| s.split_whitespace())
+            .map(str::to_owned)
+            .collect();
+        if let Some(n) = self.words {
+            let mut salt = 5;
+            while words.len() < n {
+                words.extend(pick(GENERAL, salt).split_whitespace().map(str::to_owned));
+                salt += 1;
+            }
+            if words.len() > n {
+                words.truncate(n);
+                if let Some(last) = words.last_mut() {
+                    let trimmed = last.trim_end_matches([',', '.', '!', '?']).to_owned();
+                    *last = trimmed + ".";
+                }
+            }
+        }
+        let mut out: Vec<String> = facts.split_whitespace().map(str::to_owned).collect();
+        out.extend(words);
+        out
+    }
+}
+
+/// One tool result as a support agent would say it: a JSON object's
+/// fields (`order A-1042, refund sent, 3 days`), a JSON string as it is.
+fn fact(content: &str) -> String {
+    if let Some(e) = content.strip_prefix("error: ") {
+        return format!("that lookup failed ({e})");
+    }
+    match serde_json::from_str::<serde_json::Value>(content) {
+        Ok(serde_json::Value::Object(map)) => map
+            .iter()
+            .map(|(k, v)| match v {
+                serde_json::Value::String(s) => format!("{k} {s}"),
+                // "3 days", "2 payments", but "invoice 1042".
+                serde_json::Value::Number(n) if k.ends_with('s') => format!("{n} {k}"),
+                serde_json::Value::Number(n) => format!("{k} {n}"),
+                serde_json::Value::Bool(true) => format!("{k}: yes"),
+                serde_json::Value::Bool(false) => format!("{k}: no"),
+                other => format!("{k} {other}"),
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
+        Ok(serde_json::Value::String(s)) => s,
+        _ => content.to_owned(),
     }
 }
 
@@ -237,5 +401,51 @@ mod tests {
             }
             other => panic!("expected a tool call, got {other:?}"),
         }
+    }
+
+    fn text(chunks: &[Chunk]) -> String {
+        chunks
+            .iter()
+            .filter_map(|c| match c {
+                Chunk::Text(t) => Some(t.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn replies_read_like_a_support_agent_and_say_what_the_tools_returned() {
+        let b = LocalBackend::default();
+        let q = ChatRequest::new(
+            "m",
+            vec![ChatMessage::user("Where is the refund for A-1042?")],
+        );
+        let reply = text(&b.reply(&q));
+        assert!(reply.contains("refund"), "{reply}");
+        assert!(reply.ends_with(['.', '!', '?']), "{reply}");
+        let mut after_tool = q.clone();
+        after_tool.messages.push(ChatMessage {
+            role: Role::Assistant,
+            content: String::new(),
+            tool_calls: vec![ToolCall {
+                id: "c1".into(),
+                name: "refund_status".into(),
+                arguments: "{}".into(),
+            }],
+            tool_call_id: None,
+        });
+        after_tool.messages.push(ChatMessage {
+            role: Role::Tool,
+            content: r#"{"order":"A-1042","refund":"sent","days":3}"#.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: Some("c1".into()),
+        });
+        let reply = text(&b.reply(&after_tool));
+        assert!(
+            reply.starts_with("I checked our records: order A-1042, refund sent, 3 days."),
+            "{reply}"
+        );
+        // Deterministic: the same conversation, the same words.
+        assert_eq!(reply, text(&b.reply(&after_tool)));
     }
 }

@@ -32,6 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
+use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use ractor::RpcReplyPort;
 use serde::{Deserialize, Serialize};
@@ -73,7 +74,8 @@ pub enum SessionEvent {
         attachments: Vec<troupe_journal::BlobRef>,
     },
     /// An attempt at answering a turn started (attempt > 1: the previous
-    /// attempt was interrupted and its partial reply is void).
+    /// attempt was interrupted; the text it was streaming is void, the tool
+    /// calls it made and the results journaled for them are kept).
     TurnStarted {
         /// Turn number.
         turn: u32,
@@ -81,6 +83,21 @@ pub enum SessionEvent {
         attempt: u32,
         /// Model backend that answers.
         model: String,
+        /// Whether the tool calls of earlier attempts (and their journaled
+        /// results) are kept. Always true for events written by this
+        /// version; false in journals of 0.1, whose new attempts started
+        /// over from the user's message.
+        #[serde(default)]
+        keeps_tool_results: bool,
+    },
+    /// The turn was handed to another agent, which answers it (a router
+    /// hands a question to a desk). A turn resumed after a crash goes to
+    /// the agent it was last handed to.
+    HandedOff {
+        /// Turn number.
+        turn: u32,
+        /// The agent that answers it now.
+        agent: String,
     },
     /// A piece of the model's reply.
     ModelChunk {
@@ -140,10 +157,12 @@ impl Schema for SessionEvent {
 }
 
 impl SessionEvent {
-    fn turn(&self) -> Option<u32> {
+    /// The turn the event belongs to (none for `opened` and `closed`).
+    pub fn turn(&self) -> Option<u32> {
         match self {
             SessionEvent::UserTurn { turn, .. }
             | SessionEvent::TurnStarted { turn, .. }
+            | SessionEvent::HandedOff { turn, .. }
             | SessionEvent::ModelChunk { turn, .. }
             | SessionEvent::ToolCalled { turn, .. }
             | SessionEvent::ToolResult { turn, .. }
@@ -153,7 +172,8 @@ impl SessionEvent {
         }
     }
 
-    fn ends_turn(&self) -> bool {
+    /// Whether the event ends its turn (`turn_completed`, `turn_failed`).
+    pub fn ends_turn(&self) -> bool {
         matches!(
             self,
             SessionEvent::TurnCompleted { .. } | SessionEvent::TurnFailed { .. }
@@ -170,6 +190,19 @@ pub struct SessionRecord {
     pub event: SessionEvent,
 }
 
+/// A tool call of the turn in progress whose result is not journaled: an
+/// interrupted attempt left it, and the next attempt resolves it (runs it
+/// again with the same key, or fails it if the tool must not run twice).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenCall {
+    /// The call, as the model made it.
+    pub call: ToolCall,
+    /// Its tool round in the turn, from 1.
+    pub round: u32,
+    /// Its place in the round, from 0.
+    pub index: u32,
+}
+
 /// A turn being answered.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Pending {
@@ -177,12 +210,21 @@ pub struct Pending {
     pub turn: u32,
     /// Current attempt (0: not started).
     pub attempt: u32,
-    /// Messages before this turn's reply (restart point).
+    /// Messages before this turn's reply (restart point of 0.1 journals).
     base: usize,
     /// Reply text so far.
     pub text: String,
-    /// Tool calls not yet answered.
+    /// Tool calls of the current round (not yet in `messages`).
     calls: Vec<ToolCall>,
+    /// Tool rounds begun in this turn.
+    #[serde(default)]
+    rounds: u32,
+    /// Calls whose result is not journaled.
+    #[serde(default)]
+    open: Vec<OpenCall>,
+    /// The agent the turn was handed to, if any.
+    #[serde(default)]
+    handed_to: Option<String>,
 }
 
 /// What a session's events fold into (also its snapshot).
@@ -219,6 +261,50 @@ impl Schema for SessionState {
 }
 
 impl SessionState {
+    /// The turn in progress and the agent it was handed to, if any.
+    pub fn pending_turn(&self) -> Option<(u32, Option<String>)> {
+        self.pending.as_ref().map(|p| (p.turn, p.handed_to.clone()))
+    }
+
+    fn view(&self) -> SessionView {
+        let mut messages: Vec<ChatMessage> = self.messages.iter().cloned().collect();
+        let pending = self.pending.as_ref();
+        // A round whose calls are journaled but not yet answered: the model
+        // must see its assistant message before any result.
+        let (round_text, open_calls) = match pending {
+            Some(p) if !p.calls.is_empty() => {
+                messages.push(ChatMessage {
+                    role: Role::Assistant,
+                    content: p.text.clone(),
+                    tool_calls: p.calls.clone(),
+                    tool_call_id: None,
+                });
+                (p.text.clone(), p.open.clone())
+            }
+            Some(p) => (String::new(), p.open.clone()),
+            None => (String::new(), Vec::new()),
+        };
+        SessionView {
+            id: self.id.clone(),
+            agent: self.agent.clone(),
+            tenant: self.tenant.clone(),
+            seq: self.seq,
+            turns: self.turns,
+            completed: self.completed,
+            failed: self.failed,
+            closed: self.closed,
+            pending: pending.map(|p| TurnRef {
+                turn: p.turn,
+                attempt: p.attempt,
+            }),
+            messages,
+            rounds: pending.map_or(0, |p| p.rounds),
+            open_calls,
+            round_text,
+            handed_to: pending.and_then(|p| p.handed_to.clone()),
+        }
+    }
+
     fn trim(&mut self) {
         let limit = self.context_limit.max(1) as usize;
         while self.messages.len() > limit
@@ -272,8 +358,29 @@ pub struct SessionView {
     pub closed: bool,
     /// The turn in progress and its current attempt (0: not started).
     pub pending: Option<TurnRef>,
-    /// The model context.
+    /// The model context (the turn in progress included: its user message
+    /// and the tool rounds it has journaled).
     pub messages: Vec<ChatMessage>,
+    /// Tool rounds begun in the turn in progress.
+    #[serde(default)]
+    pub rounds: u32,
+    /// Tool calls of the turn in progress whose result is not journaled.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub open_calls: Vec<OpenCall>,
+    /// Text of the tool round in progress, kept with its calls.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub round_text: String,
+    /// The agent the turn in progress was handed to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handed_to: Option<String>,
+}
+
+impl SessionView {
+    /// The agent that answers the turn in progress: the one it was handed
+    /// to, or the session's own.
+    pub fn answering_agent(&self) -> &str {
+        self.handed_to.as_deref().unwrap_or(&self.agent)
+    }
 }
 
 type Reply<T> = RpcReplyPort<Result<T, AgentError>>;
@@ -297,8 +404,8 @@ pub enum SessionCommand {
         text: String,
         /// Blobs sent with it.
         attachments: Vec<troupe_journal::BlobRef>,
-        /// Answer.
-        reply: Reply<Posted>,
+        /// Answer: the turn, and the agent that answers the session.
+        reply: Reply<(Posted, String)>,
     },
     /// Start (or restart) an attempt at the pending turn.
     Begin {
@@ -315,6 +422,27 @@ pub enum SessionCommand {
         events: Vec<SessionEvent>,
         /// Answer: the last sequence written.
         reply: Reply<u64>,
+    },
+    /// Hand the pending turn to another agent.
+    HandOff {
+        /// The turn (refused if another one is pending).
+        turn: u32,
+        /// The agent that answers it now.
+        agent: String,
+        /// Answer: the sequence of the `HandedOff` event.
+        reply: Reply<u64>,
+    },
+    /// End the pending turn as failed, whatever its attempt (the turn could
+    /// not be dispatched, or it was cancelled).
+    FailPending {
+        /// The turn (ignored if another one is pending: answers `false`).
+        turn: u32,
+        /// Why.
+        error: String,
+        /// Retry hint.
+        retry_after_ms: Option<u64>,
+        /// Answer: whether the turn was failed.
+        reply: Reply<bool>,
     },
     /// Read the state.
     View {
@@ -454,13 +582,17 @@ impl SessionEntity {
         reply: Reply<T>,
         f: impl FnOnce(&SessionState) -> T + Send + 'static,
     ) -> Effect<Self> {
-        let live = self.hub.has_subscribers(id).then(|| events.clone());
-        let mut effect = Effect::persist(events);
-        if let Some(live) = live {
-            let (hub, id) = (self.hub.clone(), id.to_owned());
-            effect = effect.then(move |st: &SessionState| hub.publish(&id, st.seq, live));
-        }
-        effect.reply(reply, move |st| Ok(f(st)))
+        // Whether anyone listens is decided after the commit (see
+        // `Effect::publish`): a subscriber that registers later reads the
+        // events from the journal.
+        let (hub, id) = (self.hub.clone(), id.to_owned());
+        Effect::persist(events)
+            .publish(move |st: &SessionState, events: &[SessionEvent]| {
+                if hub.has_subscribers(&id) {
+                    hub.publish(&id, st.seq, events.to_vec());
+                }
+            })
+            .reply_result(reply, move |st| Ok(f(st)))
     }
 
     fn check_open(state: &SessionState) -> Result<(), AgentError> {
@@ -559,9 +691,8 @@ impl EventSourced for SessionEntity {
                     text,
                     attachments,
                 };
-                self.persist(&state.id, vec![event], reply, move |st| Posted {
-                    turn,
-                    seq: st.seq,
+                self.persist(&state.id, vec![event], reply, move |st| {
+                    (Posted { turn, seq: st.seq }, st.agent.clone())
                 })
             }
             SessionCommand::Begin { model, reply } => {
@@ -579,6 +710,7 @@ impl EventSourced for SessionEntity {
                     turn: turn.turn,
                     attempt: turn.attempt,
                     model,
+                    keeps_tool_results: true,
                 };
                 self.persist(&state.id, vec![event], reply, move |_| turn)
             }
@@ -637,25 +769,41 @@ impl EventSourced for SessionEntity {
                 }
                 self.persist(&state.id, events, reply, |st| st.seq)
             }
+            SessionCommand::HandOff { turn, agent, reply } => {
+                if let Err(e) = Self::check_open(state) {
+                    return fail(reply, e);
+                }
+                match &state.pending {
+                    Some(p) if p.turn == turn => {}
+                    _ => return fail(reply, AgentError::NothingToAnswer(state.id.clone())),
+                }
+                let event = SessionEvent::HandedOff { turn, agent };
+                self.persist(&state.id, vec![event], reply, |st| st.seq)
+            }
+            SessionCommand::FailPending {
+                turn,
+                error,
+                retry_after_ms,
+                reply,
+            } => match &state.pending {
+                Some(p) if p.turn == turn && state.opened && !state.closed => {
+                    let event = SessionEvent::TurnFailed {
+                        turn,
+                        error,
+                        retry_after_ms,
+                    };
+                    self.persist(&state.id, vec![event], reply, |_| true)
+                }
+                _ => {
+                    let _ = reply.send(Ok(false));
+                    Effect::none()
+                }
+            },
             SessionCommand::View { reply } => {
                 if !state.opened {
                     return fail(reply, AgentError::UnknownSession(state.id.clone()));
                 }
-                let _ = reply.send(Ok(SessionView {
-                    id: state.id.clone(),
-                    agent: state.agent.clone(),
-                    tenant: state.tenant.clone(),
-                    seq: state.seq,
-                    turns: state.turns,
-                    completed: state.completed,
-                    failed: state.failed,
-                    closed: state.closed,
-                    pending: state.pending.as_ref().map(|p| TurnRef {
-                        turn: p.turn,
-                        attempt: p.attempt,
-                    }),
-                    messages: state.messages.iter().cloned().collect(),
-                }));
+                let _ = reply.send(Ok(state.view()));
                 Effect::none()
             }
             SessionCommand::Close { reason, reply } => {
@@ -712,12 +860,34 @@ impl EventSourced for SessionEntity {
                     ..Pending::default()
                 });
             }
-            SessionEvent::TurnStarted { turn, attempt, .. } => {
+            SessionEvent::TurnStarted {
+                turn,
+                attempt,
+                keeps_tool_results,
+                ..
+            } => {
                 if let Some(p) = state.pending.as_mut().filter(|p| p.turn == *turn) {
-                    state.messages.truncate(p.base);
                     p.attempt = *attempt;
-                    p.text.clear();
-                    p.calls.clear();
+                    if *keeps_tool_results {
+                        // Text streamed before any tool call of its round
+                        // is void; a round whose calls were journaled is
+                        // kept whole, its text with it.
+                        if p.calls.is_empty() {
+                            p.text.clear();
+                        }
+                    } else {
+                        // A 0.1 journal: its new attempts started over.
+                        state.messages.truncate(p.base);
+                        p.text.clear();
+                        p.calls.clear();
+                        p.open.clear();
+                        p.rounds = 0;
+                    }
+                }
+            }
+            SessionEvent::HandedOff { turn, agent } => {
+                if let Some(p) = state.pending.as_mut().filter(|p| p.turn == *turn) {
+                    p.handed_to = Some(agent.clone());
                 }
             }
             SessionEvent::ModelChunk { text, .. } => {
@@ -727,6 +897,14 @@ impl EventSourced for SessionEntity {
             }
             SessionEvent::ToolCalled { call, .. } => {
                 if let Some(p) = &mut state.pending {
+                    if p.calls.is_empty() {
+                        p.rounds += 1;
+                    }
+                    p.open.push(OpenCall {
+                        call: call.clone(),
+                        round: p.rounds,
+                        index: p.calls.len() as u32,
+                    });
                     p.calls.push(call.clone());
                 }
             }
@@ -737,6 +915,7 @@ impl EventSourced for SessionEntity {
                 ..
             } => {
                 if let Some(p) = &mut state.pending {
+                    p.open.retain(|c| &c.call.id != call_id);
                     if !p.calls.is_empty() {
                         state.messages.push_back(ChatMessage {
                             role: Role::Assistant,
@@ -840,6 +1019,27 @@ pub enum SessionItem {
 /// order, then live ones; ends only with an error.
 pub type SessionStream = BoxStream<'static, Result<SessionItem, AgentError>>;
 
+/// Whoever answers posted turns: the agent system installs itself here so
+/// that posting a turn dispatches it to the session's agent.
+pub(crate) trait TurnDispatch: Send + Sync + 'static {
+    /// Dispatches turn `turn` of `session` to `agent` (failing the turn in
+    /// the session if that cannot be done).
+    fn dispatch(&self, session: String, agent: String, turn: u32) -> BoxFuture<'static, ()>;
+}
+
+type Dispatcher = Arc<std::sync::OnceLock<std::sync::Weak<dyn TurnDispatch>>>;
+
+/// Whether [`Sessions::post_with`] hands the turn to the session's agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Dispatch {
+    /// At once (the default of [`Sessions::post`]).
+    #[default]
+    Now,
+    /// Not now: the caller will ([`crate::AgentSystem::answer`]), for
+    /// example a worker that waits for the turn's end.
+    Later,
+}
+
 /// The sessions of one system. Cheap to clone.
 #[derive(Clone)]
 pub struct Sessions {
@@ -847,6 +1047,7 @@ pub struct Sessions {
     hub: Arc<Hub>,
     journal: Arc<dyn Journal>,
     config: SessionConfig,
+    dispatcher: Dispatcher,
 }
 
 impl Sessions {
@@ -866,7 +1067,19 @@ impl Sessions {
             hub,
             journal,
             config,
+            dispatcher: Dispatcher::default(),
         }
+    }
+
+    /// Installs the dispatcher of posted turns (once; later calls are
+    /// ignored).
+    pub(crate) fn set_dispatcher(&self, d: std::sync::Weak<dyn TurnDispatch>) {
+        let _ = self.dispatcher.set(d);
+    }
+
+    /// The journal sessions are written to.
+    pub fn journal(&self) -> &Arc<dyn Journal> {
+        &self.journal
     }
 
     /// The settings.
@@ -911,25 +1124,64 @@ impl Sessions {
         .map(drop)
     }
 
-    /// Journals a user turn; refused with [`AgentError::Busy`] while a turn
-    /// is in progress.
+    /// Journals a user turn and hands it to the session's agent; refused
+    /// with [`AgentError::Busy`] while a turn is in progress. Follow the
+    /// answer with [`Sessions::subscribe`], or wait for it with
+    /// [`crate::AgentSystem::answer`].
     pub async fn post(&self, id: &str, text: &str) -> Result<Posted, AgentError> {
-        self.post_with(id, text, Vec::new()).await
+        self.post_with(id, text, Vec::new(), Dispatch::Now).await
     }
 
     /// Posts a user turn with attachments (at most [`MAX_ATTACHMENTS`]):
     /// blobs already in the blob store, referenced by the turn's event and
-    /// kept as long as it is.
+    /// kept as long as it is. `dispatch` says whether the session's agent is
+    /// told now.
     pub async fn post_with(
         &self,
         id: &str,
         text: &str,
         attachments: Vec<troupe_journal::BlobRef>,
+        dispatch: Dispatch,
     ) -> Result<Posted, AgentError> {
         let text = text.to_owned();
-        self.ask(id, |reply| SessionCommand::Post {
-            text,
-            attachments,
+        let (posted, agent) = self
+            .ask(id, |reply| SessionCommand::Post {
+                text,
+                attachments,
+                reply,
+            })
+            .await?;
+        if dispatch == Dispatch::Now
+            && let Some(d) = self.dispatcher.get().and_then(|w| w.upgrade())
+        {
+            d.dispatch(id.to_owned(), agent, posted.turn).await;
+        }
+        Ok(posted)
+    }
+
+    /// Hands turn `turn` of `id` to `agent` (see [`SessionEvent::HandedOff`]).
+    pub async fn hand_off(&self, id: &str, turn: u32, agent: &str) -> Result<u64, AgentError> {
+        let agent = agent.to_owned();
+        self.ask(id, |reply| SessionCommand::HandOff { turn, agent, reply })
+            .await
+    }
+
+    /// Ends turn `turn` of `id` as failed if it is still pending, whatever
+    /// its attempt; returns whether it was.
+    pub async fn fail_pending(
+        &self,
+        id: &str,
+        turn: u32,
+        error: &AgentError,
+    ) -> Result<bool, AgentError> {
+        let (error, retry_after_ms) = (
+            error.to_string(),
+            error.retry_after().map(|d| d.as_millis() as u64),
+        );
+        self.ask(id, |reply| SessionCommand::FailPending {
+            turn,
+            error,
+            retry_after_ms,
             reply,
         })
         .await

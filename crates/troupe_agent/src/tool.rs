@@ -22,6 +22,23 @@
 //! field), and every call is bounded: argument and result sizes, and a
 //! time-out. When an agent runs a turn, each call and each result is
 //! journaled in the session.
+//!
+//! ## Tools that run once
+//!
+//! A tool call is journaled (`tool_called`) before its handler runs, and
+//! its result (`tool_result`) as soon as it returns. A turn interrupted by
+//! a crash is answered again by a new attempt, which never runs a call
+//! whose result was journaled: the model gets the journaled result. A call
+//! that started but whose result was not journaled is:
+//!
+//! | the tool | on the new attempt |
+//! |---|---|
+//! | repeatable (the default) | run again with the **same** [`ToolCallInfo::idempotency_key`], so the handler (or the service it calls) can recognise the repeat |
+//! | [`Tool::at_most_once`] | not run: journaled as failed ("interrupted, not retried"), and the model is told |
+//!
+//! The key is `session/turn/round/index`, taken from the journal (the
+//! round of the turn and the call's place in it), never from the model's
+//! own call id. [`Tool::keyed`] gives the handler the key.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -43,8 +60,37 @@ pub const MAX_TOOL_RESULT: usize = 256 * 1024;
 /// Default time-out of one call.
 pub const DEFAULT_TOOL_TIMEOUT: Duration = Duration::from_secs(30);
 
-type Handler =
-    Arc<dyn Fn(serde_json::Value) -> BoxFuture<'static, Result<String, String>> + Send + Sync>;
+type Handler = Arc<
+    dyn Fn(serde_json::Value, ToolCallInfo) -> BoxFuture<'static, Result<String, String>>
+        + Send
+        + Sync,
+>;
+
+/// Where a tool call comes from, given to [`Tool::keyed`] handlers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ToolCallInfo {
+    /// The session.
+    pub session: String,
+    /// The turn.
+    pub turn: u32,
+    /// The tool round in the turn, from 1.
+    pub round: u32,
+    /// The call's place in its round, from 0.
+    pub index: u32,
+    /// The attempt that runs it now (a repeat after a crash has a higher one).
+    pub attempt: u32,
+}
+
+impl ToolCallInfo {
+    /// `session/turn/round/index`: the same for every run of one journaled
+    /// call, different for any two calls.
+    pub fn idempotency_key(&self) -> String {
+        format!(
+            "{}/{}/{}/{}",
+            self.session, self.turn, self.round, self.index
+        )
+    }
+}
 
 /// One tool. See the [module docs](self).
 #[derive(Clone)]
@@ -52,6 +98,7 @@ pub struct Tool {
     spec: ToolSpec,
     handler: Handler,
     timeout: Duration,
+    repeatable: bool,
 }
 
 impl std::fmt::Debug for Tool {
@@ -71,16 +118,28 @@ impl Tool {
         F: Fn(A) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<R, String>> + Send + 'static,
     {
+        Self::keyed(name, description, move |args: A, _call| handler(args))
+    }
+
+    /// Like [`Tool::new`], with a handler that is also given where the call
+    /// comes from, its idempotency key included (see the [module docs](self)).
+    pub fn keyed<A, R, F, Fut>(name: &str, description: &str, handler: F) -> Self
+    where
+        A: DeserializeOwned + schemars::JsonSchema + Send + 'static,
+        R: Serialize + Send + 'static,
+        F: Fn(A, ToolCallInfo) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<R, String>> + Send + 'static,
+    {
         let parameters = serde_json::to_value(schemars::schema_for!(A))
             .unwrap_or_else(|_| serde_json::json!({"type": "object"}));
         let tool = name.to_owned();
         let handler = Arc::new(handler);
-        let handler: Handler = Arc::new(move |value| {
+        let handler: Handler = Arc::new(move |value, call| {
             let args: Result<A, _> = serde_json::from_value(value);
             let (handler, tool) = (handler.clone(), tool.clone());
             async move {
                 let args = args.map_err(|e| format!("bad arguments for `{tool}`: {e}"))?;
-                let out = handler(args).await?;
+                let out = handler(args, call).await?;
                 serde_json::to_string(&out).map_err(|e| format!("result not serializable: {e}"))
             }
             .boxed()
@@ -93,6 +152,7 @@ impl Tool {
             },
             handler,
             timeout: DEFAULT_TOOL_TIMEOUT,
+            repeatable: true,
         }
     }
 
@@ -100,6 +160,19 @@ impl Tool {
     pub fn timeout(mut self, t: Duration) -> Self {
         self.timeout = t;
         self
+    }
+
+    /// Marks the tool as not safe to repeat (it sends a mail, charges a
+    /// card): a call interrupted before its result was journaled is failed
+    /// rather than run again (see the [module docs](self)).
+    pub fn at_most_once(mut self) -> Self {
+        self.repeatable = false;
+        self
+    }
+
+    /// Whether an interrupted call may run again (with the same key).
+    pub fn is_repeatable(&self) -> bool {
+        self.repeatable
     }
 
     /// What the model sees.
@@ -112,6 +185,15 @@ impl Tool {
     /// [`AgentError::Tool`]; a result past [`MAX_TOOL_RESULT`],
     /// [`AgentError::TooLarge`].
     pub async fn call(&self, arguments: &str) -> Result<String, AgentError> {
+        self.call_with(arguments, ToolCallInfo::default()).await
+    }
+
+    /// [`Tool::call`], telling the handler where the call comes from.
+    pub async fn call_with(
+        &self,
+        arguments: &str,
+        call: ToolCallInfo,
+    ) -> Result<String, AgentError> {
         let name = &self.spec.name;
         if arguments.len() > MAX_TOOL_ARGUMENTS {
             return Err(AgentError::TooLarge {
@@ -129,7 +211,7 @@ impl Tool {
                 tool: name.clone(),
                 message: format!("not JSON: {e}"),
             })?;
-        let result = tokio::time::timeout(self.timeout, (self.handler)(value))
+        let result = tokio::time::timeout(self.timeout, (self.handler)(value, call))
             .await
             .map_err(|_| AgentError::Timeout {
                 what: format!("tool `{name}`"),
@@ -193,8 +275,19 @@ impl Tools {
 
     /// Calls the tool named `name`.
     pub async fn call(&self, name: &str, arguments: &str) -> Result<String, AgentError> {
+        self.call_with(name, arguments, ToolCallInfo::default())
+            .await
+    }
+
+    /// Calls the tool named `name`, telling it where the call comes from.
+    pub async fn call_with(
+        &self,
+        name: &str,
+        arguments: &str,
+        call: ToolCallInfo,
+    ) -> Result<String, AgentError> {
         match self.tools.get(name) {
-            Some(t) => t.call(arguments).await,
+            Some(t) => t.call_with(arguments, call).await,
             None => Err(AgentError::UnknownTool(name.to_owned())),
         }
     }

@@ -12,8 +12,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::FutureExt;
+use futures::future::BoxFuture;
 use troupe_actor::{ActorError, ActorHandle, Rejected};
 
+use crate::agent::{Agent, AgentRef, Handles};
 use crate::error::AgentError;
 
 /// What happens when a subscriber's mailbox is full.
@@ -37,9 +40,54 @@ pub struct Published {
 /// Most subscribers of one topic.
 pub const MAX_SUBSCRIBERS: usize = 4096;
 
+/// Something a topic delivers to: an actor handle or an agent instance.
+trait Subscriber<M>: Send + Sync {
+    /// Its name (one subscription per name).
+    fn id(&self) -> String;
+    /// Delivers if there is room now.
+    fn try_deliver(&self, msg: M) -> BoxFuture<'_, Result<(), AgentError>>;
+    /// Delivers, waiting up to `wait` for room.
+    fn deliver_wait(&self, msg: M, wait: Duration) -> BoxFuture<'_, Result<(), AgentError>>;
+}
+
+impl<M: ractor::Message> Subscriber<M> for ActorHandle<M> {
+    fn id(&self) -> String {
+        self.name().to_owned()
+    }
+
+    fn try_deliver(&self, msg: M) -> BoxFuture<'_, Result<(), AgentError>> {
+        let r = self.tell(msg).map_err(|r: Rejected<M>| r.error.into());
+        async move { r }.boxed()
+    }
+
+    fn deliver_wait(&self, msg: M, wait: Duration) -> BoxFuture<'_, Result<(), AgentError>> {
+        async move { self.send(msg, wait).await.map_err(|r| r.error.into()) }.boxed()
+    }
+}
+
+struct AgentSubscriber<A: Agent>(AgentRef<A>);
+
+impl<A, M> Subscriber<M> for AgentSubscriber<A>
+where
+    A: Handles<M>,
+    M: Send + 'static,
+{
+    fn id(&self) -> String {
+        format!("{:?}", self.0)
+    }
+
+    fn try_deliver(&self, msg: M) -> BoxFuture<'_, Result<(), AgentError>> {
+        self.0.tell(msg).boxed()
+    }
+
+    fn deliver_wait(&self, msg: M, wait: Duration) -> BoxFuture<'_, Result<(), AgentError>> {
+        async move { self.0.timeout(wait).send(msg).await }.boxed()
+    }
+}
+
 struct Topic<M> {
     overflow: Overflow,
-    subscribers: Vec<ActorHandle<M>>,
+    subscribers: Vec<Arc<dyn Subscriber<M>>>,
     dropped: metrics::Counter,
 }
 
@@ -55,7 +103,7 @@ impl Topics {
         Self::default()
     }
 
-    fn with_topic<M: Clone + ractor::Message, R>(
+    fn with_topic<M: Clone + Send + Sync + 'static, R>(
         &self,
         name: &str,
         f: impl FnOnce(&mut Topic<M>) -> R,
@@ -79,7 +127,7 @@ impl Topics {
 
     /// Sets the overflow policy of topic `name` (created with
     /// [`Overflow::Drop`] otherwise).
-    pub fn declare<M: Clone + ractor::Message>(
+    pub fn declare<M: Clone + Send + Sync + 'static>(
         &self,
         name: &str,
         overflow: Overflow,
@@ -87,14 +135,32 @@ impl Topics {
         self.with_topic::<M, _>(name, |t| t.overflow = overflow)
     }
 
-    /// Subscribes an agent (by its handle) to `name`.
-    pub fn subscribe<M: Clone + ractor::Message>(
+    /// Subscribes an actor (by its handle) to `name`.
+    pub fn subscribe<M: Clone + Sync + ractor::Message>(
         &self,
         name: &str,
         subscriber: ActorHandle<M>,
     ) -> Result<(), AgentError> {
+        self.add(name, Arc::new(subscriber))
+    }
+
+    /// Subscribes an agent instance to `name`: each message reaches its
+    /// [`Handles<M>`] handler.
+    pub fn subscribe_agent<A, M>(&self, name: &str, agent: AgentRef<A>) -> Result<(), AgentError>
+    where
+        A: Handles<M>,
+        M: Clone + Send + Sync + 'static,
+    {
+        self.add(name, Arc::new(AgentSubscriber(agent)))
+    }
+
+    fn add<M: Clone + Send + Sync + 'static>(
+        &self,
+        name: &str,
+        subscriber: Arc<dyn Subscriber<M>>,
+    ) -> Result<(), AgentError> {
         self.with_topic::<M, _>(name, |t| {
-            if t.subscribers.iter().any(|s| s.name() == subscriber.name()) {
+            if t.subscribers.iter().any(|s| s.id() == subscriber.id()) {
                 return Ok(());
             }
             if t.subscribers.len() >= MAX_SUBSCRIBERS {
@@ -108,18 +174,18 @@ impl Topics {
         })?
     }
 
-    /// Removes the subscriber named `agent` from `name`.
-    pub fn unsubscribe<M: Clone + ractor::Message>(
+    /// Removes the actor named `actor` from `name`.
+    pub fn unsubscribe<M: Clone + Send + Sync + 'static>(
         &self,
         name: &str,
-        agent: &str,
+        actor: &str,
     ) -> Result<(), AgentError> {
-        self.with_topic::<M, _>(name, |t| t.subscribers.retain(|s| s.name() != agent))
+        self.with_topic::<M, _>(name, |t| t.subscribers.retain(|s| s.id() != actor))
     }
 
     /// Delivers `msg` to every subscriber of `name`, following its
     /// overflow policy (see the [module docs](self)).
-    pub async fn publish<M: Clone + ractor::Message>(
+    pub async fn publish<M: Clone + Send + Sync + 'static>(
         &self,
         name: &str,
         msg: M,
@@ -130,14 +196,13 @@ impl Topics {
         let mut report = Published::default();
         let mut waiting = Vec::new();
         for s in &subscribers {
-            match s.tell(msg.clone()) {
+            match s.try_deliver(msg.clone()).await {
                 Ok(()) => report.delivered += 1,
-                Err(Rejected {
-                    error: ActorError::Backpressure { .. } | ActorError::NotRunning { .. },
-                    message,
-                }) => match overflow {
+                Err(AgentError::Actor(
+                    ActorError::Backpressure { .. } | ActorError::NotRunning { .. },
+                )) => match overflow {
                     Overflow::Drop => report.dropped += 1,
-                    Overflow::Wait(t) => waiting.push(s.send(message, t)),
+                    Overflow::Wait(t) => waiting.push(s.deliver_wait(msg.clone(), t)),
                 },
                 Err(_) => report.dropped += 1,
             }

@@ -288,23 +288,14 @@ fn system(url: &str) -> AgentSystem {
     AgentSystem::new(sessions, Inference::new().with_backend(backend(url)))
 }
 
+/// Answers with the model (the default turn).
 struct Answer;
 
-#[async_trait::async_trait]
 impl troupe_agent::Agent for Answer {
-    type Msg = (
-        String,
-        ractor::RpcReplyPort<Result<troupe_agent::TurnOutcome, AgentError>>,
-    );
-    async fn handle(
-        &mut self,
-        ctx: &troupe_agent::AgentContext,
-        (session, reply): Self::Msg,
-    ) -> Result<(), AgentError> {
-        let _ = reply.send(ctx.reply(&session).await);
-        Ok(())
-    }
+    type State = ();
 }
+
+const ANSWER: troupe_agent::AgentKey<Answer> = troupe_agent::AgentKey::new("answer");
 
 async fn events(sys: &AgentSystem, id: &str) -> Vec<SessionEvent> {
     let mut s = sys.sessions().subscribe(id, 0).await.unwrap();
@@ -326,13 +317,14 @@ async fn a_malformed_stream_fails_the_turn_once_and_journals_nothing_twice() {
     let (url, _) = serve().await;
     let sys = system(&url);
     let options = AgentOptions::default().model("openai", "malformed");
-    let (agent, _sup) = sys.spawn("answer", options, || Answer).await.unwrap();
+    let agent = sys.register(&ANSWER, Answer, options).await.unwrap();
     let id = sys.sessions().create("answer", None).await.unwrap();
-    sys.sessions().post(&id, "hi").await.unwrap();
-    let r = agent
-        .ask(|p| (id.clone(), p), Duration::from_secs(30))
+    let posted = sys
+        .sessions()
+        .post_with(&id, "hi", Vec::new(), troupe_agent::Dispatch::Later)
         .await
         .unwrap();
+    let r = agent.get(&id).answer(posted.turn).await;
     assert!(matches!(r, Err(AgentError::MalformedChunk { .. })), "{r:?}");
     let evs = events(&sys, &id).await;
     let kinds: Vec<&str> = evs
@@ -351,7 +343,10 @@ async fn a_malformed_stream_fails_the_turn_once_and_journals_nothing_twice() {
         ["opened", "user", "started", "chunk", "chunk", "failed"]
     );
     // The session takes the next turn.
-    sys.sessions().post(&id, "again").await.unwrap();
+    sys.sessions()
+        .post_with(&id, "again", Vec::new(), troupe_agent::Dispatch::Later)
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -370,17 +365,19 @@ async fn tool_calls_streamed_in_fragments_are_assembled_run_and_journaled() {
     let options = AgentOptions::default()
         .model("openai", "tools")
         .tools(tools);
-    let (agent, _sup) = sys.spawn("answer", options, || Answer).await.unwrap();
+    let agent = sys.register(&ANSWER, Answer, options).await.unwrap();
     let id = sys.sessions().create("answer", None).await.unwrap();
-    sys.sessions()
-        .post(&id, "is invoice 42 paid?")
+    let posted = sys
+        .sessions()
+        .post_with(
+            &id,
+            "is invoice 42 paid?",
+            Vec::new(),
+            troupe_agent::Dispatch::Later,
+        )
         .await
         .unwrap();
-    let outcome = agent
-        .ask(|p| (id.clone(), p), Duration::from_secs(30))
-        .await
-        .unwrap()
-        .unwrap();
+    let outcome = agent.get(&id).answer(posted.turn).await.unwrap();
     assert_eq!(outcome.tool_calls, 1);
     assert_eq!(
         outcome.text,

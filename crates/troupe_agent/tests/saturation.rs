@@ -8,8 +8,9 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio::sync::{Semaphore, mpsc};
 use troupe_agent::{
-    Agent, AgentContext, AgentError, AgentOptions, AgentSystem, ChatRequest, Chunk, ChunkStream,
-    Inference, LeaseSpec, ModelBackend, SessionConfig, SessionEvent, Sessions, TurnOutcome,
+    Agent, AgentError, AgentKey, AgentOptions, AgentSystem, ChatRequest, Chunk, ChunkStream,
+    Dispatch, Inference, LeaseSpec, ModelBackend, SessionConfig, SessionEvent, Sessions,
+    TurnOutcome,
 };
 use troupe_gpu::probe::SimulatedProbe;
 use troupe_gpu::{GpuArgs, GpuConfig, GpuSupervisorHandle};
@@ -45,17 +46,15 @@ impl ModelBackend for Gated {
     }
 }
 
-struct Worker(mpsc::UnboundedSender<(String, Result<TurnOutcome, AgentError>)>);
+/// Answers with the model (the default turn).
+struct Worker;
 
-#[async_trait::async_trait]
 impl Agent for Worker {
-    type Msg = String;
-    async fn handle(&mut self, ctx: &AgentContext, session: String) -> Result<(), AgentError> {
-        let r = ctx.reply(&session).await;
-        let _ = self.0.send((ctx.name().to_owned(), r));
-        Ok(())
-    }
+    type State = ();
 }
+
+const HI: AgentKey<Worker> = AgentKey::new("hi");
+const LO: AgentKey<Worker> = AgentKey::new("lo");
 
 async fn leased(gpu: &GpuSupervisorHandle) -> u64 {
     gpu.status().await.unwrap().iter().map(|s| s.leased.0).sum()
@@ -86,7 +85,8 @@ async fn saturated_gpus_serve_high_priority_refuse_low_priority_and_leak_nothing
         sessions.clone(),
         Inference::new().with_backend(backend).with_gpu(gpu.clone()),
     );
-    let (results_tx, mut results) = mpsc::unbounded_channel();
+    let (results_tx, mut results) =
+        mpsc::unbounded_channel::<(&'static str, Result<TurnOutcome, AgentError>)>();
     let lease = |priority, wait| LeaseSpec {
         memory: 8 * GIB,
         compute: 50,
@@ -95,43 +95,46 @@ async fn saturated_gpus_serve_high_priority_refuse_low_priority_and_leak_nothing
         ttl: Duration::from_secs(30),
         expected: Duration::from_secs(5),
     };
-    let mut agents = Vec::new();
-    let mut sups = Vec::new();
-    for (name, priority, wait) in [
-        ("hi-0", 3, 30),
-        ("hi-1", 3, 30),
-        ("hi-2", 3, 30),
-        ("hi-3", 3, 30),
-        ("hi-4", 3, 30),
-        ("hi-5", 3, 30),
-        ("lo-0", 0, 0),
-        ("lo-1", 0, 0),
-    ] {
-        let options = AgentOptions::default().model("gated", "m").lease(lease(
-            priority,
-            Duration::from_millis(200).max(Duration::from_secs(wait)),
-        ));
-        let tx = results_tx.clone();
-        let (h, sup) = sys
-            .spawn(name, options, move || Worker(tx.clone()))
-            .await
-            .unwrap();
-        agents.push((name, h));
-        sups.push(sup);
-    }
-    let turn = |name: &str| {
-        let sessions = sessions.clone();
-        let name = name.to_owned();
+    let hi = sys
+        .register(
+            &HI,
+            Worker,
+            AgentOptions::default()
+                .model("gated", "m")
+                .lease(lease(3, Duration::from_secs(30))),
+        )
+        .await
+        .unwrap();
+    sys.register(
+        &LO,
+        Worker,
+        AgentOptions::default()
+            .model("gated", "m")
+            .lease(lease(0, Duration::from_millis(200))),
+    )
+    .await
+    .unwrap();
+    // Opens a session of `kind`, posts a turn, and reports its outcome.
+    let turn = |kind: &'static str| {
+        let (sys, tx) = (sys.clone(), results_tx.clone());
         async move {
-            let id = sessions.create(&name, None).await.unwrap();
-            sessions.post(&id, "render a cat").await.unwrap();
+            let sessions = sys.sessions();
+            let id = sessions.create(kind, None).await.unwrap();
+            let posted = sessions
+                .post_with(&id, "render a cat", Vec::new(), Dispatch::Later)
+                .await
+                .unwrap();
+            let (sys, id2) = (sys.clone(), id.clone());
+            tokio::spawn(async move {
+                let _ = tx.send((kind, sys.answer(&id2, posted.turn).await));
+            });
             id
         }
     };
 
     // Four high-priority turns take every GPU slot.
-    for (name, h) in &agents[..4] {
-        h.tell(turn(name).await).unwrap();
+    for _ in 0..4 {
+        turn("hi").await;
     }
     for _ in 0..4 {
         started.recv().await.unwrap();
@@ -141,14 +144,12 @@ async fn saturated_gpus_serve_high_priority_refuse_low_priority_and_leak_nothing
     // Low priority is refused at once, with a retry hint, and the refusal
     // is journaled in its session.
     let mut low_sessions = Vec::new();
-    for (name, h) in &agents[6..] {
-        let id = turn(name).await;
-        h.tell(id.clone()).unwrap();
-        low_sessions.push(id);
+    for _ in 0..2 {
+        low_sessions.push(turn("lo").await);
     }
     for _ in 0..2 {
-        let (name, r) = results.recv().await.unwrap();
-        assert!(name.starts_with("lo-"), "{name} finished first");
+        let (kind, r) = results.recv().await.unwrap();
+        assert_eq!(kind, "lo", "{kind} finished first");
         let hint = r.unwrap_err().retry_after().expect("a retry hint");
         assert!(hint > Duration::ZERO);
     }
@@ -157,50 +158,38 @@ async fn saturated_gpus_serve_high_priority_refuse_low_priority_and_leak_nothing
 
     // Two more high-priority turns queue rather than fail, and everything
     // high-priority completes once capacity frees up.
-    for (name, h) in &agents[4..6] {
-        h.tell(turn(name).await).unwrap();
+    for _ in 0..2 {
+        turn("hi").await;
     }
     gate.add_permits(6);
     let mut done = 0;
     while done < 6 {
-        let (name, r) = results.recv().await.unwrap();
-        assert!(name.starts_with("hi-"));
+        let (kind, r) = results.recv().await.unwrap();
+        assert_eq!(kind, "hi");
         r.unwrap();
         done += 1;
     }
     assert_eq!(leased(&gpu).await, 0, "released before the caller saw Done");
     while started.try_recv().is_ok() {} // the two queued streams started too
 
-    // Crash four agents in the middle of streamed replies: their leases
-    // are freed, and their sessions can be answered again after restart.
+    // Kill four instances in the middle of streamed replies: their leases
+    // are freed, and their turns are answered again by a new attempt.
     let mut crashed = Vec::new();
-    for (name, h) in &agents[..4] {
-        let id = turn(name).await;
-        h.tell(id.clone()).unwrap();
-        crashed.push(id);
+    for _ in 0..4 {
+        crashed.push(turn("hi").await);
     }
     for _ in 0..4 {
         started.recv().await.unwrap();
     }
     assert_eq!(leased(&gpu).await, 32 * GIB);
-    for (_, h) in &agents[..4] {
-        h.cell().expect("running").kill();
+    for id in &crashed {
+        assert!(hi.kill_instance(id));
     }
-    let freed = async {
-        while leased(&gpu).await > 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(30), freed)
-        .await
-        .expect("leases of crashed agents leaked");
-    // The interrupted turns are retried (a new attempt) by the restarted agents.
+    // Each killed turn starts again at once, under a new lease.
+    for _ in 0..4 {
+        started.recv().await.unwrap();
+    }
     gate.add_permits(4);
-    for (i, (_, h)) in agents[..4].iter().enumerate() {
-        h.send(crashed[i].clone(), Duration::from_secs(10))
-            .await
-            .unwrap();
-    }
     for _ in 0..4 {
         let (_, r) = results.recv().await.unwrap();
         assert_eq!(r.unwrap().turn.attempt, 2);
@@ -216,8 +205,7 @@ async fn saturated_gpus_serve_high_priority_refuse_low_priority_and_leak_nothing
     }
     assert_eq!(attempts, [1, 2]);
     assert_eq!(leased(&gpu).await, 0);
-    for s in sups {
-        s.stop(Duration::from_secs(5)).await;
-    }
+    assert_eq!(hi.restarts(), 4);
+    sys.stop().await;
     gpu.stop().await;
 }

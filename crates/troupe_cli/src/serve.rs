@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use troupe_gateway::{Gateway, GatewayConfig, LogFormat};
+use troupe_gateway::{GatewayConfig, LogFormat, Server};
 
 pub fn run(config: Option<&Path>) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let config = match config {
@@ -15,7 +15,7 @@ pub fn run(config: Option<&Path>) -> Result<ExitCode, Box<dyn std::error::Error>
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let gateway = Gateway::start(config).await?;
+        let gateway = Server::start(config).await?;
         eprintln!("troupe gateway listening on http://{}", gateway.addr());
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {

@@ -19,9 +19,9 @@ use serde_json::{Value, json};
 use troupe_agent::{SessionItem, SessionView};
 use troupe_journal::{NewEvent, PersistenceId, Schema};
 
+use crate::AppState;
 use crate::error::GatewayError;
 use crate::tasks::{TaskKind, TaskState};
-use crate::{AppState, SESSION_AGENT};
 
 pub(crate) fn router(state: AppState) -> Router {
     let limit = state.0.config.body_limit_bytes;
@@ -122,7 +122,7 @@ impl AppState {
         if troupe_agent::session::session_pid(id).is_err() {
             return Err(not_found());
         }
-        match self.0.sessions.view(id).await {
+        match self.0.troupe.sessions().view(id).await {
             Ok(v) if v.tenant.as_deref() == Some(tenant) => Ok(v),
             Ok(_) | Err(troupe_agent::AgentError::UnknownSession(_)) => Err(not_found()),
             Err(e) => Err(e.into()),
@@ -152,7 +152,7 @@ impl AppState {
         let Ok(pid) = PersistenceId::new("owner", &format!("{kind}.{id}")) else {
             return Ok(None);
         };
-        let events = self.0.journal.replay(&pid, 1, 1).collect_all().await?;
+        let events = self.0.journal().replay(&pid, 1, 1).collect_all().await?;
         Ok(events
             .first()
             .and_then(|e| e.decode::<Owner>().ok())
@@ -169,11 +169,32 @@ impl Schema for Owner {
     const TYPE_NAME: &'static str = "gateway.Owner";
 }
 
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct NewSession {
+    /// The agent that answers it (the configured session agent if absent).
+    agent: Option<String>,
+}
+
 async fn create_session(
     State(st): State<AppState>,
     TenantName(tenant): TenantName,
+    body: axum::body::Bytes,
 ) -> Result<Response, GatewayError> {
-    let id = st.0.sessions.create(SESSION_AGENT, Some(&tenant)).await?;
+    let body: NewSession = if body.iter().all(u8::is_ascii_whitespace) {
+        NewSession::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| GatewayError::BadRequest(e.to_string()))?
+    };
+    let agent = body
+        .agent
+        .unwrap_or_else(|| st.0.config.session_agent.clone());
+    if !st.0.troupe.agents().agents().contains(&agent) {
+        return Err(GatewayError::BadRequest(format!(
+            "no agent named `{agent}` answers sessions here"
+        )));
+    }
+    let id = st.0.troupe.sessions().create(&agent, Some(&tenant)).await?;
     Ok((
         StatusCode::CREATED,
         [(header::LOCATION, format!("/v1/sessions/{id}"))],
@@ -213,7 +234,7 @@ async fn post_message(
         )));
     }
     if !body.attachments.is_empty() {
-        let blobs = st.0.tiered.as_ref().map(|t| t.blobs()).ok_or_else(|| {
+        let blobs = st.0.troupe.tiered().map(|t| t.blobs()).ok_or_else(|| {
             GatewayError::BadRequest("`attachments` need blob storage (a [storage] section)".into())
         })?;
         if body.attachments.len() > troupe_agent::MAX_ATTACHMENTS {
@@ -250,10 +271,17 @@ async fn post_message(
         turn: view.turns + 1,
     };
     let task_id = st.0.tasks.journal_new(&tenant, task).await?;
+    // The task's worker hands the turn to the session's agent.
     let posted = match st
         .0
-        .sessions
-        .post_with(&id, &body.content, body.attachments)
+        .troupe
+        .sessions()
+        .post_with(
+            &id,
+            &body.content,
+            body.attachments,
+            troupe_agent::Dispatch::Later,
+        )
         .await
     {
         Ok(p) if p.turn == view.turns + 1 => p,
@@ -304,7 +332,7 @@ async fn session_events(
             })?,
         None => q.after.unwrap_or(0),
     };
-    let stream = st.0.sessions.subscribe(&id, after).await?;
+    let stream = st.0.troupe.sessions().subscribe(&id, after).await?;
     let id_ = id.clone();
     let events = stream
         .take_while(move |item| {
@@ -397,7 +425,10 @@ async fn cancel_task(
     TenantName(tenant): TenantName,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, GatewayError> {
-    let t = st.0.tasks.cancel(&tenant, &id).await?;
+    let t =
+        st.0.tasks
+            .cancel(&tenant, &id, st.0.troupe.agents())
+            .await?;
     Ok(Json(task_json(&id, &t)))
 }
 
@@ -413,10 +444,14 @@ async fn create_workflow(
     TenantName(tenant): TenantName,
     ApiJson(body): ApiJson<NewWorkflow>,
 ) -> Result<Response, GatewayError> {
-    let id = st.0.sagas.start(&body.definition, body.input).await?;
+    let id =
+        st.0.troupe
+            .sagas()
+            .start(&body.definition, body.input)
+            .await?;
     let pid = PersistenceId::new("owner", &format!("workflow.{id}"))?;
     let event = NewEvent::new(&Owner { tenant })?;
-    st.0.journal.append(&pid, 0, vec![event]).await?;
+    st.0.journal().append(&pid, 0, vec![event]).await?;
     Ok(accepted(
         format!("/v1/workflows/{id}"),
         json!({ "workflow_id": id }),
@@ -440,7 +475,7 @@ async fn get_workflow(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, GatewayError> {
     check_workflow(&st, &tenant, &id).await?;
-    let s = st.0.sagas.status(&id).await?;
+    let s = st.0.troupe.sagas().status(&id).await?;
     let steps: Vec<Value> = s
         .steps
         .iter()
@@ -468,7 +503,7 @@ async fn signal_workflow(
         serde_json::from_slice(&body)
             .map_err(|e| GatewayError::BadRequest(format!("signal payload: {e}")))?
     };
-    if st.0.sagas.signal(&id, &name, payload).await? {
+    if st.0.troupe.sagas().signal(&id, &name, payload).await? {
         Ok(accepted(
             format!("/v1/workflows/{id}"),
             json!({ "delivered": true }),
@@ -481,11 +516,14 @@ async fn signal_workflow(
 }
 
 async fn gpus(State(st): State<AppState>, _t: TenantName) -> Result<Json<Value>, GatewayError> {
-    let status =
-        st.0.gpu
-            .status()
-            .await
-            .map_err(|e| GatewayError::Unavailable(e.to_string()))?;
+    let Some(gpu) = st.0.troupe.gpu() else {
+        return Ok(Json(json!({ "devices": [] })));
+    };
+    let status = gpu.status().await.map_err(|e| GatewayError::Unavailable {
+        reason: "the GPU supervisor".into(),
+        retry_after: e.retry_after().unwrap_or(Duration::from_secs(1)),
+        cause: Some(std::sync::Arc::new(e)),
+    })?;
     let devices: Vec<Value> = status
         .iter()
         .map(|s| {
@@ -512,16 +550,24 @@ async fn metrics(State(st): State<AppState>) -> Response {
 }
 
 async fn readyz(State(st): State<AppState>) -> Response {
-    if st.0.ready.load(Ordering::SeqCst) {
-        Json(json!({ "status": "ready" })).into_response()
+    let parts = st.0.troupe.readiness();
+    if !st.0.ready.load(Ordering::SeqCst) {
+        GatewayError::unavailable("starting or stopping").into_response()
+    } else if !parts.is_ready() {
+        let what = if parts.gpus == Some(false) {
+            "the GPU supervisor is restarting"
+        } else {
+            "the durable timers are restarting"
+        };
+        GatewayError::unavailable(what).into_response()
     } else {
-        GatewayError::Unavailable("starting or stopping".into()).into_response()
+        Json(json!({ "status": "ready" })).into_response()
     }
 }
 
 fn blob_store(st: &AppState) -> Result<&troupe_journal::BlobStore, GatewayError> {
-    st.0.tiered
-        .as_ref()
+    st.0.troupe
+        .tiered()
         .map(|t| t.blobs())
         .ok_or_else(|| GatewayError::NotFound {
             kind: "route",

@@ -156,6 +156,9 @@ pub struct GatewayConfig {
     pub task_workers: usize,
     /// Priority of session turns (0 to 3).
     pub session_priority: u8,
+    /// The agent `POST /v1/sessions` opens sessions with when the request
+    /// names none (`troupe serve` registers `assistant`).
+    pub session_agent: String,
     /// The model.
     pub model: ModelConfig,
     /// GPUs and leases.
@@ -188,6 +191,7 @@ impl Default for GatewayConfig {
             task_queue: 1_024,
             task_workers: 64,
             session_priority: 2,
+            session_agent: crate::SESSION_AGENT.into(),
             model: ModelConfig::Local {
                 words: default_words(),
                 chunk_ms: 0,

@@ -1,5 +1,17 @@
 //! The gateway's error type and its HTTP form.
+//!
+//! | error | status |
+//! |---|---|
+//! | malformed input (names the field) | 400 |
+//! | no or unknown bearer token | 401 |
+//! | unknown id, or another tenant's | 404 |
+//! | conflicts with the current state (a busy session) | 409 |
+//! | a body over the limit | 413 |
+//! | an overload: a lease refused, a queue at its bound, the degrade policy | 429 with `Retry-After` |
+//! | a transient failure: the journal failing for now, an actor restarting, a model server down | 503 with `Retry-After` |
+//! | anything else | 500; the cause is logged, not returned |
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
@@ -9,8 +21,12 @@ use serde_json::json;
 use troupe_agent::AgentError;
 use troupe_saga::SagaError;
 
+/// The cause kept inside a 503 or 500.
+pub type Cause = Arc<dyn std::error::Error + Send + Sync>;
+
 /// Everything a request or the server can fail with. Each variant maps to
-/// one HTTP status; the body is JSON: `{"error": {"code": ..., "message": ...}}`.
+/// one HTTP status (see the [module docs](self)); the body is JSON:
+/// `{"error": {"code": ..., "message": ...}}`.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum GatewayError {
     /// Malformed JSON, a missing or mistyped field (400).
@@ -44,16 +60,34 @@ pub enum GatewayError {
         /// When to retry.
         retry_after: Duration,
     },
-    /// The server is starting or stopping (503).
-    #[error("unavailable: {0}")]
-    Unavailable(String),
-    /// A failure inside the server (500).
-    #[error("internal error: {0}")]
-    Internal(String),
+    /// The server cannot serve this now: it is starting or stopping, or a
+    /// part it needs failed for now (503).
+    #[error("unavailable: {reason}")]
+    Unavailable {
+        /// What is unavailable.
+        reason: String,
+        /// When to retry.
+        retry_after: Duration,
+        /// The failure, when there is one.
+        #[source]
+        cause: Option<Cause>,
+    },
+    /// A failure inside the server (500); the body does not carry it.
+    #[error("internal error: {message}")]
+    Internal {
+        /// What failed (logged).
+        message: String,
+        /// The failure.
+        #[source]
+        cause: Option<Cause>,
+    },
     /// The configuration is invalid (at start-up).
     #[error("configuration: {0}")]
     Config(String),
 }
+
+/// Retry hint of a transient failure that carries none.
+const TRANSIENT_RETRY: Duration = Duration::from_secs(1);
 
 impl GatewayError {
     /// The HTTP status.
@@ -65,8 +99,8 @@ impl GatewayError {
             GatewayError::Conflict(_) => StatusCode::CONFLICT,
             GatewayError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
-            GatewayError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            GatewayError::Internal(_) | GatewayError::Config(_) => {
+            GatewayError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::Internal { .. } | GatewayError::Config(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
         }
@@ -80,9 +114,73 @@ impl GatewayError {
             GatewayError::Conflict(_) => "conflict",
             GatewayError::TooLarge { .. } => "too_large",
             GatewayError::Overloaded { .. } => "overloaded",
-            GatewayError::Unavailable(_) => "unavailable",
-            GatewayError::Internal(_) => "internal",
+            GatewayError::Unavailable { .. } => "unavailable",
+            GatewayError::Internal { .. } => "internal",
             GatewayError::Config(_) => "config",
+        }
+    }
+
+    /// When a retry has a fair chance (429 and 503).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            GatewayError::Overloaded { retry_after, .. }
+            | GatewayError::Unavailable { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        }
+    }
+
+    /// Whether retrying later may succeed (429 and 503).
+    pub fn is_transient(&self) -> bool {
+        self.retry_after().is_some()
+    }
+
+    /// 503 for a reason with no underlying error.
+    pub fn unavailable(reason: impl Into<String>) -> Self {
+        GatewayError::Unavailable {
+            reason: reason.into(),
+            retry_after: TRANSIENT_RETRY,
+            cause: None,
+        }
+    }
+
+    /// 500 for an unexpected error.
+    pub fn internal(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        GatewayError::Internal {
+            message: e.to_string(),
+            cause: Some(Arc::new(e)),
+        }
+    }
+
+    /// 503 or 500 for `e`, as its transient-ness says.
+    fn failure(
+        e: impl std::error::Error + Send + Sync + 'static,
+        transient: bool,
+        retry_after: Option<Duration>,
+    ) -> Self {
+        if transient {
+            GatewayError::Unavailable {
+                reason: e.to_string(),
+                retry_after: retry_after.unwrap_or(TRANSIENT_RETRY),
+                cause: Some(Arc::new(e)),
+            }
+        } else {
+            Self::internal(e)
+        }
+    }
+
+    /// The HTTP form of a system error.
+    pub fn from_runtime(e: troupe_runtime::RuntimeError) -> Self {
+        use troupe_runtime::RuntimeError as R;
+        match e {
+            R::Agent(e) => e.into(),
+            R::Saga(e) => e.into(),
+            R::Actor(e) => e.into(),
+            R::Journal(e) => e.into(),
+            R::Config(m) => GatewayError::Config(m),
+            other => {
+                let (t, r) = (other.is_transient(), other.retry_after());
+                Self::failure(other, t, r)
+            }
         }
     }
 }
@@ -90,13 +188,25 @@ impl GatewayError {
 impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
         let status = self.status();
-        let mut body = json!({ "error": { "code": self.code(), "message": self.to_string() } });
-        if let GatewayError::Overloaded { retry_after, .. } = &self {
+        let message = match &self {
+            // The cause stays in the log: it may name files, hosts, queries.
+            GatewayError::Internal { .. } => {
+                tracing::error!(error = %self, cause = ?std::error::Error::source(&self), "internal error");
+                "internal error (logged by the server)".to_owned()
+            }
+            GatewayError::Unavailable { reason, .. } => {
+                tracing::warn!(error = %self, "unavailable");
+                format!("unavailable: {reason}")
+            }
+            other => other.to_string(),
+        };
+        let mut body = json!({ "error": { "code": self.code(), "message": message } });
+        if let Some(retry_after) = self.retry_after() {
             body["error"]["retry_after_ms"] = json!(retry_after.as_millis() as u64);
         }
         metrics::counter!("troupe_gateway_errors_total", "code" => self.code()).increment(1);
         let mut resp = (status, Json(body)).into_response();
-        if let GatewayError::Overloaded { retry_after, .. } = &self {
+        if let Some(retry_after) = self.retry_after() {
             let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
             if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
                 resp.headers_mut().insert(header::RETRY_AFTER, v);
@@ -123,16 +233,14 @@ impl From<AgentError> for GatewayError {
             AgentError::Busy { .. } | AgentError::SessionClosed(_) => {
                 GatewayError::Conflict(e.to_string())
             }
-            AgentError::TooLarge { .. } | AgentError::Invalid { .. } => {
-                GatewayError::BadRequest(e.to_string())
+            AgentError::TooLarge { .. }
+            | AgentError::Invalid { .. }
+            | AgentError::UnknownAgent(_) => GatewayError::BadRequest(e.to_string()),
+            AgentError::Actor(a) => a.into(),
+            other => {
+                let (t, r) = (other.is_transient(), other.retry_after());
+                Self::failure(other, t, r)
             }
-            AgentError::Actor(troupe_actor::ActorError::Backpressure { .. }) => {
-                GatewayError::Overloaded {
-                    reason: e.to_string(),
-                    retry_after: Duration::from_secs(1),
-                }
-            }
-            other => GatewayError::Internal(other.to_string()),
         }
     }
 }
@@ -151,25 +259,34 @@ impl From<SagaError> for GatewayError {
                 reason: e.to_string(),
                 retry_after: Duration::from_secs(1),
             },
-            other => GatewayError::Internal(other.to_string()),
+            other => {
+                let (t, r) = (other.is_transient(), other.retry_after());
+                Self::failure(other, t, r)
+            }
         }
     }
 }
 
 impl From<troupe_journal::JournalError> for GatewayError {
     fn from(e: troupe_journal::JournalError) -> Self {
-        GatewayError::Internal(format!("journal: {e}"))
+        let t = e.is_transient();
+        Self::failure(e, t, None)
     }
 }
 
 impl From<troupe_actor::ActorError> for GatewayError {
     fn from(e: troupe_actor::ActorError) -> Self {
+        use troupe_actor::ActorError as A;
         match e {
-            troupe_actor::ActorError::Backpressure { .. } => GatewayError::Overloaded {
+            A::Backpressure { .. } | A::TooManyActive { .. } => GatewayError::Overloaded {
                 reason: e.to_string(),
-                retry_after: Duration::from_secs(1),
+                retry_after: e.retry_after().unwrap_or(TRANSIENT_RETRY),
             },
-            other => GatewayError::Internal(other.to_string()),
+            A::ShuttingDown => GatewayError::unavailable("the server is stopping"),
+            other => {
+                let (t, r) = (other.is_transient(), other.retry_after());
+                Self::failure(other, t, r)
+            }
         }
     }
 }

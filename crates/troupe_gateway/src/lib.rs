@@ -22,8 +22,21 @@
 //! (`{"error": {"code", "message"}}`): 400 for malformed input (naming the
 //! field), 401, 404, 409, 413 past the body limit, 429 with `Retry-After`
 //! on overload (a lease refused, the task queue at its bound, the degrade
-//! policy). Start one with [`Gateway::start`]; `troupe serve` does that
-//! from a [`GatewayConfig`].
+//! policy). Internal failures answer 500 with a request-free generic
+//! message (the cause is logged); a transient one (a journal that failed
+//! for now, an actor restarting, a model server down) answers 503 with
+//! `Retry-After`.
+//!
+//! ## Two ways to run it
+//!
+//! | you have | use |
+//! |---|---|
+//! | a `troupe.toml` (or nothing: every field has a default) | [`Server::start`] builds the whole system from a [`GatewayConfig`] and listens: what `troupe serve` runs |
+//! | your own [`Troupe`] (your agents, backends, workflows) and maybe your own axum app | [`Gateway::new`] over it, then [`Gateway::router`]: a plain `axum::Router` to serve with [`serve`] or to `merge`/`nest` into yours |
+//!
+//! A router mounted in your own server gets what a router carries (body
+//! limits, tenants, JSON errors); connection limits and header-read
+//! time-outs belong to the server that runs it.
 
 #![warn(missing_docs)]
 
@@ -40,15 +53,14 @@ use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde_json::json;
-use troupe_actor::SupervisorHandle;
 use troupe_agent::{
-    AgentOptions, AgentSystem, Inference, LeaseSpec, LocalBackend, OpenAiBackend, OpenAiConfig,
-    SessionConfig, Sessions,
+    Agent, AgentKey, AgentOptions, Inference, LeaseSpec, LocalBackend, ModelBackend, OpenAiBackend,
+    OpenAiConfig, SessionConfig,
 };
 use troupe_gpu::probe::{GpuProbe, SimulatedProbe};
-use troupe_gpu::{GpuArgs, GpuConfig, GpuSupervisorHandle};
-use troupe_journal::{Durability, Journal, JournalConfig, TieredJournal};
-use troupe_saga::{Handlers, RetryPolicy, SagaDefinition, Sagas, StepContext, StepDef, StepError};
+use troupe_journal::{Durability, Journal, JournalConfig};
+use troupe_runtime::{Troupe, TroupeBuilder};
+use troupe_saga::{RetryPolicy, SagaDefinition, StepContext, StepDef, StepError};
 
 pub use config::{
     DegradeSection, GatewayConfig, GpuSection, LogFormat, ModelConfig, PostgresSection, Tenant,
@@ -91,19 +103,18 @@ pub fn metrics_handle() -> PrometheusHandle {
 pub(crate) struct Shared {
     pub config: GatewayConfig,
     pub tokens: HashMap<String, String>,
-    pub journal: Arc<dyn Journal>,
-    pub sessions: Sessions,
-    pub agents: AgentSystem,
+    pub troupe: Arc<Troupe>,
     pub tasks: Tasks,
-    pub sagas: Sagas,
-    pub gpu: GpuSupervisorHandle,
     pub metrics: PrometheusHandle,
     pub ready: AtomicBool,
     /// GPU utilization (percent), refreshed every [`UTILIZATION_REFRESH`].
     pub utilization: AtomicU32,
-    pub lease_journal: Arc<dyn Journal>,
-    /// The tiered journal, when `[storage]` is configured (blobs live there).
-    pub tiered: Option<TieredJournal>,
+}
+
+impl Shared {
+    pub fn journal(&self) -> Arc<dyn Journal> {
+        self.troupe.journal()
+    }
 }
 
 /// How often the degrade policy's view of GPU utilization is refreshed.
@@ -111,7 +122,7 @@ pub const UTILIZATION_REFRESH: Duration = Duration::from_millis(100);
 
 /// Utilization as the degrade policy sees it: the larger of the leased
 /// compute share across healthy GPUs and the busiest GPU's own reading.
-async fn utilization(gpu: &GpuSupervisorHandle) -> Option<u32> {
+async fn utilization(gpu: &troupe_gpu::GpuSupervisorHandle) -> Option<u32> {
     let status = gpu.status().await.ok()?;
     let (mut used, mut total, mut probe) = (0u64, 0u64, 0u32);
     for s in status.iter().filter(|s| s.device.healthy) {
@@ -127,68 +138,39 @@ async fn utilization(gpu: &GpuSupervisorHandle) -> Option<u32> {
 #[derive(Clone)]
 pub(crate) struct AppState(pub Arc<Shared>);
 
-/// A running gateway.
-pub struct Gateway {
-    addr: SocketAddr,
-    state: AppState,
-    stop: tokio::sync::watch::Sender<bool>,
-    server: tokio::task::JoinHandle<std::io::Result<()>>,
-    agents_sup: SupervisorHandle,
-    archiver: Option<tokio::task::JoinHandle<()>>,
-}
-
-/// The agent that answers sessions.
+/// The agent `troupe serve` answers sessions with, unless a request names
+/// another.
 pub const SESSION_AGENT: &str = "assistant";
 
-/// What the `assistant` agent is sent: a session to answer and where the
-/// outcome goes.
-pub struct AssistantMsg {
-    /// The session to answer.
-    pub session: String,
-    /// Where the outcome goes.
-    pub reply: ractor::RpcReplyPort<Result<troupe_agent::TurnOutcome, troupe_agent::AgentError>>,
+/// The `assistant` agent of `troupe serve`: answers each turn with the
+/// configured model (the default turn of every agent).
+pub struct Assistant;
+
+impl Agent for Assistant {
+    type State = ();
 }
 
-#[cfg(feature = "cluster")]
-impl ractor::Message for AssistantMsg {}
+/// The key of [`Assistant`].
+pub const ASSISTANT: AgentKey<Assistant> = AgentKey::new(SESSION_AGENT);
 
-/// The `assistant` agent. The gateway's task workers answer sessions
-/// through its context (cancellable with the task); other agents may also
-/// hand it a session by name. Each turn runs in a task of its own, so one
-/// agent serves many sessions at once.
-struct Assistant;
-
-#[async_trait::async_trait]
-impl troupe_agent::Agent for Assistant {
-    type Msg = AssistantMsg;
-    async fn handle(
-        &mut self,
-        ctx: &troupe_agent::AgentContext,
-        AssistantMsg { session, reply }: AssistantMsg,
-    ) -> Result<(), troupe_agent::AgentError> {
-        let ctx = ctx.clone();
-        tokio::spawn(async move {
-            let _ = reply.send(ctx.reply(&session).await);
-        });
-        Ok(())
+/// The backend name and model name of a model section.
+pub fn backend_names(model: &ModelConfig) -> (String, String) {
+    match model {
+        ModelConfig::Local { .. } => ("local".into(), "local".into()),
+        ModelConfig::Openai { model, .. } => ("openai".into(), model.clone()),
     }
 }
 
-fn model(config: &GatewayConfig) -> Result<(Inference, String, String), GatewayError> {
+fn backend(config: &GatewayConfig) -> Result<Arc<dyn ModelBackend>, GatewayError> {
     Ok(match &config.model {
         ModelConfig::Local { words, chunk_ms } => {
             let d = Duration::from_millis(*chunk_ms);
-            let b = LocalBackend::default().words(*words, 2).latency(d, d);
-            (
-                Inference::new().with_backend(b),
-                "local".into(),
-                "local".into(),
-            )
+            Arc::new(LocalBackend::default().words(*words, 2).latency(d, d))
         }
         ModelConfig::Openai {
             base_url,
-            model,
             api_key_env,
+            ..
         } => {
             let mut c = OpenAiConfig::new(base_url);
             if let Some(var) = api_key_env {
@@ -197,126 +179,118 @@ fn model(config: &GatewayConfig) -> Result<(Inference, String, String), GatewayE
                 })?;
                 c = c.api_key(key);
             }
-            let b = OpenAiBackend::new(c).map_err(|e| GatewayError::Config(e.to_string()))?;
-            (
-                Inference::new().with_backend(b),
-                "openai".into(),
-                model.clone(),
-            )
+            Arc::new(OpenAiBackend::new(c).map_err(|e| GatewayError::Config(e.to_string()))?)
         }
     })
 }
 
-/// The built-in workflow of `troupe serve`: `draft` (an inference under a
-/// lease), then a human `approve` signal (within an hour), then `publish`;
-/// a failure after the draft discards it.
-fn workflows(
-    inference: Inference,
-    backend: (String, String),
-    lease: LeaseSpec,
-) -> (Handlers, SagaDefinition) {
-    let mut h = Handlers::default();
-    h.register("draft", move |ctx: StepContext| {
-        let (inference, backend, lease) = (inference.clone(), backend.clone(), lease.clone());
-        async move {
-            let topic = ctx.input["input"]["topic"]
-                .as_str()
-                .unwrap_or("something")
-                .to_owned();
-            let request = troupe_agent::ChatRequest::new(
-                backend.1.clone(),
-                vec![troupe_agent::ChatMessage::user(format!(
-                    "write about {topic}"
-                ))],
-            );
-            let holder = troupe_agent::Holder {
-                name: ctx.idempotency_key(),
-                actor: None,
-            };
-            let mut stream = inference
-                .stream(&backend.0, request, &lease, &holder)
-                .await
-                .map_err(|e| StepError::retryable(e.to_string()))?;
-            let mut text = String::new();
-            while let Some(c) = futures::StreamExt::next(&mut stream).await {
-                if let troupe_agent::Chunk::Text(t) =
-                    c.map_err(|e| StepError::retryable(e.to_string()))?
-                {
-                    text.push_str(&t);
-                }
-            }
-            Ok(json!({ "draft": text }))
-        }
-    });
-    h.register("discard", |_ctx: StepContext| async { Ok(json!(null)) });
-    h.register("publish", |ctx: StepContext| async move {
-        Ok(json!({ "published": ctx.input["draft"]["draft"] }))
-    });
-    let def = SagaDefinition::new(
-        "review",
-        vec![
-            StepDef::new("draft", "draft")
-                .compensate_with("discard")
-                .retry(RetryPolicy::immediate(2)),
-            StepDef::signal("approve", "approve", Duration::from_secs(3600)).after(&["draft"]),
-            StepDef::new("publish", "publish").after(&["approve"]),
-        ],
-    )
-    .expect("the built-in workflow is valid");
-    (h, def)
+/// The lease each inference of the gateway takes (priority set per task).
+pub fn lease(config: &GatewayConfig) -> LeaseSpec {
+    LeaseSpec {
+        memory: config.gpus.lease_memory_mib << 20,
+        compute: config.gpus.lease_compute_pct,
+        wait: Duration::from_millis(config.gpus.lease_wait_ms),
+        ..LeaseSpec::default()
+    }
 }
 
-impl Gateway {
-    /// Opens the journal, starts the GPU supervisor, the agents, the task
-    /// workers and the sagas, resumes unfinished work, then listens.
-    pub async fn start(config: GatewayConfig) -> Result<Self, GatewayError> {
-        config.validate()?;
-        let metrics = metrics_handle();
-        let journal_config = JournalConfig {
-            data_dir: config.data_dir.join("journal"),
-            durability: config.durability,
-            tiers: config.storage.clone(),
-        };
-        let tiered = journal_config
-            .open_tiered()
-            .map_err(|e| GatewayError::Config(format!("journal: {e}")))?;
-        let journal: Arc<dyn Journal> = match (&tiered, &config.postgres) {
-            (Some(t), _) => Arc::new(t.clone()),
-            (None, Some(pg)) => {
-                let pg_config = troupe_postgres::PgConfig {
-                    pool_size: pg.pool_size,
-                    ..troupe_postgres::PgConfig::new(pg.url.clone()).schema(pg.schema.clone())
+/// The built-in workflow of `troupe serve`, `review`: `draft` (an
+/// inference under a lease), then a human `approve` signal (within an
+/// hour), then `publish`; a failure after the draft discards it.
+fn workflows(
+    builder: TroupeBuilder,
+    inference: Arc<OnceLock<Inference>>,
+    config: &GatewayConfig,
+) -> TroupeBuilder {
+    let (backend, model) = backend_names(&config.model);
+    let lease = lease(config);
+    builder
+        .step("draft", move |ctx: StepContext| {
+            let (inference, backend, model, lease) = (
+                inference.get().cloned(),
+                backend.clone(),
+                model.clone(),
+                lease.clone(),
+            );
+            async move {
+                let inference =
+                    inference.ok_or_else(|| StepError::retryable("the system is starting"))?;
+                let topic = ctx.input["input"]["topic"]
+                    .as_str()
+                    .unwrap_or("something")
+                    .to_owned();
+                let request = troupe_agent::ChatRequest::new(
+                    model,
+                    vec![troupe_agent::ChatMessage::user(format!(
+                        "write about {topic}"
+                    ))],
+                );
+                let holder = troupe_agent::Holder {
+                    name: ctx.idempotency_key(),
+                    actor: None,
                 };
-                Arc::new(
-                    troupe_postgres::PgJournal::open(pg_config)
-                        .await
-                        .map_err(|e| GatewayError::Config(format!("postgres journal: {e}")))?,
-                )
+                let mut stream = inference
+                    .stream(&backend, request, &lease, &holder)
+                    .await
+                    .map_err(|e| StepError::retryable(e.to_string()))?;
+                let mut text = String::new();
+                while let Some(c) = futures::StreamExt::next(&mut stream).await {
+                    if let troupe_agent::Chunk::Text(t) =
+                        c.map_err(|e| StepError::retryable(e.to_string()))?
+                    {
+                        text.push_str(&t);
+                    }
+                }
+                Ok(json!({ "draft": text }))
             }
-            (None, None) => journal_config
-                .open()
-                .map_err(|e| GatewayError::Config(format!("journal: {e}")))?,
-        };
-        let archiver = tiered.as_ref().and_then(|t| {
-            t.policy()
-                .interval_s
-                .map(|s| t.spawn_archiver(Duration::from_secs(s)))
+        })
+        .step("discard", |_ctx: StepContext| async { Ok(json!(null)) })
+        .step("publish", |ctx: StepContext| async move {
+            Ok(json!({ "published": ctx.input["draft"]["draft"] }))
+        })
+        .workflow(
+            SagaDefinition::new(
+                "review",
+                vec![
+                    StepDef::new("draft", "draft")
+                        .compensate_with("discard")
+                        .retry(RetryPolicy::immediate(2)),
+                    StepDef::signal("approve", "approve", Duration::from_secs(3600))
+                        .after(&["draft"]),
+                    StepDef::new("publish", "publish").after(&["approve"]),
+                ],
+            )
+            .expect("the built-in workflow is valid"),
+        )
+}
+
+/// The system `troupe serve` runs for `config`: its journal (RocksDB,
+/// tiered, or PostgreSQL), its GPUs (NVML, or simulated ones), its model,
+/// the `assistant` agent and the `review` workflow. Turns and sagas are
+/// resumed by the gateway, not by the builder.
+pub async fn troupe_for(config: &GatewayConfig) -> Result<Troupe, GatewayError> {
+    config.validate()?;
+    let mut builder = Troupe::builder()
+        .data_dir(&config.data_dir)
+        .durability(config.durability)
+        .resume(false)
+        .sessions(SessionConfig {
+            heartbeat: config.heartbeat(),
+            ..SessionConfig::default()
         });
-        let probe: Arc<dyn GpuProbe> = if config.gpus.force_simulated {
-            Arc::new(SimulatedProbe::new(
-                config.gpus.simulated,
-                config.gpus.memory_gib << 30,
-            ))
-        } else {
-            troupe_gpu::probe::detect(SimulatedProbe::new(
-                config.gpus.simulated,
-                config.gpus.memory_gib << 30,
-            ))
+    if let Some(storage) = &config.storage {
+        builder = builder.storage(storage.clone());
+    }
+    if let Some(pg) = &config.postgres {
+        let pg_config = troupe_postgres::PgConfig {
+            pool_size: pg.pool_size,
+            ..troupe_postgres::PgConfig::new(pg.url.clone()).schema(pg.schema.clone())
         };
-        // Lease decisions in a journal of their own, buffered: a process
-        // crash ends every in-process holder anyway (see the leases chapter),
-        // and an fsync per decision would serialize admission.
-        let lease_journal = JournalConfig {
+        let journal = troupe_postgres::PgJournal::open(pg_config)
+            .await
+            .map_err(|e| GatewayError::Config(format!("postgres journal: {e}")))?;
+        // Lease decisions stay local: they belong to this server's GPUs.
+        let leases = JournalConfig {
             data_dir: config.data_dir.join("leases"),
             durability: match config.durability {
                 Durability::InMemory => Durability::InMemory,
@@ -326,123 +300,174 @@ impl Gateway {
         }
         .open()
         .map_err(|e| GatewayError::Config(format!("lease journal: {e}")))?;
-        let gpu = GpuSupervisorHandle::spawn(
-            GpuArgs {
-                probe,
-                journal: lease_journal.clone(),
-                config: GpuConfig::default(),
-            },
-            None,
-        )
-        .await
-        .map_err(|e| GatewayError::Config(e.to_string()))?;
-        let (inference, backend, model_name) = model(&config)?;
-        let inference = inference.with_gpu(gpu.clone());
-        let lease = LeaseSpec {
-            memory: config.gpus.lease_memory_mib << 20,
-            compute: config.gpus.lease_compute_pct,
-            wait: Duration::from_millis(config.gpus.lease_wait_ms),
-            ..LeaseSpec::default()
-        };
-        let sessions = Sessions::new(
-            journal.clone(),
-            SessionConfig {
-                heartbeat: config.heartbeat(),
-                ..SessionConfig::default()
-            },
-        );
-        let agents = AgentSystem::new(sessions.clone(), inference.clone());
-        let options = AgentOptions::default()
-            .model(backend.clone(), model_name.clone())
-            .lease(LeaseSpec {
-                priority: config.session_priority,
-                ..lease.clone()
-            });
-        let (child, _) = agents
-            .agent(SESSION_AGENT, options, || Assistant)
-            .map_err(|e| GatewayError::Config(e.to_string()))?;
-        let agents_sup = SupervisorHandle::spawn(
-            troupe_actor::SupervisorSpec::new("gateway-agents").child(child),
-        )
-        .await
-        .map_err(|e| GatewayError::Config(e.to_string()))?;
+        builder = builder.journal(Arc::new(journal)).lease_journal(leases);
+    }
+    let simulated = SimulatedProbe::new(config.gpus.simulated, config.gpus.memory_gib << 30);
+    let probe: Arc<dyn GpuProbe> = if config.gpus.force_simulated {
+        Arc::new(simulated)
+    } else {
+        troupe_gpu::probe::detect(simulated)
+    };
+    let (backend_name, model_name) = backend_names(&config.model);
+    builder = builder
+        .gpus(probe)
+        .shared_backend(&backend_name, backend(config)?);
+    let options = AgentOptions::default()
+        .model(backend_name, model_name)
+        .lease(LeaseSpec {
+            priority: config.session_priority,
+            ..lease(config)
+        })
+        .concurrency(config.task_workers.max(1), Duration::from_secs(30));
+    builder = builder.agent(&ASSISTANT, Assistant, options);
+    // The draft step runs under the system's own leases, known once built.
+    let inference = Arc::new(OnceLock::new());
+    builder = workflows(builder, inference.clone(), config);
+    let troupe = builder.build().await.map_err(GatewayError::from_runtime)?;
+    let _ = inference.set(troupe.inference().clone());
+    Ok(troupe)
+}
+
+/// The gateway over a running [`Troupe`]: the task workers, the routes,
+/// the degrade policy. See the [crate docs](crate).
+pub struct Gateway {
+    state: AppState,
+    refresher: tokio::task::JoinHandle<()>,
+}
+
+impl Gateway {
+    /// The gateway over `troupe`, with the HTTP settings of `config`
+    /// (tenants, limits, task queue and workers, degrade policy; the
+    /// system's own settings in it are not read). Starts the task workers
+    /// and resumes the tasks and workflows an earlier run left unfinished.
+    pub async fn new(troupe: Arc<Troupe>, config: GatewayConfig) -> Result<Self, GatewayError> {
+        config.validate()?;
+        let metrics = metrics_handle();
+        let (backend, model) = backend_names(&config.model);
         let tasks = Tasks::start(
-            journal.clone(),
+            troupe.journal(),
             config.task_queue,
             config.task_workers,
             tasks::Runner {
-                inference: inference.clone(),
-                agents: agents.clone(),
-                session_agent: SESSION_AGENT.into(),
-                backend: (backend.clone(), model_name.clone()),
-                lease: lease.clone(),
+                inference: troupe.inference().clone(),
+                agents: troupe.agents().clone(),
+                backend: (backend, model),
+                lease: lease(&config),
             },
         );
-        let (handlers, review) = workflows(inference, (backend, model_name), lease);
-        let sagas = Sagas::new(journal.clone(), handlers);
-        sagas.register(review)?;
         let tokens = config
             .tenants
             .iter()
             .map(|t| (t.token.clone(), t.name.clone()))
             .collect();
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
-            .map_err(|e| {
-                GatewayError::Config(format!("cannot listen on {}: {e}", config.listen))
-            })?;
-        let addr = listener
-            .local_addr()
-            .map_err(|e| GatewayError::Internal(e.to_string()))?;
         let state = AppState(Arc::new(Shared {
             config,
             tokens,
-            journal: journal.clone(),
-            sessions,
-            agents,
+            troupe: troupe.clone(),
             tasks: tasks.clone(),
-            sagas: sagas.clone(),
-            gpu,
             metrics,
             ready: AtomicBool::new(false),
             utilization: AtomicU32::new(0),
-            lease_journal,
-            tiered,
         }));
-        {
+        let refresher = {
             let weak = Arc::downgrade(&state.0);
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(UTILIZATION_REFRESH);
                 loop {
                     tick.tick().await;
                     let Some(s) = weak.upgrade() else { return };
-                    if let Some(u) = utilization(&s.gpu).await {
+                    let Some(gpu) = s.troupe.gpu() else { continue };
+                    if let Some(u) = utilization(gpu).await {
                         s.utilization.store(u, Ordering::Relaxed);
                         metrics::gauge!("troupe_gateway_gpu_utilization_percent").set(f64::from(u));
                     }
                 }
-            });
-        }
-        let (stop, mut stopped) = tokio::sync::watch::channel(false);
-        let app = api::router(state.clone());
-        let server = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stopped.wait_for(|s| *s).await;
-                })
-                .await
-        });
-        // Unfinished work from before a restart.
-        let resumed_tasks = tasks.resume(journal.as_ref()).await?;
-        let resumed_sagas = sagas.resume_all().await?;
+            })
+        };
+        // Unfinished work from before a restart. A task record that cannot
+        // be read is reported and skipped, not fatal.
+        let resumed_tasks = tasks.resume(troupe.journal().as_ref()).await?;
+        let resumed_sagas = troupe.sagas().resume_all().await?;
         state.0.ready.store(true, Ordering::SeqCst);
-        tracing::info!(%addr, resumed_tasks, resumed_sagas, "gateway listening");
+        tracing::info!(resumed_tasks, resumed_sagas, "gateway ready");
+        Ok(Self { state, refresher })
+    }
+
+    /// The routes, as a plain `axum::Router`: serve it with [`serve`], or
+    /// merge or nest it into your own app.
+    pub fn router(&self) -> axum::Router {
+        api::router(self.state.clone())
+    }
+
+    /// The system it serves.
+    pub fn troupe(&self) -> &Arc<Troupe> {
+        &self.state.0.troupe
+    }
+
+    /// Stops the task workers (their tasks stay journaled: the next start
+    /// resumes them) and reports not ready. The system is the caller's to
+    /// shut down.
+    pub fn shutdown(&self) {
+        self.state.0.ready.store(false, Ordering::SeqCst);
+        self.state.0.tasks.stop();
+        self.refresher.abort();
+    }
+}
+
+/// Serves `router` on `listener` until `stop` resolves, then lets
+/// in-flight requests finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(stop)
+        .await
+}
+
+/// The whole server of `troupe serve`: the system built from a
+/// [`GatewayConfig`], the gateway over it, listening.
+pub struct Server {
+    addr: SocketAddr,
+    gateway: Gateway,
+    stop: tokio::sync::watch::Sender<bool>,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    archiver: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Server {
+    /// Builds the system ([`troupe_for`]), the gateway over it, and listens
+    /// on `config.listen`.
+    pub async fn start(config: GatewayConfig) -> Result<Self, GatewayError> {
+        let troupe = Arc::new(troupe_for(&config).await?);
+        let archiver = troupe.tiered().and_then(|t| {
+            t.policy()
+                .interval_s
+                .map(|s| t.spawn_archiver(Duration::from_secs(s)))
+        });
+        let listen = config.listen;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| GatewayError::Config(format!("cannot listen on {listen}: {e}")))?;
+        let addr = listener.local_addr().map_err(GatewayError::internal)?;
+        let gateway = match Gateway::new(troupe.clone(), config).await {
+            Ok(g) => g,
+            Err(e) => {
+                let _ = troupe.shutdown().await;
+                return Err(e);
+            }
+        };
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let server = tokio::spawn(serve(listener, gateway.router(), async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        }));
+        tracing::info!(%addr, "gateway listening");
         Ok(Self {
             addr,
-            state,
+            gateway,
             stop,
             server,
-            agents_sup,
             archiver,
         })
     }
@@ -452,40 +477,32 @@ impl Gateway {
         self.addr
     }
 
-    /// The agents (the `assistant` agent, its sessions and models): for
-    /// programs that embed the gateway and talk to agents in-process.
-    pub fn agents(&self) -> &AgentSystem {
-        &self.state.0.agents
+    /// The system it serves (agents, sessions, sagas, GPUs).
+    pub fn troupe(&self) -> &Arc<Troupe> {
+        self.gateway.troupe()
     }
 
-    /// The tiered journal, when `[storage]` is configured (archive runs,
-    /// blob collection, figures per tier).
-    pub fn tiered(&self) -> Option<&TieredJournal> {
-        self.state.0.tiered.as_ref()
+    /// The gateway.
+    pub fn gateway(&self) -> &Gateway {
+        &self.gateway
     }
 
     /// Stops accepting, lets in-flight requests finish (up to the
-    /// configured grace), stops sagas, agents and the GPU supervisor, and
-    /// flushes the journal.
+    /// configured grace), stops the task workers, then shuts the system
+    /// down in order.
     pub async fn shutdown(self) -> Result<(), GatewayError> {
-        let s = &self.state.0;
-        s.ready.store(false, Ordering::SeqCst);
+        let grace = Duration::from_millis(self.gateway.state.0.config.shutdown_grace_ms);
+        self.gateway.state.0.ready.store(false, Ordering::SeqCst);
         let _ = self.stop.send(true);
-        let grace = Duration::from_millis(s.config.shutdown_grace_ms);
         // SSE streams never end on their own: past the grace, cut them.
-        let server = self.server;
-        if tokio::time::timeout(grace, server).await.is_err() {
+        if tokio::time::timeout(grace, self.server).await.is_err() {
             tracing::warn!("in-flight requests still open after {grace:?}; closing them");
         }
-        s.tasks.stop();
-        s.sagas.stop_all().await;
-        self.agents_sup.stop(Duration::from_secs(5)).await;
-        s.gpu.stop().await;
+        self.gateway.shutdown();
         if let Some(a) = self.archiver {
             a.abort();
         }
-        s.journal.flush().await?;
-        s.lease_journal.flush().await?;
-        Ok(())
+        let troupe = self.gateway.troupe().clone();
+        troupe.shutdown().await.map_err(GatewayError::from_runtime)
     }
 }

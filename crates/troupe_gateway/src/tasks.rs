@@ -177,7 +177,7 @@ impl EventSourced for TaskEntity {
                     task,
                     at_ms: now_ms(),
                 })
-                .reply(reply, |_| Ok(()))
+                .reply_result(reply, |_| Ok(()))
             }
             TaskCommand::Start(reply) => {
                 if ended || state.status.is_none() {
@@ -186,7 +186,7 @@ impl EventSourced for TaskEntity {
                 }
                 let attempt = state.attempts + 1;
                 Effect::persist_one(TaskEvent::Started { attempt })
-                    .reply(reply, move |_| Ok(attempt))
+                    .reply_result(reply, move |_| Ok(attempt))
             }
             TaskCommand::End(status, reply) => {
                 if ended || state.status.is_none() || !status.is_terminal() {
@@ -197,7 +197,7 @@ impl EventSourced for TaskEntity {
                     status,
                     at_ms: now_ms(),
                 })
-                .reply(reply, |_| Ok(true))
+                .reply_result(reply, |_| Ok(true))
             }
             TaskCommand::Get(reply) => {
                 let _ = reply.send(Ok(state.clone()));
@@ -247,10 +247,8 @@ pub struct Tasks {
 pub struct Runner {
     /// Models and leases.
     pub inference: Inference,
-    /// The agents.
+    /// The agents (a session turn is answered by the session's agent).
     pub agents: AgentSystem,
-    /// The agent that answers sessions.
-    pub session_agent: String,
     /// Backend name and model for inference tasks.
     pub backend: (String, String),
     /// Lease of one inference (priority set per task).
@@ -386,13 +384,23 @@ impl Tasks {
     }
 
     /// Cancels a task of `tenant`: journaled, then its run (and lease) is
-    /// dropped. Returns the final state.
-    pub async fn cancel(&self, tenant: &str, id: &str) -> Result<TaskState, GatewayError> {
-        self.get(tenant, id).await?;
-        self.ask(id, |r| TaskCommand::End(TaskStatus::Cancelled, r))
+    /// dropped; a session turn is stopped and journaled as failed, so the
+    /// session takes the next message. Returns the final state.
+    pub async fn cancel(
+        &self,
+        tenant: &str,
+        id: &str,
+        agents: &AgentSystem,
+    ) -> Result<TaskState, GatewayError> {
+        let state = self.get(tenant, id).await?;
+        let ended = self
+            .ask(id, |r| TaskCommand::End(TaskStatus::Cancelled, r))
             .await?;
         if let Some(run) = self.lock_running().remove(id) {
             run.abort();
+        }
+        if ended && let Some(TaskKind::SessionTurn { session, .. }) = &state.task {
+            agents.cancel_turn(session).await?;
         }
         self.get(tenant, id).await
     }
@@ -414,13 +422,23 @@ impl Tasks {
                 break;
             };
             for pid in page.iter().filter(|p| p.kind() == "task") {
-                let (state, _) =
-                    troupe_actor::recover::<TaskEntity>(journal, pid, upcasters).await?;
+                // One unreadable task is reported and skipped: the others
+                // still resume, and the server still starts.
+                let state = match troupe_actor::recover::<TaskEntity>(journal, pid, upcasters).await
+                {
+                    Ok((state, _)) => state,
+                    Err(e) if e.is_transient() => return Err(e.into()),
+                    Err(e) => {
+                        tracing::error!(task = %pid, error = %e, "task record cannot be read; not resumed");
+                        metrics::counter!("troupe_gateway_tasks_unreadable_total").increment(1);
+                        continue;
+                    }
+                };
                 if state.status.as_ref().is_some_and(|s| !s.is_terminal()) {
                     self.queue
                         .send(pid.key().to_owned())
                         .await
-                        .map_err(|_| GatewayError::Unavailable("task queue closed".into()))?;
+                        .map_err(|_| GatewayError::unavailable("task queue closed"))?;
                     n += 1;
                 }
             }
@@ -519,15 +537,16 @@ async fn execute(runner: &Runner, holder: &str, task: TaskKind) -> Result<Value,
             Ok(json!({ "text": text, "finish_reason": finish_reason, "usage": usage }))
         }
         TaskKind::SessionTurn { session, turn } => {
-            let ctx = runner.agents.context(&runner.session_agent)?;
-            let view = ctx.sessions().view(&session).await?;
-            if view.pending.is_none_or(|p| p.turn != turn) {
+            let outcome = match runner.agents.answer(&session, turn).await {
+                Ok(o) => o,
                 // Answered (or failed) before a restart lost the task's end.
-                return Ok(
-                    json!({ "session": session, "turn": turn, "answered_before_restart": true }),
-                );
-            }
-            let outcome = ctx.reply(&session).await?;
+                Err(AgentError::NothingToAnswer(_)) => {
+                    return Ok(
+                        json!({ "session": session, "turn": turn, "answered_before_restart": true }),
+                    );
+                }
+                Err(e) => return Err(e),
+            };
             Ok(json!({
                 "session": session,
                 "turn": outcome.turn.turn,

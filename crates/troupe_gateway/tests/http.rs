@@ -11,7 +11,7 @@ use futures::StreamExt;
 use rand::Rng;
 use reqwest::{Client, StatusCode};
 use serde_json::{Value, json};
-use troupe_gateway::{Gateway, GatewayConfig, ModelConfig, Tenant};
+use troupe_gateway::{GatewayConfig, ModelConfig, Server, Tenant};
 
 const ACME: &str = "acme-secret-token";
 const GLOBEX: &str = "globex-secret-token";
@@ -114,7 +114,7 @@ fn is(status: &'static str) -> impl Fn(&Value) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_sessions_and_workflows_end_to_end_with_tenants() {
     let dir = tempfile::tempdir().unwrap();
-    let gw = Gateway::start(config(dir.path(), 1)).await.unwrap();
+    let gw = Server::start(config(dir.path(), 1)).await.unwrap();
     let api = Api::new(gw.addr());
 
     // Inference task: 202 + Location, then succeeded with its result.
@@ -161,27 +161,15 @@ async fn tasks_sessions_and_workflows_end_to_end_with_tenants() {
         .call("GET", &format!("/v1/sessions/{sid}"), Some(ACME), None)
         .await;
     assert_eq!(view["completed"], 1);
-    // An embedding program hands the same session to the assistant agent.
-    gw.agents()
+    // An embedding program posts to the same session in process: the
+    // post reaches the session's agent, and the program waits for the end.
+    let agents = gw.troupe().agents();
+    let posted = agents
         .sessions()
         .post(&sid, "and my invoice?")
         .await
         .unwrap();
-    let assistant = gw
-        .agents()
-        .handle::<troupe_gateway::AssistantMsg>(troupe_gateway::SESSION_AGENT)
-        .unwrap();
-    let outcome = assistant
-        .ask(
-            |reply| troupe_gateway::AssistantMsg {
-                session: sid.clone(),
-                reply,
-            },
-            Duration::from_secs(30),
-        )
-        .await
-        .unwrap()
-        .unwrap();
+    let outcome = agents.wait_turn_end(&sid, posted.turn).await.unwrap();
     assert_eq!(outcome.turn.turn, 2);
 
     // Workflow: waits for its signal, then completes.
@@ -252,7 +240,7 @@ async fn tasks_sessions_and_workflows_end_to_end_with_tenants() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_a_running_task_frees_its_lease() {
     let dir = tempfile::tempdir().unwrap();
-    let gw = Gateway::start(config(dir.path(), 2_000)).await.unwrap();
+    let gw = Server::start(config(dir.path(), 2_000)).await.unwrap();
     let api = Api::new(gw.addr());
     let (_, _, body) = api
         .call(
@@ -304,7 +292,7 @@ async fn every_error_status_has_a_json_message_and_metrics_parse() {
     c.body_limit_bytes = 1_024;
     c.task_queue = 1;
     c.task_workers = 1;
-    let gw = Gateway::start(c).await.unwrap();
+    let gw = Server::start(c).await.unwrap();
     let api = Api::new(gw.addr());
     let raw = |body: &'static str| {
         api.http
@@ -474,7 +462,7 @@ async fn read_sse(resp: reqwest::Response, stop: usize, out: &mut Vec<(u64, Stri
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sse_clients_that_drop_at_random_resume_with_every_event_once() {
     let dir = tempfile::tempdir().unwrap();
-    let gw = Gateway::start(config(dir.path(), 2)).await.unwrap();
+    let gw = Server::start(config(dir.path(), 2)).await.unwrap();
     let api = Api::new(gw.addr());
     let (_, _, sess) = api.call("POST", "/v1/sessions", Some(ACME), None).await;
     let sid = sess["id"].as_str().unwrap().to_owned();
@@ -555,7 +543,7 @@ async fn storage_archives_sessions_and_serves_blobs_over_http() {
     // No hot tail: once archived, every read below goes to the cold tier.
     storage.hot = troupe_journal::HotConfig::disabled();
     c.storage = Some(storage);
-    let gw = Gateway::start(c.clone()).await.unwrap();
+    let gw = Server::start(c.clone()).await.unwrap();
     let api = Api::new(gw.addr());
     let (_, _, sess) = api.call("POST", "/v1/sessions", Some(ACME), None).await;
     let sid = sess["id"].as_str().unwrap().to_owned();
@@ -565,7 +553,7 @@ async fn storage_archives_sessions_and_serves_blobs_over_http() {
     }
     let before = session_events(&api, &sid).await;
     assert!(before.len() > 6, "{before:?}");
-    let tiered = gw.tiered().expect("storage configured");
+    let tiered = gw.troupe().tiered().expect("storage configured");
     let report = tiered
         .archive_all(troupe_journal::now_ms() + 60_000, |_, _| {})
         .await
@@ -586,7 +574,7 @@ async fn storage_archives_sessions_and_serves_blobs_over_http() {
     gw.shutdown().await.unwrap();
     let mut restarted = None;
     for _ in 0..500 {
-        match Gateway::start(c.clone()).await {
+        match Server::start(c.clone()).await {
             Ok(g) => {
                 restarted = Some(g);
                 break;
@@ -595,7 +583,7 @@ async fn storage_archives_sessions_and_serves_blobs_over_http() {
         }
     }
     let gw = restarted.expect("the gateway restarts in the same process");
-    let tiered = gw.tiered().expect("storage configured");
+    let tiered = gw.troupe().tiered().expect("storage configured");
     let api = Api::new(gw.addr());
     assert_eq!(
         session_events(&api, &sid).await,
@@ -761,7 +749,7 @@ async fn a_second_server_carries_on_sessions_from_the_shared_postgres_journal() 
         });
         c
     };
-    let first = Gateway::start(configure(dirs[0].path())).await.unwrap();
+    let first = Server::start(configure(dirs[0].path())).await.unwrap();
     let api = Api::new(first.addr());
     let (_, _, sess) = api.call("POST", "/v1/sessions", Some(ACME), None).await;
     let sid = sess["id"].as_str().unwrap().to_owned();
@@ -771,7 +759,7 @@ async fn a_second_server_carries_on_sessions_from_the_shared_postgres_journal() 
     assert!(before.iter().any(|(_, d)| d.contains("turn_completed")));
     first.shutdown().await.unwrap();
 
-    let second = Gateway::start(configure(dirs[1].path())).await.unwrap();
+    let second = Server::start(configure(dirs[1].path())).await.unwrap();
     let api = Api::new(second.addr());
     assert_eq!(session_events(&api, &sid).await, before, "the same events");
     let task = post_message(&api, &sid, "and hello from node two").await;
@@ -812,7 +800,7 @@ fn gateway_child() {
     rt.block_on(async move {
         let mut c = config(std::path::Path::new(&dir), 50);
         c.durability = troupe_journal::Durability::Fsync;
-        let gw = Gateway::start(c).await.unwrap();
+        let gw = Server::start(c).await.unwrap();
         println!("LISTENING {}", gw.addr());
         std::future::pending::<()>().await;
     });
@@ -894,7 +882,7 @@ async fn the_degrade_policy_refuses_low_priorities_first() {
     c.gpus.lease_compute_pct = 50;
     c.degrade.refuse_lowest_above_pct = 30;
     c.degrade.top_only_above_pct = 40;
-    let gw = Gateway::start(c).await.unwrap();
+    let gw = Server::start(c).await.unwrap();
     let api = Api::new(gw.addr());
     // Idle GPUs: every priority is accepted.
     let (s, _, busy) = api

@@ -214,8 +214,8 @@ pub struct GpuState {
     devices: Vec<ActorRef<DeviceMsg>>,
 }
 
-fn journal_err(e: impl std::fmt::Display) -> GpuError {
-    GpuError::Journal(e.to_string())
+fn journal_err(e: troupe_journal::JournalError) -> GpuError {
+    GpuError::from(e)
 }
 
 impl GpuState {
@@ -639,10 +639,13 @@ async fn spawn_device(
     Ok(actor)
 }
 
-/// A handle on a running [`GpuSupervisor`].
+/// A handle on a [`GpuSupervisor`]. Cheap to clone; it stays valid across
+/// restarts when the supervisor runs under a Troupe supervisor
+/// ([`GpuSupervisorHandle::child`]): calls made while it restarts fail with
+/// [`GpuError::Unavailable`], which is transient.
 #[derive(Clone)]
 pub struct GpuSupervisorHandle {
-    actor: ActorRef<GpuMsg>,
+    actor: Arc<arc_swap::ArcSwapOption<ActorRef<GpuMsg>>>,
 }
 
 fn unavailable<T>(
@@ -655,19 +658,71 @@ fn unavailable<T>(
 }
 
 impl GpuSupervisorHandle {
-    /// Spawns a supervisor (linked to `parent` if given).
+    /// Spawns a supervisor (linked to `parent` if given). Nothing restarts
+    /// it: prefer [`GpuSupervisorHandle::child`] under a supervisor.
     pub async fn spawn(args: GpuArgs, parent: Option<ActorCell>) -> Result<Self, GpuError> {
+        let handle = Self {
+            actor: Arc::new(arc_swap::ArcSwapOption::empty()),
+        };
+        handle.start(args, parent).await?;
+        Ok(handle)
+    }
+
+    async fn start(&self, args: GpuArgs, parent: Option<ActorCell>) -> Result<ActorCell, GpuError> {
         let spawned = match parent {
             Some(p) => ractor::Actor::spawn_linked(None, GpuSupervisor, args, p).await,
             None => ractor::Actor::spawn(None, GpuSupervisor, args).await,
         };
         let (actor, _) = spawned.map_err(|e| GpuError::Start(e.to_string()))?;
-        Ok(Self { actor })
+        let cell = actor.get_cell();
+        self.actor.store(Some(Arc::new(actor)));
+        Ok(cell)
     }
 
-    /// The actor.
-    pub fn actor(&self) -> &ActorRef<GpuMsg> {
-        &self.actor
+    /// The supervisor as a child of a Troupe supervisor, restarted (with
+    /// its lease table recovered from the journal) whenever it fails, and
+    /// the handle that follows its incarnations. `args` builds the
+    /// arguments of each incarnation.
+    pub fn child(
+        name: &str,
+        args: impl Fn() -> GpuArgs + Send + Sync + 'static,
+    ) -> (troupe_actor::ChildSpec, Self) {
+        let handle = Self {
+            actor: Arc::new(arc_swap::ArcSwapOption::empty()),
+        };
+        let h = handle.clone();
+        let args = Arc::new(args);
+        let spec =
+            troupe_actor::ChildSpec::from_fn(name, troupe_actor::Restart::Permanent, move |sup| {
+                let (h, args) = (h.clone(), args.clone());
+                async move {
+                    h.start(args(), Some(sup))
+                        .await
+                        .map_err(|e| troupe_actor::ActorError::Spawn {
+                            actor: "gpu supervisor".into(),
+                            message: e.to_string(),
+                        })
+                }
+            });
+        (spec, handle)
+    }
+
+    /// Whether an incarnation is running now (readiness).
+    pub fn is_running(&self) -> bool {
+        self.actor.load().as_ref().is_some_and(|a| {
+            matches!(
+                a.get_status(),
+                ractor::ActorStatus::Running | ractor::ActorStatus::Upgrading
+            )
+        })
+    }
+
+    /// The current incarnation's actor.
+    pub fn actor(&self) -> Result<ActorRef<GpuMsg>, GpuError> {
+        self.actor
+            .load_full()
+            .map(|a| (*a).clone())
+            .ok_or(GpuError::Unavailable)
     }
 
     /// Asks for a lease; waits until it is granted, refused or expires.
@@ -680,7 +735,7 @@ impl GpuSupervisorHandle {
         let wait = Duration::from_millis(req.deadline_ms.saturating_sub(now_ms()))
             + Duration::from_secs(5);
         let r = self
-            .actor
+            .actor()?
             .call(
                 |reply| GpuMsg::Request {
                     req,
@@ -697,7 +752,7 @@ impl GpuSupervisorHandle {
     /// Renews a lease for `ttl_ms`.
     pub async fn renew(&self, lease: &Lease, ttl_ms: Ms) -> Result<Ms, GpuError> {
         let r = self
-            .actor
+            .actor()?
             .call(
                 |reply| GpuMsg::Renew(lease.id, lease.generation, ttl_ms, reply),
                 Some(Duration::from_secs(10)),
@@ -709,7 +764,7 @@ impl GpuSupervisorHandle {
     /// Releases a lease.
     pub async fn release(&self, lease: &Lease) -> Result<(), GpuError> {
         let r = self
-            .actor
+            .actor()?
             .call(
                 |reply| GpuMsg::Release(lease.id, lease.generation, reply),
                 Some(Duration::from_secs(10)),
@@ -726,7 +781,7 @@ impl GpuSupervisorHandle {
         generation: u64,
     ) -> Result<(), GpuError> {
         let r = self
-            .actor
+            .actor()?
             .call(
                 |reply| GpuMsg::Fence(device, lease, generation, reply),
                 Some(Duration::from_secs(10)),
@@ -740,7 +795,7 @@ impl GpuSupervisorHandle {
     /// expired, preempted, revoked) or was never this one.
     pub async fn admit(&self, lease: &Lease) -> Result<(), GpuError> {
         let r = self
-            .actor
+            .actor()?
             .call(
                 |reply| GpuMsg::Device(lease.device, reply),
                 Some(Duration::from_secs(10)),
@@ -765,7 +820,7 @@ impl GpuSupervisorHandle {
     /// Every device's status.
     pub async fn status(&self) -> Result<Vec<GpuStatus>, GpuError> {
         unavailable(
-            self.actor
+            self.actor()?
                 .call(GpuMsg::Status, Some(Duration::from_secs(10)))
                 .await,
         )
@@ -773,9 +828,8 @@ impl GpuSupervisorHandle {
 
     /// Stops the supervisor.
     pub async fn stop(&self) {
-        let _ = self
-            .actor
-            .stop_and_wait(None, Some(Duration::from_secs(10)))
-            .await;
+        if let Ok(a) = self.actor() {
+            let _ = a.stop_and_wait(None, Some(Duration::from_secs(10))).await;
+        }
     }
 }

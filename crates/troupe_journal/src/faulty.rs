@@ -182,6 +182,10 @@ impl<J: Journal + Clone> Journal for FaultyJournal<J> {
     async fn flush(&self) -> Result<()> {
         self.inner.flush().await
     }
+
+    async fn close(&self) {
+        self.inner.close().await
+    }
 }
 
 #[cfg(test)]

@@ -113,6 +113,12 @@ pub trait Journal: Send + Sync + 'static {
     /// Makes every acknowledged write durable on disk, whatever the
     /// durability mode (used on shutdown).
     async fn flush(&self) -> Result<()>;
+
+    /// Stops taking writes once everything queued is committed and
+    /// releases what the backend holds (a RocksDB directory's lock), so the
+    /// same storage can be opened again in this process. Later writes fail
+    /// with [`JournalError::Closed`](crate::JournalError::Closed). Nothing to do by default.
+    async fn close(&self) {}
 }
 
 #[async_trait::async_trait]
@@ -160,6 +166,9 @@ impl<J: Journal + ?Sized> Journal for Arc<J> {
     }
     async fn flush(&self) -> Result<()> {
         (**self).flush().await
+    }
+    async fn close(&self) {
+        (**self).close().await
     }
 }
 

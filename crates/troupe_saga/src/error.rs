@@ -1,7 +1,12 @@
 //! The saga crate's error type.
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use troupe_journal::JournalError;
+
 /// Everything that can go wrong defining, starting or running sagas.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum SagaError {
     /// A workflow definition that cannot run.
     #[error("invalid workflow `{definition}`: {message}")]
@@ -30,9 +35,25 @@ pub enum SagaError {
     /// A request body that does not parse.
     #[error("malformed saga request: {0}")]
     Malformed(String),
-    /// The journal failed.
+    /// The journal failed (its error is the source).
     #[error("saga journal: {0}")]
-    Journal(String),
+    Journal(#[source] Arc<JournalError>),
+    /// A saga's journal does not fit its workflow (a step past its last).
+    #[error("saga `{id}`: {message}")]
+    Corrupt {
+        /// Saga (or persistence) id.
+        id: String,
+        /// What does not fit.
+        message: String,
+    },
+    /// The durable timer of a signal deadline could not be scheduled.
+    #[error("saga `{id}`: cannot schedule its signal deadline: {message}")]
+    Timer {
+        /// Saga id.
+        id: String,
+        /// Why.
+        message: String,
+    },
     /// Too many sagas running: retry once some have ended.
     #[error("{running} sagas are running, the most allowed; retry once some end")]
     Overloaded {
@@ -42,6 +63,32 @@ pub enum SagaError {
     /// The saga actor is not running.
     #[error("saga `{0}` is not running")]
     NotRunning(String),
+}
+
+impl From<JournalError> for SagaError {
+    fn from(e: JournalError) -> Self {
+        SagaError::Journal(Arc::new(e))
+    }
+}
+
+impl SagaError {
+    /// Whether retrying later may succeed: too many sagas running, a saga
+    /// between two incarnations, a transient journal failure.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SagaError::Overloaded { .. } | SagaError::NotRunning(_) => true,
+            SagaError::Journal(e) => e.is_transient(),
+            _ => false,
+        }
+    }
+
+    /// The retry hint of an overload (one second).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            SagaError::Overloaded { .. } => Some(Duration::from_secs(1)),
+            _ => None,
+        }
+    }
 }
 
 /// Why one attempt of a step (or compensation) failed.

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use futures::FutureExt;
 use ractor::ActorRef;
 use serde::Deserialize;
 use serde_json::Value;
@@ -47,6 +48,7 @@ struct Inner {
     next: AtomicU64,
     max_running: std::sync::atomic::AtomicUsize,
     ended: tokio::sync::broadcast::Sender<SagaStatus>,
+    timers: std::sync::OnceLock<troupe_actor::Timers>,
 }
 
 impl Sagas {
@@ -62,8 +64,58 @@ impl Sagas {
                 next: AtomicU64::new(1),
                 max_running: std::sync::atomic::AtomicUsize::new(DEFAULT_MAX_RUNNING),
                 ended: tokio::sync::broadcast::channel(1024).0,
+                timers: std::sync::OnceLock::new(),
             }),
         }
+    }
+
+    /// Signal deadlines on durable timers: a deadline fires at its time
+    /// even if the saga is not running then (it is resumed to take it).
+    /// Sagas started before this call keep timers in memory.
+    pub fn with_timers(self, timers: troupe_actor::Timers) -> Self {
+        let weak = Arc::downgrade(&self.inner);
+        timers.register("saga", move |timer: troupe_actor::Timer| {
+            let weak = weak.clone();
+            async move {
+                let inner = weak.upgrade().ok_or("the saga registry is gone")?;
+                Sagas { inner }.deliver_deadline(timer).await
+            }
+            .boxed()
+        });
+        let _ = self.inner.timers.set(timers);
+        self
+    }
+
+    async fn deliver_deadline(&self, timer: troupe_actor::Timer) -> Result<(), String> {
+        #[derive(Deserialize)]
+        struct Due {
+            step: usize,
+            attempt: u32,
+        }
+        let due: Due = serde_json::from_slice(&timer.payload).map_err(|e| e.to_string())?;
+        let id = timer.target.key;
+        if !self.is_running(&id) {
+            self.resume_where(|k| k == id)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        let actor = self
+            .inner
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned();
+        if let Some(actor) = actor {
+            actor
+                .cast(SagaMsg::SignalDeadline {
+                    step: due.step,
+                    attempt: due.attempt,
+                })
+                .map_err(|e| e.to_string())?;
+        }
+        // Not running after a resume: it has ended, nothing is waiting.
+        Ok(())
     }
 
     /// Sets how many sagas may run at once; `start` refuses one more with
@@ -146,12 +198,12 @@ impl Sagas {
             definition: definition.to_owned(),
             input,
         })
-        .map_err(|e| SagaError::Journal(e.to_string()))?;
+        .map_err(SagaError::from)?;
         self.inner
             .journal
             .append(&pid, 0, vec![started])
             .await
-            .map_err(|e| SagaError::Journal(e.to_string()))?;
+            .map_err(SagaError::from)?;
         metrics::counter!("troupe_sagas_started_total").increment(1);
         self.spawn(id, def).await?;
         Ok(())
@@ -218,6 +270,7 @@ impl Sagas {
             handlers: self.inner.handlers.clone(),
             journal: self.inner.journal.clone(),
             on_end: Some(tx),
+            timers: self.inner.timers.get().cloned(),
         };
         // A saga that ends before it is registered below still removes
         // itself: the channel keeps its end notice for the forwarder.
@@ -271,7 +324,7 @@ impl Sagas {
                 .journal
                 .persistence_ids(after.as_ref(), 1000)
                 .await
-                .map_err(|e| SagaError::Journal(e.to_string()))?;
+                .map_err(SagaError::from)?;
             let Some(last) = page.last().cloned() else {
                 break;
             };
@@ -317,25 +370,28 @@ impl Sagas {
             PersistenceId::new("saga", id).map_err(|_| SagaError::UnknownSaga(id.to_owned()))?;
         // One read, with room for the largest workflow: the journal names
         // its workflow, whose length then trims the step states.
-        let Some(Replayed {
+        let Some(replayed) = replay(&*self.inner.journal, &pid, MAX_PROBE_STEPS).await? else {
+            return Ok(None);
+        };
+        let def = self.definition(&replayed.definition)?;
+        let error = replayed.error_for(&def);
+        let Replayed {
             definition: def_name,
             mut steps,
             phase,
-            error,
             ..
-        }) = replay(&*self.inner.journal, &pid, MAX_PROBE_STEPS).await?
-        else {
-            return Ok(None);
-        };
-        let def = self.definition(&def_name)?;
+        } = replayed;
         if steps[def.steps().len()..]
             .iter()
             .any(|s| *s != crate::saga::StepState::Pending)
         {
-            return Err(SagaError::Journal(format!(
-                "saga `{id}` names steps past the {} of workflow `{def_name}`",
-                def.steps().len()
-            )));
+            return Err(SagaError::Corrupt {
+                id: id.to_owned(),
+                message: format!(
+                    "names steps past the {} of workflow `{def_name}`",
+                    def.steps().len()
+                ),
+            });
         }
         steps.truncate(def.steps().len());
         Ok(Some(SagaStatus {

@@ -13,13 +13,13 @@
 //! is the same and the participant can deduplicate.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use ractor::{ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use troupe_journal::{Journal, NewEvent, PersistenceId, Schema};
+use troupe_journal::{Journal, NewEvent, PersistenceId, Schema, now_ms};
 
 use crate::definition::SagaDefinition;
 use crate::error::{SagaError, StepError};
@@ -41,6 +41,14 @@ pub enum SagaEvent {
         step: usize,
         /// Attempt, from 1.
         attempt: u32,
+        /// For a step that waits for a signal: when it stops waiting, in ms
+        /// since the Unix epoch (absent in 0.1 journals: the event's own
+        /// time plus the step's time-out is used).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        deadline_ms: Option<u64>,
+        /// The durable timer that fires at that deadline, if one was set.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timer: Option<u64>,
     },
     /// The action succeeded.
     StepSucceeded {
@@ -203,6 +211,9 @@ pub struct SagaArgs {
     pub journal: Arc<dyn Journal>,
     /// Told the final status when the saga ends.
     pub on_end: Option<tokio::sync::mpsc::UnboundedSender<SagaStatus>>,
+    /// Durable timers for signal deadlines (without: timers in memory,
+    /// armed for what is left of the journaled deadline).
+    pub timers: Option<troupe_actor::Timers>,
 }
 
 /// The saga actor. See the [module docs](self).
@@ -220,6 +231,10 @@ pub struct SagaRun {
     phase: Phase,
     error: Option<String>,
     started: Vec<Option<Instant>>,
+    /// Signal deadlines (ms since the Unix epoch) of the steps waiting.
+    deadlines: Vec<Option<u64>>,
+    /// Whether a durable timer covers that deadline.
+    timed: Vec<bool>,
     /// Successes received but not yet journaled (see `flush`).
     pending: Vec<(usize, u32, Value)>,
     flush_scheduled: bool,
@@ -227,8 +242,8 @@ pub struct SagaRun {
     unwritten: Vec<SagaEvent>,
 }
 
-fn jerr(e: impl std::fmt::Display) -> SagaError {
-    SagaError::Journal(e.to_string())
+fn jerr(e: troupe_journal::JournalError) -> SagaError {
+    SagaError::from(e)
 }
 
 /// Folds a journal into (input, step states, phase, error, seq).
@@ -240,8 +255,14 @@ pub(crate) struct Replayed {
     /// Outputs of every action that succeeded (kept for compensations).
     pub outputs: Vec<Option<Value>>,
     pub phase: Phase,
+    /// Set by `NeedsAttention` (see [`Replayed::error_for`]).
     pub error: Option<String>,
+    /// The first step that failed for good, and why.
+    pub first_failure: Option<(usize, String)>,
     pub seq: u64,
+    /// Per step: the journaled deadline of its latest start, or that
+    /// start's write time (0.1 journals), and its durable timer.
+    pub deadlines: Vec<(Option<u64>, u64, Option<u64>)>,
 }
 
 pub(crate) async fn replay(
@@ -251,11 +272,9 @@ pub(crate) async fn replay(
 ) -> Result<Option<Replayed>, SagaError> {
     let mut st = vec![StepState::Pending; steps];
     let set = |st: &mut Vec<StepState>, step: usize, v: StepState| -> Result<(), SagaError> {
-        let slot = st.get_mut(step).ok_or_else(|| {
-            SagaError::Journal(format!(
-                "`{pid}` names step {step}, but its workflow has {} steps",
-                steps
-            ))
+        let slot = st.get_mut(step).ok_or_else(|| SagaError::Corrupt {
+            id: pid.to_string(),
+            message: format!("names step {step}, but its workflow has {steps} steps"),
         })?;
         *slot = v;
         Ok(())
@@ -263,10 +282,13 @@ pub(crate) async fn replay(
     let (mut def, mut input, mut phase, mut error, mut seq) =
         (None, Value::Null, Phase::Running, None, 0);
     let mut outputs: Vec<Option<Value>> = vec![None; steps];
+    let mut deadlines = vec![(None, 0, None); steps];
+    let mut first_failure: Option<(usize, String)> = None;
     let mut r = journal.replay(pid, 1, u64::MAX);
     while let Some(batch) = r.next().await {
         for ev in batch.map_err(jerr)? {
             seq = ev.seq;
+            let written = ev.timestamp_ms;
             match ev.decode::<SagaEvent>().map_err(jerr)? {
                 SagaEvent::Started {
                     definition,
@@ -275,8 +297,14 @@ pub(crate) async fn replay(
                     def = Some(definition);
                     input = i;
                 }
-                SagaEvent::StepStarted { step, attempt } => {
-                    set(&mut st, step, StepState::Running(attempt))?
+                SagaEvent::StepStarted {
+                    step,
+                    attempt,
+                    deadline_ms,
+                    timer,
+                } => {
+                    set(&mut st, step, StepState::Running(attempt))?;
+                    deadlines[step] = (deadline_ms, written, timer);
                 }
                 SagaEvent::StepSucceeded { step, output, .. } => {
                     if let Some(o) = outputs.get_mut(step) {
@@ -293,7 +321,7 @@ pub(crate) async fn replay(
                     if last {
                         set(&mut st, step, StepState::Failed(e.clone()))?;
                         phase = Phase::Compensating;
-                        error.get_or_insert(format!("step {step} failed: {e}"));
+                        first_failure.get_or_insert((step, e.clone()));
                     } else {
                         set(&mut st, step, StepState::Retrying(attempt))?;
                     }
@@ -321,11 +349,61 @@ pub(crate) async fn replay(
         outputs,
         phase,
         error,
+        first_failure,
         seq,
+        deadlines,
     }))
 }
 
+impl Replayed {
+    /// Why the saga is compensating, aborted or parked, naming the step as
+    /// the running saga does.
+    pub fn error_for(&self, def: &SagaDefinition) -> Option<String> {
+        self.error.clone().or_else(|| {
+            self.first_failure.as_ref().map(|(step, e)| {
+                let name = def.steps().get(*step).map_or("?", |s| s.name.as_str());
+                format!("step `{name}` failed: {e}")
+            })
+        })
+    }
+}
+
 impl SagaRun {
+    /// The `StepStarted` of attempt `attempt` of step `i`. A step that
+    /// waits for a signal gets an absolute deadline, journaled with it, and
+    /// a durable timer for it when the saga has timers.
+    async fn start_event(&mut self, i: usize, attempt: u32) -> SagaEvent {
+        let def = &self.args.definition.steps()[i];
+        let (mut deadline_ms, mut timer) = (None, None);
+        if def.signal.is_some() {
+            let at = now_ms() + def.timeout.as_millis() as u64;
+            deadline_ms = Some(at);
+            if let Some(timers) = &self.args.timers {
+                let payload =
+                    serde_json::to_vec(&serde_json::json!({"step": i, "attempt": attempt}))
+                        .unwrap_or_default();
+                let target = troupe_actor::TimerTarget::new("saga", self.args.id.clone());
+                match timers
+                    .schedule(target, "signal_deadline", payload, at)
+                    .await
+                {
+                    Ok(id) => timer = Some(id),
+                    Err(e) => {
+                        tracing::warn!(saga = %self.args.id, error = %e, "no durable timer for a signal deadline; one in memory instead")
+                    }
+                }
+            }
+            self.deadlines[i] = deadline_ms;
+            self.timed[i] = timer.is_some();
+        }
+        SagaEvent::StepStarted {
+            step: i,
+            attempt,
+            deadline_ms,
+            timer,
+        }
+    }
+
     async fn journal(&mut self, events: Vec<SagaEvent>) -> Result<(), ActorProcessingErr> {
         // Successes applied in memory but not yet written go first, in the
         // same append (see `SagaMsg::Flush`).
@@ -403,10 +481,14 @@ impl SagaRun {
         self.started[i] = Some(Instant::now());
         if !compensation && let Some(signal) = &def.signal {
             tracing::debug!(saga = %self.args.id, step = %def.name, signal, "waiting for signal");
-            me.send_after(def.timeout, move || SagaMsg::SignalDeadline {
-                step: i,
-                attempt,
-            });
+            // A durable timer fires at the deadline even across restarts;
+            // without one, a timer in memory for what is left of it.
+            if !self.timed[i] {
+                let deadline =
+                    self.deadlines[i].unwrap_or_else(|| now_ms() + def.timeout.as_millis() as u64);
+                let left = Duration::from_millis(deadline.saturating_sub(now_ms()));
+                me.send_after(left, move || SagaMsg::SignalDeadline { step: i, attempt });
+            }
             return;
         }
         let name = if compensation {
@@ -479,13 +561,10 @@ impl SagaRun {
                     })
                     .collect();
                 if !ready.is_empty() {
-                    let starts = ready
-                        .iter()
-                        .map(|&i| SagaEvent::StepStarted {
-                            step: i,
-                            attempt: 1,
-                        })
-                        .collect();
+                    let mut starts = Vec::with_capacity(ready.len());
+                    for &i in &ready {
+                        starts.push(self.start_event(i, 1).await);
+                    }
                     self.journal(starts).await?;
                     for &i in &ready {
                         self.steps[i] = StepState::Running(1);
@@ -627,19 +706,29 @@ impl ractor::Actor for SagaActor {
     ) -> Result<SagaRun, ActorProcessingErr> {
         let pid = PersistenceId::new("saga", &args.id)?;
         let n = args.definition.steps().len();
-        let Some(Replayed {
+        let Some(replayed) = replay(&*args.journal, &pid, n).await? else {
+            return Err(Box::new(SagaError::UnknownSaga(args.id.clone())));
+        };
+        let error = replayed.error_for(&args.definition);
+        let Replayed {
             input,
             steps,
             outputs,
             phase,
-            error,
             seq,
+            deadlines: journaled,
             ..
-        }) = replay(&*args.journal, &pid, n).await?
-        else {
-            return Err(Box::new(SagaError::UnknownSaga(args.id.clone())));
-        };
+        } = replayed;
+        let mut deadlines = vec![None; n];
+        let mut timed = vec![false; n];
+        for (i, (deadline, written, timer)) in journaled.into_iter().enumerate() {
+            let timeout = args.definition.steps()[i].timeout.as_millis() as u64;
+            deadlines[i] = deadline.or((written > 0).then(|| written + timeout));
+            timed[i] = timer.is_some() && args.timers.is_some();
+        }
         Ok(SagaRun {
+            deadlines,
+            timed,
             args,
             pid,
             seq,
@@ -754,7 +843,16 @@ impl ractor::Actor for SagaActor {
                 return Ok(());
             }
             SagaMsg::SignalDeadline { step, attempt } => {
-                if run.steps[step] == StepState::Running(attempt) {
+                let due = run.deadlines.get(step).copied().flatten();
+                if run.steps[step] == StepState::Running(attempt)
+                    && let Some(at) = due
+                    && now_ms() < at
+                {
+                    // Early (a timer from an earlier start, a clock that
+                    // moved): wait for what is left.
+                    let left = Duration::from_millis(at - now_ms());
+                    me.send_after(left, move || SagaMsg::SignalDeadline { step, attempt });
+                } else if run.steps[step] == StepState::Running(attempt) {
                     let signal = run.args.definition.steps()[step]
                         .signal
                         .clone()
@@ -774,11 +872,8 @@ impl ractor::Actor for SagaActor {
             } => {
                 if run.steps[step] == StepState::Retrying(attempt) && run.phase == Phase::Running {
                     let next = attempt + 1;
-                    run.journal(vec![SagaEvent::StepStarted {
-                        step,
-                        attempt: next,
-                    }])
-                    .await?;
+                    let start = run.start_event(step, next).await;
+                    run.journal(vec![start]).await?;
                     run.steps[step] = StepState::Running(next);
                     run.launch(&me, step, next, false);
                 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde_json::json;
-use troupe_gateway::{Gateway, GatewayConfig, ModelConfig};
+use troupe_gateway::{GatewayConfig, ModelConfig, Server};
 use troupe_journal::{Durability, Journal, NewEvent, PersistenceId, RocksConfig, RocksJournal};
 
 use super::{Report, rss_kib};
@@ -153,7 +153,7 @@ pub fn run(quick: bool) -> Result<(), BoxError> {
         config.gpus.lease_compute_pct = 1;
         config.degrade.refuse_lowest_above_pct = 100;
         config.degrade.top_only_above_pct = 100;
-        let gw = Gateway::start(config).await?;
+        let gw = Server::start(config).await?;
         let url = format!("http://{}", gw.addr());
         let mut sessions = Vec::with_capacity(STREAMS);
         for _ in 0..STREAMS {

@@ -8,16 +8,20 @@
 //! process's memory with most sessions passivated: its RSS (RocksDB's
 //! caches and memtables and the allocator's retained pages included) and
 //! the Rust heap still live since the suite started.
+//!
+//! `agent_turns_concurrent`: one agent kind answering 1,000 sessions at
+//! once with a model that takes 50 ms per reply, against the ideal for
+//! its per-kind limit (`min(limit, 1000) / 50 ms`): what the instances per
+//! session buy over one mailbox per agent.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use ractor::RpcReplyPort;
 use tokio::sync::Semaphore;
 use troupe_agent::{
-    Agent, AgentContext, AgentError, AgentOptions, AgentSystem, Inference, LeaseSpec, LocalBackend,
-    SessionConfig, SessionEvent, SessionItem, Sessions, TurnOutcome,
+    Agent, AgentError, AgentKey, AgentOptions, AgentSystem, Dispatch, Inference, LeaseSpec,
+    LocalBackend, SessionConfig, SessionEvent, SessionItem, Sessions,
 };
 use troupe_gpu::probe::SimulatedProbe;
 use troupe_gpu::{GpuArgs, GpuConfig, GpuSupervisorHandle};
@@ -31,30 +35,15 @@ const GB: u64 = 1 << 30;
 /// Turns in flight at once (each session runs its turns one after another).
 const IN_FLIGHT: usize = 1_000;
 
-/// One turn of one session, answered on the port.
-struct TurnMsg(String, RpcReplyPort<Result<TurnOutcome, AgentError>>);
-#[cfg(feature = "cluster")]
-impl ractor::Message for TurnMsg {}
-
-/// Answers each session it is sent in a task of its own, so one agent
-/// serves many sessions at once; the lease holder is the agent.
+/// Answers every turn of its sessions with the model (the default turn);
+/// one instance per session.
 struct Desk;
 
-#[async_trait::async_trait]
 impl Agent for Desk {
-    type Msg = TurnMsg;
-    async fn handle(
-        &mut self,
-        ctx: &AgentContext,
-        TurnMsg(id, reply): Self::Msg,
-    ) -> Result<(), AgentError> {
-        let ctx = ctx.clone();
-        tokio::spawn(async move {
-            let _ = reply.send(ctx.reply(&id).await);
-        });
-        Ok(())
-    }
+    type State = ();
 }
+
+const DESK: AgentKey<Desk> = AgentKey::new("desk");
 
 fn backend() -> LocalBackend {
     LocalBackend::default().words(24, 2)
@@ -164,6 +153,15 @@ pub fn run(quick: bool) -> Result<(), BoxError> {
             return Err(format!("{leased} bytes still leased after every turn ended").into());
         }
         gpu.stop().await;
+        drop(sessions);
+        rocks.close().await;
+
+        let limit = AgentOptions::default().max_concurrent_turns;
+        let (concurrent, ideal) =
+            concurrent_turns(&base.path().join("concurrent"), limit, quick).await?;
+        report.figure("agent_turns_concurrent", concurrent, "turns/s");
+        report.figure("agent_turns_concurrent_ideal", ideal, "turns/s");
+        report.ratio("agent_turns_concurrent", concurrent, ideal);
         Ok::<_, BoxError>(())
     })
 }
@@ -194,16 +192,16 @@ async fn troupe_turns(
         ..LeaseSpec::default()
     };
     let options = AgentOptions {
-        mailbox: IN_FLIGHT * 2,
         lease,
+        max_concurrent_turns: IN_FLIGHT,
         ..AgentOptions::default()
     };
-    let (desk, _sup) = system.spawn("desk", options, || Desk).await?;
+    let desk = system.register(&DESK, Desk, options).await?;
 
     let ids: Vec<String> = {
         let mut v = Vec::with_capacity(sessions_n);
         for _ in 0..sessions_n {
-            v.push(sessions.create("desk", None).await?);
+            v.push(sessions.create(DESK.name(), None).await?);
         }
         v
     };
@@ -216,11 +214,15 @@ async fn troupe_turns(
         tasks.push(tokio::spawn(async move {
             for t in 0..turns {
                 let _permit = gate.acquire().await.expect("open");
-                sessions
-                    .post(&id, &format!("question {t} about my order"))
+                let posted = sessions
+                    .post_with(
+                        &id,
+                        &format!("question {t} about my order"),
+                        Vec::new(),
+                        Dispatch::Later,
+                    )
                     .await?;
-                desk.ask(|p| TurnMsg(id.clone(), p), Duration::from_secs(120))
-                    .await??;
+                desk.get(&id).answer(posted.turn).await?;
             }
             Ok::<_, AgentError>(())
         }));
@@ -275,6 +277,7 @@ async fn raw_turns(
                         turn: t,
                         attempt: 1,
                         model: "local".into(),
+                        keeps_tool_results: true,
                     }],
                     reply
                         .iter()
@@ -306,4 +309,65 @@ async fn raw_turns(
     let per_sec = (sessions_n * turns) as f64 / start.elapsed().as_secs_f64();
     rocks.close().await;
     Ok(per_sec)
+}
+
+/// One agent kind, 1,000 sessions posting at once, a model that takes
+/// 50 ms per reply, the default per-kind limit: turns/s, and the ideal
+/// `min(limit, 1000) / 50 ms`.
+async fn concurrent_turns(
+    dir: &std::path::Path,
+    limit: usize,
+    quick: bool,
+) -> Result<(f64, f64), BoxError> {
+    const SESSIONS: usize = 1_000;
+    const REPLY: Duration = Duration::from_millis(50);
+    let turns = if quick { 2 } else { 5 };
+    let rocks = RocksJournal::open(RocksConfig::new(dir).durability(Durability::Fsync))?;
+    let journal: Arc<dyn Journal> = Arc::new(rocks.clone());
+    let sessions = Sessions::new(journal, SessionConfig::default());
+    let model = LocalBackend::default()
+        .words(24, 2)
+        .latency(REPLY, Duration::ZERO);
+    let system = AgentSystem::new(sessions.clone(), Inference::new().with_backend(model));
+    let desk = system
+        .register(
+            &DESK,
+            Desk,
+            AgentOptions {
+                max_concurrent_turns: limit,
+                turn_wait: Duration::from_secs(600),
+                ..AgentOptions::default()
+            },
+        )
+        .await?;
+    let mut ids = Vec::with_capacity(SESSIONS);
+    for _ in 0..SESSIONS {
+        ids.push(sessions.create(DESK.name(), None).await?);
+    }
+    eprintln!("sessions: {SESSIONS} sessions x {turns} turns of 50 ms, limit {limit}");
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(SESSIONS);
+    for id in ids {
+        let (sessions, desk) = (sessions.clone(), desk.clone());
+        tasks.push(tokio::spawn(async move {
+            for t in 0..turns {
+                let posted = sessions
+                    .post_with(&id, &format!("question {t}"), Vec::new(), Dispatch::Later)
+                    .await?;
+                desk.get(&id).answer(posted.turn).await?;
+            }
+            Ok::<_, AgentError>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let per_sec = (SESSIONS * turns) as f64 / start.elapsed().as_secs_f64();
+    let ideal = limit.min(SESSIONS) as f64 / REPLY.as_secs_f64();
+    system.passivate_all().await;
+    sessions.passivate_all().await;
+    drop(system);
+    drop(sessions);
+    rocks.close().await;
+    Ok((per_sec, ideal))
 }

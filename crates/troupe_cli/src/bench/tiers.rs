@@ -230,6 +230,7 @@ fn session_events(rng: &mut StdRng, session: usize, turns: u32) -> Vec<SessionEv
             turn,
             attempt: 1,
             model: "llama-3.1-8b-instruct".into(),
+            keeps_tool_results: true,
         });
         if rng.random_bool(0.3) {
             let call_id = format!("call_{}", rng.random::<u32>());

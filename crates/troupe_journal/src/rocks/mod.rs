@@ -836,6 +836,10 @@ impl Journal for RocksJournal {
         self.send(|| Command::Flush { reply }).await?;
         rx.await.map_err(|_| JournalError::Closed)?
     }
+
+    async fn close(&self) {
+        RocksJournal::close(self).await
+    }
 }
 
 /// Helpers for the tiered layer ([`crate::TieredJournal`]), which owns a

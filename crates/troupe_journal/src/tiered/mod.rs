@@ -1327,4 +1327,8 @@ impl Journal for TieredJournal {
     async fn flush(&self) -> Result<()> {
         self.inner.warm.flush().await
     }
+
+    async fn close(&self) {
+        TieredJournal::close(self).await
+    }
 }

@@ -1,0 +1,167 @@
+//! The gateway as a router over a system the program built itself:
+//! mounted in the program's own axum app next to its own routes, and
+//! answering 503 with `Retry-After` (not 500) while the journal fails.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::routing::get;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use troupe_agent::{AgentOptions, LocalBackend};
+use troupe_gateway::{ASSISTANT, Assistant, Gateway, GatewayConfig, Tenant, serve};
+use troupe_journal::{FaultyJournal, InMemoryJournal};
+use troupe_runtime::Troupe;
+
+const TOKEN: &str = "acme-mounted-token";
+
+fn config() -> GatewayConfig {
+    GatewayConfig {
+        tenants: vec![Tenant {
+            name: "acme".into(),
+            token: TOKEN.into(),
+        }],
+        ..GatewayConfig::default()
+    }
+}
+
+/// Serves `app` on 127.0.0.1; returns its base URL and a stop switch.
+async fn listen(app: axum::Router) -> (String, tokio::sync::oneshot::Sender<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(serve(listener, app, async move {
+        let _ = stopped.await;
+    }));
+    (base, stop)
+}
+
+async fn call(
+    http: &reqwest::Client,
+    method: &str,
+    url: &str,
+    body: Option<Value>,
+) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+    let mut req = http
+        .request(method.parse().unwrap(), url)
+        .bearer_auth(TOKEN);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.unwrap();
+    let (status, headers) = (resp.status(), resp.headers().clone());
+    let text = resp.text().await.unwrap();
+    (
+        status,
+        headers,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_router_mounts_in_a_users_axum_app_beside_its_own_routes() {
+    let troupe = Troupe::builder()
+        .durability(troupe_journal::Durability::InMemory)
+        .backend(LocalBackend::default())
+        .agent(&ASSISTANT, Assistant, AgentOptions::default())
+        .build()
+        .await
+        .unwrap();
+    let troupe = Arc::new(troupe);
+    let gateway = Gateway::new(troupe.clone(), config()).await.unwrap();
+    // The user's own app: its route, and Troupe's routes merged in.
+    let app = axum::Router::new()
+        .route("/hello", get(|| async { "hello from the app" }))
+        .merge(gateway.router());
+    let (base, stop) = listen(app).await;
+    let http = reqwest::Client::new();
+    let hello = http
+        .get(format!("{base}/hello"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(hello, "hello from the app");
+    let (s, _, session) = call(&http, "POST", &format!("{base}/v1/sessions"), None).await;
+    assert_eq!(s, StatusCode::CREATED, "{session}");
+    let sid = session["id"].as_str().unwrap();
+    let (s, _, posted) = call(
+        &http,
+        "POST",
+        &format!("{base}/v1/sessions/{sid}/messages"),
+        Some(json!({"content": "where is my order?"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{posted}");
+    let task = posted["task_id"].as_str().unwrap();
+    let mut status = Value::Null;
+    for _ in 0..3_000 {
+        let (_, _, t) = call(&http, "GET", &format!("{base}/v1/tasks/{task}"), None).await;
+        status = t["state"].clone();
+        if status["status"] == "succeeded" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(status["status"], "succeeded", "{status}");
+    assert_eq!(status["result"]["turn"], 1);
+    // A session opened with an agent this system does not have is a 400.
+    let (s, _, _) = call(
+        &http,
+        "POST",
+        &format!("{base}/v1/sessions"),
+        Some(json!({"agent": "nobody"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let _ = stop.send(());
+    gateway.shutdown();
+    troupe.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_journal_failures_answer_503_with_retry_after() {
+    let (journal, faults) = FaultyJournal::new(InMemoryJournal::new());
+    let troupe = Troupe::builder()
+        .journal(Arc::new(journal))
+        .backend(LocalBackend::default())
+        .agent(&ASSISTANT, Assistant, AgentOptions::default())
+        .build()
+        .await
+        .unwrap();
+    let troupe = Arc::new(troupe);
+    let gateway = Gateway::new(troupe.clone(), config()).await.unwrap();
+    let (base, stop) = listen(gateway.router()).await;
+    let http = reqwest::Client::new();
+
+    faults.fail_appends(1);
+    let (s, h, body) = call(&http, "POST", &format!("{base}/v1/sessions"), None).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"]["code"], "unavailable");
+    let retry: u64 = h["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(retry >= 1);
+
+    // Once the journal answers again, so does the gateway.
+    let (s, _, session) = call(&http, "POST", &format!("{base}/v1/sessions"), None).await;
+    assert_eq!(s, StatusCode::CREATED, "{session}");
+    let sid = session["id"].as_str().unwrap();
+
+    // A message whose task cannot be journaled: 503 too, and nothing posted.
+    faults.fail_appends(1);
+    let (s, h, body) = call(
+        &http,
+        "POST",
+        &format!("{base}/v1/sessions/{sid}/messages"),
+        Some(json!({"content": "hello"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(h.contains_key("retry-after"));
+    let (_, _, view) = call(&http, "GET", &format!("{base}/v1/sessions/{sid}"), None).await;
+    assert_eq!(view["turns"], 0, "{view}");
+    let _ = stop.send(());
+    gateway.shutdown();
+    troupe.shutdown().await.unwrap();
+}
