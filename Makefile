@@ -68,12 +68,14 @@ unit:
 	TROUPE_PG_URL="$$url" $(CARGO) test --release --workspace; \
 	TROUPE_PG_URL="$$url" $(CARGO) test --release -p troupe --features cluster --lib --test cluster
 
-# Every example, in quick mode, in a throwaway data directory.
+# Every example, in quick mode, in a throwaway data directory. Built for
+# the whole workspace, as the tests were (same features: nothing rebuilds).
 examples:
-	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	@set -e; $(CARGO) build -q --release --workspace --examples; \
+	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
 	for ex in $(EXAMPLES); do \
 		start=$$(date +%s); \
-		MODEL_URL= $(CARGO) run -q --release --example $$ex -- --quick --data-dir "$$tmp/$$ex" >"$$tmp/$$ex.log" 2>&1 \
+		MODEL_URL= "$(CARGO_TARGET_DIR)/release/examples/$$ex" --quick --data-dir "$$tmp/$$ex" >"$$tmp/$$ex.log" 2>&1 \
 			|| { cat "$$tmp/$$ex.log"; echo "example $$ex failed"; exit 1; }; \
 		echo "== example $$ex (quick): $$(( $$(date +%s) - start )) s"; \
 	done

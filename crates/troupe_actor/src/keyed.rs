@@ -281,9 +281,11 @@ impl<F: Activator> Keyed<F> {
         let inner = self.inner.clone();
         let key_owned = key.to_owned();
         let started = inner.activator.activate(key);
-        // The activation runs as its own task, which also records the
-        // outcome, so a caller that gives up cannot leave the slot stuck.
-        let task = tokio::spawn(async move {
+        // The activation is driven by whoever waits for it (no task of its
+        // own: a spawn and its wake-up cost more than the activation). Its
+        // future stays in the slot, so a caller that gives up leaves it to
+        // the next one, which carries on from where it stopped.
+        let shared = async move {
             let result = started.await;
             let mut slots = Self::slots(&inner);
             match &result {
@@ -303,19 +305,9 @@ impl<F: Activator> Keyed<F> {
                 }
             }
             result
-        });
-        let key_for_err = format!("{}/{key}", self.inner.kind);
-        let shared = task
-            .map(move |joined| {
-                joined.unwrap_or_else(|e| {
-                    Err(ActorError::Spawn {
-                        actor: key_for_err,
-                        message: e.to_string(),
-                    })
-                })
-            })
-            .boxed()
-            .shared();
+        }
+        .boxed()
+        .shared();
         slots.insert(key.to_owned(), Slot::Activating(shared.clone()));
         shared
     }

@@ -377,11 +377,6 @@ pub(crate) struct KindCore<A: Agent> {
     turns: Arc<Semaphore>,
     /// Turns running now, by key: the turn and what cancels it.
     running: Mutex<HashMap<String, (u32, Arc<Notify>)>>,
-    /// Live instances by actor, so the kind's supervisor knows whose death
-    /// it hears of.
-    instances: Mutex<HashMap<ractor::ActorId, Arc<str>>>,
-    /// The actor instances are linked to (set once the kind is registered).
-    supervisor: std::sync::OnceLock<ActorCell>,
     restarts: metrics::Counter,
     restart_count: std::sync::atomic::AtomicU64,
     in_flight: metrics::Gauge,
@@ -412,64 +407,29 @@ impl<A: Agent> KindCore<A> {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// An instance's actor ended. If it died while answering a turn (it
-    /// was killed, or its task aborted), that turn is dispatched again: a
-    /// new attempt answers it.
-    fn instance_ended(self: &Arc<Self>, id: ractor::ActorId) {
-        let Some(key) = self
-            .instances
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id)
-        else {
-            return;
-        };
+    /// The instance of `key` ended (its actor's value was dropped). If it
+    /// died while answering a turn (it was killed, or its task aborted),
+    /// that turn is dispatched again: a new attempt answers it.
+    fn instance_ended(self: &Arc<Self>, key: &Arc<str>) {
         let interrupted = self
             .running
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&*key);
+            .remove(&**key);
         let Some((turn, _)) = interrupted else {
             return;
         };
         tracing::warn!(agent = %self.name, key = %key, turn, "agent instance died during a turn; answering it again");
         self.count_restart();
-        let Ok(system) = self.system() else { return };
-        let name = self.name.to_string();
-        tokio::spawn(async move {
+        let (Ok(system), Ok(rt)) = (self.system(), tokio::runtime::Handle::try_current()) else {
+            return;
+        };
+        let (name, key) = (self.name.to_string(), key.to_string());
+        rt.spawn(async move {
             if let Ok(kind) = system.kind_dyn(&name) {
-                kind.dispatch_turn(key.to_string(), turn, None).await;
+                kind.dispatch_turn(key, turn, None).await;
             }
         });
-    }
-}
-
-/// The parent of a kind's instances: hears when one dies.
-struct KindSupervisor {
-    on_exit: Box<dyn Fn(ractor::ActorId) + Send + Sync>,
-}
-
-impl ractor::Actor for KindSupervisor {
-    type Msg = ();
-    type State = ();
-    type Arguments = ();
-
-    async fn pre_start(&self, _: ActorRef<()>, _: ()) -> Result<(), ActorProcessingErr> {
-        Ok(())
-    }
-
-    async fn handle_supervisor_evt(
-        &self,
-        _: ActorRef<()>,
-        event: ractor::SupervisionEvent,
-        _: &mut (),
-    ) -> Result<(), ActorProcessingErr> {
-        match event {
-            ractor::SupervisionEvent::ActorTerminated(cell, ..)
-            | ractor::SupervisionEvent::ActorFailed(cell, _) => (self.on_exit)(cell.get_id()),
-            _ => {}
-        }
-        Ok(())
     }
 }
 
@@ -506,8 +466,6 @@ impl<A: Agent> AgentKind<A> {
             options: Arc::new(options.clone()),
             system,
             running: Mutex::new(HashMap::new()),
-            instances: Mutex::new(HashMap::new()),
-            supervisor: std::sync::OnceLock::new(),
             restarts: metrics::counter!("troupe_agent_restarts_total", "agent" => label.clone()),
             restart_count: std::sync::atomic::AtomicU64::new(0),
             in_flight: metrics::gauge!("troupe_agent_turns_in_flight", "agent" => label),
@@ -526,34 +484,6 @@ impl<A: Agent> AgentKind<A> {
             core,
             keyed,
             timeout,
-        }
-    }
-
-    /// Starts the actor that hears of its instances' deaths.
-    pub(crate) async fn start_supervisor(&self) -> Result<(), AgentError> {
-        let weak = Arc::downgrade(&self.core);
-        let sup = KindSupervisor {
-            on_exit: Box::new(move |id| {
-                if let Some(core) = weak.upgrade() {
-                    core.instance_ended(id);
-                }
-            }),
-        };
-        let (actor, _) =
-            ractor::Actor::spawn(None, sup, ())
-                .await
-                .map_err(|e| ActorError::Spawn {
-                    actor: format!("agent.{} supervisor", self.core.name),
-                    message: e.to_string(),
-                })?;
-        let _ = self.core.supervisor.set(actor.get_cell());
-        Ok(())
-    }
-
-    /// Stops the kind's supervisor (its instances are passivated first).
-    pub(crate) fn stop_supervisor(&self) {
-        if let Some(cell) = self.core.supervisor.get() {
-            cell.stop(None);
         }
     }
 
@@ -1077,21 +1007,7 @@ impl<A: Agent> Activator for InstanceActivator<A> {
                 core.name.to_string(),
                 core.options.mailbox.max(1),
             );
-            let parent = core.supervisor.get().cloned();
-            let cell = mailbox::start_into(
-                &handle,
-                Instance {
-                    core: core.clone(),
-                    key: key.clone(),
-                },
-                loaded,
-                parent,
-            )
-            .await?;
-            core.instances
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(cell.get_id(), key);
+            mailbox::start_into(&handle, Instance { core, key }, loaded, None).await?;
             Ok(handle)
         }
         .boxed()
@@ -1102,6 +1018,14 @@ impl<A: Agent> Activator for InstanceActivator<A> {
 struct Instance<A: Agent> {
     core: Arc<KindCore<A>>,
     key: Arc<str>,
+}
+
+impl<A: Agent> Drop for Instance<A> {
+    /// The actor's value is dropped when its task ends, however it ends: a
+    /// kill (whose handlers never finish) included.
+    fn drop(&mut self) {
+        self.core.instance_ended(&self.key);
+    }
 }
 
 impl<A: Agent> ractor::Actor for Instance<A> {
@@ -1294,8 +1218,8 @@ impl<A: Agent> Instance<A> {
 
     async fn turn(&self, st: &mut Loaded<A>, ctx: &mut Context<A>, turn: u32, done: Option<Done>) {
         let sessions = ctx.system.sessions().clone();
-        let view = match sessions.view(&self.key).await {
-            Ok(v) => v,
+        let pending = match sessions.pending(&self.key).await {
+            Ok(p) => p,
             Err(e) => {
                 if let Some(d) = done {
                     let _ = d.send(Err(e));
@@ -1304,16 +1228,15 @@ impl<A: Agent> Instance<A> {
             }
         };
         // Already answered (a job sent twice), or not this turn.
-        if view.pending.is_none_or(|p| p.turn != turn) {
+        let Some(pending) = pending.filter(|p| p.turn == turn) else {
             if let Some(d) = done {
                 let _ = d.send(Err(AgentError::NothingToAnswer(self.key.to_string())));
             }
             return;
-        }
+        };
         // The turn belongs to another agent (it was handed off): forward.
-        let answering = view.answering_agent().to_owned();
-        if answering != *self.core.name {
-            match ctx.system.kind_dyn(&answering) {
+        if pending.agent != *self.core.name {
+            match ctx.system.kind_dyn(&pending.agent) {
                 Ok(k) => k.dispatch_turn(self.key.to_string(), turn, done).await,
                 Err(e) => {
                     let _ = sessions.fail_pending(&self.key, turn, &e).await;

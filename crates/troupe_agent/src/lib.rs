@@ -52,8 +52,8 @@ pub use model::{
 };
 pub use openai::{OpenAiBackend, OpenAiConfig};
 pub use session::{
-    Dispatch, MAX_ATTACHMENTS, OpenCall, Posted, SessionConfig, SessionEvent, SessionItem,
-    SessionRecord, SessionStream, SessionView, Sessions, TurnRef,
+    Dispatch, MAX_ATTACHMENTS, OpenCall, PendingTurn, Posted, SessionConfig, SessionEvent,
+    SessionItem, SessionRecord, SessionStream, SessionView, Sessions, TurnRef,
 };
 pub use system::{AgentSystem, SystemConfig};
 pub use tool::{Tool, ToolCallInfo, Tools};

@@ -328,6 +328,18 @@ pub struct TurnRef {
     pub attempt: u32,
 }
 
+/// The turn in progress of a session, and who answers it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingTurn {
+    /// The turn.
+    pub turn: u32,
+    /// Its current attempt (0: not started).
+    pub attempt: u32,
+    /// The agent that answers it: the one it was handed to, or the
+    /// session's own.
+    pub agent: String,
+}
+
 /// A posted user turn.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Posted {
@@ -411,8 +423,14 @@ pub enum SessionCommand {
     Begin {
         /// Model backend name.
         model: String,
+        /// Answer: the attempt, and the session as it begins (the model's
+        /// context), in one exchange.
+        reply: Reply<(TurnRef, SessionView)>,
+    },
+    /// The turn in progress, if any, without the conversation.
+    Pending {
         /// Answer.
-        reply: Reply<TurnRef>,
+        reply: Reply<Option<PendingTurn>>,
     },
     /// Journal reply events of an attempt.
     Append {
@@ -712,7 +730,18 @@ impl EventSourced for SessionEntity {
                     model,
                     keeps_tool_results: true,
                 };
-                self.persist(&state.id, vec![event], reply, move |_| turn)
+                self.persist(&state.id, vec![event], reply, move |st| (turn, st.view()))
+            }
+            SessionCommand::Pending { reply } => {
+                if !state.opened {
+                    return fail(reply, AgentError::UnknownSession(state.id.clone()));
+                }
+                let _ = reply.send(Ok(state.pending.as_ref().map(|p| PendingTurn {
+                    turn: p.turn,
+                    attempt: p.attempt,
+                    agent: p.handed_to.clone().unwrap_or_else(|| state.agent.clone()),
+                })));
+                Effect::none()
             }
             SessionCommand::Append {
                 turn,
@@ -1190,8 +1219,25 @@ impl Sessions {
     /// Starts an attempt at the pending turn (a new attempt voids an
     /// interrupted one).
     pub async fn begin(&self, id: &str, model: &str) -> Result<TurnRef, AgentError> {
+        self.begin_turn(id, model).await.map(|(turn, _)| turn)
+    }
+
+    /// [`Sessions::begin`], also returning the session as the attempt
+    /// begins (the model's context), in one exchange.
+    pub async fn begin_turn(
+        &self,
+        id: &str,
+        model: &str,
+    ) -> Result<(TurnRef, SessionView), AgentError> {
         let model = model.to_owned();
         self.ask(id, |reply| SessionCommand::Begin { model, reply })
+            .await
+    }
+
+    /// The turn in progress of `id` and who answers it, without reading the
+    /// conversation.
+    pub async fn pending(&self, id: &str) -> Result<Option<PendingTurn>, AgentError> {
+        self.ask(id, |reply| SessionCommand::Pending { reply })
             .await
     }
 

@@ -29,7 +29,6 @@ pub(crate) trait KindDyn: Send + Sync + 'static {
     fn passivate_all(&self) -> BoxFuture<'_, ()>;
     fn active_count(&self) -> usize;
     fn deliver_timer(&self, timer: Timer) -> BoxFuture<'_, Result<(), String>>;
-    fn stop(&self);
 }
 
 impl<A: Agent> KindDyn for AgentKind<A> {
@@ -64,10 +63,6 @@ impl<A: Agent> KindDyn for AgentKind<A> {
 
     fn deliver_timer(&self, timer: Timer) -> BoxFuture<'_, Result<(), String>> {
         AgentKind::deliver_timer(self, timer).boxed()
-    }
-
-    fn stop(&self) {
-        self.stop_supervisor();
     }
 }
 
@@ -215,14 +210,6 @@ impl AgentSystem {
             kinds.insert(name.to_owned(), Arc::new(kind.clone()));
             kind
         };
-        if let Err(e) = kind.start_supervisor().await {
-            self.inner
-                .kinds
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(name);
-            return Err(e);
-        }
         if let Some(timers) = &self.inner.timers {
             let weak = Arc::downgrade(&self.inner);
             let kind_name = name.to_owned();
@@ -293,11 +280,11 @@ impl AgentSystem {
     /// answer pending turn `turn` of `session`, and waits for the outcome.
     /// A turn already ended is [`AgentError::NothingToAnswer`].
     pub async fn answer(&self, session: &str, turn: u32) -> Result<TurnOutcome, AgentError> {
-        let view = self.sessions().view(session).await?;
-        if view.pending.is_none_or(|p| p.turn != turn) {
+        let pending = self.sessions().pending(session).await?;
+        let Some(pending) = pending.filter(|p| p.turn == turn) else {
             return Err(AgentError::NothingToAnswer(session.to_owned()));
-        }
-        let kind = self.kind_dyn(view.answering_agent())?;
+        };
+        let kind = self.kind_dyn(&pending.agent)?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         kind.dispatch_turn(session.to_owned(), turn, Some(tx)).await;
         match rx.await {
@@ -437,12 +424,8 @@ impl AgentSystem {
         futures::future::join_all(kinds.iter().map(|k| k.passivate_all())).await;
     }
 
-    /// Passivates every instance and stops the kinds' own actors: the
-    /// system takes no more turns.
+    /// Passivates every instance (their turns finish first).
     pub async fn stop(&self) {
         self.passivate_all().await;
-        for k in self.all_kinds() {
-            k.stop();
-        }
     }
 }

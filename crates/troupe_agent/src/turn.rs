@@ -13,7 +13,7 @@ use futures::{FutureExt, StreamExt};
 use crate::error::AgentError;
 use crate::inference::{Holder, Inference};
 use crate::model::{ChatMessage, ChatRequest, Chunk, Role, ToolCall};
-use crate::session::{OpenCall, SessionEvent, Sessions, TurnRef};
+use crate::session::{OpenCall, SessionEvent, SessionView, Sessions, TurnRef};
 use crate::tool::ToolCallInfo;
 use crate::{AgentOptions, TurnOutcome};
 
@@ -36,11 +36,11 @@ impl ReplyRun<'_> {
     /// journaled as `turn_failed` (with the retry hint of an overload) and
     /// returned.
     pub async fn run(&self) -> Result<TurnOutcome, AgentError> {
-        let turn = self
+        let (turn, view) = self
             .sessions
-            .begin(self.session, &self.options.backend)
+            .begin_turn(self.session, &self.options.backend)
             .await?;
-        match self.answer(turn).await {
+        match self.answer(turn, view).await {
             Ok(outcome) => Ok(outcome),
             Err(e) => {
                 let stale = matches!(
@@ -120,10 +120,10 @@ impl ReplyRun<'_> {
         Ok((events, seq))
     }
 
-    async fn answer(&self, turn: TurnRef) -> Result<TurnOutcome, AgentError> {
+    async fn answer(&self, turn: TurnRef, view: SessionView) -> Result<TurnOutcome, AgentError> {
         let opts = self.options;
         let session = self.session;
-        let mut view = self.sessions.view(session).await?;
+        let mut view = view;
         let mut outcome = TurnOutcome {
             turn,
             text: String::new(),
