@@ -233,9 +233,19 @@ impl<F: Activator> Keyed<F> {
         }
     }
 
+    /// The handle of `key` if it is active and alive, marked as used now.
+    fn touch_active(&self, key: &str) -> Option<ActorHandle<F::Msg>> {
+        match Self::slots(&self.inner).get_mut(key) {
+            Some(Slot::Active { handle, last_used }) if handle.cell().is_some() => {
+                *last_used = Instant::now();
+                Some(handle.clone())
+            }
+            _ => None,
+        }
+    }
+
     /// The handle of `key`'s current incarnation, activating it if needed.
     pub async fn handle(&self, key: &str) -> Result<ActorHandle<F::Msg>, ActorError> {
-        self.inner.activator.check_key(key)?;
         loop {
             let wait = {
                 let mut slots = Self::slots(&self.inner);
@@ -253,6 +263,9 @@ impl<F: Activator> Keyed<F> {
                     Some(Slot::Activating(a)) => Wait::Activation(a.clone()),
                     Some(Slot::Passivating(p)) => Wait::Passivation(p.clone()),
                     None => {
+                        // Checked only here: a key in the table was checked
+                        // when it was activated.
+                        self.inner.activator.check_key(key)?;
                         if slots.len() >= self.inner.config.max_active {
                             self.inner.refused.increment(1);
                             return Err(ActorError::TooManyActive {
@@ -394,9 +407,11 @@ impl<F: Activator> Keyed<F> {
     ) -> Result<(), Rejected<F::Msg>> {
         let mut msg = msg;
         for _ in 0..DELIVERY_ATTEMPTS {
-            let handle = match deadline {
-                None => self.handle(key).await,
-                Some((d, timeout)) => tokio::time::timeout_at(d, self.handle(key))
+            // The common case, an active key, takes no timer.
+            let handle = match (self.touch_active(key), deadline) {
+                (Some(h), _) => Ok(h),
+                (None, None) => self.handle(key).await,
+                (None, Some((d, timeout))) => tokio::time::timeout_at(d, self.handle(key))
                     .await
                     .unwrap_or_else(|_| Err(self.timed_out(key, "send", timeout))),
             };

@@ -199,6 +199,9 @@ impl<A> std::fmt::Debug for AgentKey<A> {
     }
 }
 
+/// A turn being answered: its number and what cancels it.
+type Running = (u32, Arc<Notify>);
+
 /// How the instances of one kind run and answer.
 #[derive(Clone)]
 pub struct AgentOptions {
@@ -376,7 +379,7 @@ pub(crate) struct KindCore<A: Agent> {
     pub(crate) system: Weak<SystemInner>,
     turns: Arc<Semaphore>,
     /// Turns running now, by key: the turn and what cancels it.
-    running: Mutex<HashMap<String, (u32, Arc<Notify>)>>,
+    running: Mutex<HashMap<Arc<str>, Running>>,
     restarts: metrics::Counter,
     restart_count: std::sync::atomic::AtomicU64,
     in_flight: metrics::Gauge,
@@ -1274,7 +1277,7 @@ impl<A: Agent> Instance<A> {
             .running
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(self.key.to_string(), (turn, cancel.clone()));
+            .insert(self.key.clone(), (turn, cancel.clone()));
         ctx.turn = Some(TurnSlot {
             number: turn,
             done,
