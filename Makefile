@@ -89,3 +89,5 @@ bench:
 		$(CARGO) run -q --release -p troupe_cli -- bench $$suite; \
 	done
 	$(CARGO) run -q --release -p troupe_cli --features cluster -- bench cluster
+	# Micro-benchmarks beside their raw baselines (benches/, divan).
+	$(CARGO) bench --bench mailbox --bench journal

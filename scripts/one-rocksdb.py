@@ -21,6 +21,8 @@ COMMANDS = [
     "clippy --release --workspace --all-targets",
     "test --release --workspace --no-run",
     "build --release --examples",
+    "build --release --workspace --examples",
+    "bench --no-run",
     "clippy --release -p troupe --features cluster --lib --test cluster",
     "test --release -p troupe --features cluster --lib --test cluster --no-run",
     "build --release -p troupe_cli",
