@@ -266,9 +266,12 @@ impl Child {
         self.lines.try_iter().map(|l| self.clean(l)).collect()
     }
 
-    /// SIGKILL.
-    pub fn kill(&mut self) {
+    /// SIGKILL. Returns whether the child was still running when it was
+    /// killed (a kill that finds it gone has tested nothing).
+    pub fn kill(&mut self) -> bool {
+        let running = matches!(self.process.try_wait(), Ok(None));
         let _ = self.process.kill();
+        running
     }
 
     /// Sends `signal` (`libc::SIGSTOP`, `libc::SIGCONT`, ...).

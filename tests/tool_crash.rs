@@ -168,8 +168,9 @@ fn tool_calls_survive_sigkill_without_running_twice() {
             // A random moment of its work: resuming, calling a tool,
             // streaming, journaling.
             std::thread::sleep(Duration::from_millis(rng.random_range(0..25)));
-            child.kill();
-            kills += 1;
+            if child.kill() {
+                kills += 1;
+            }
             child.finish();
             continue;
         }
@@ -185,7 +186,12 @@ fn tool_calls_survive_sigkill_without_running_twice() {
     }
     // ANCHOR_END: kill
     assert!(finished, "the sessions never got through their turns");
-    assert!(kills >= ROUNDS);
+    // Kills that found the child at work (it can have finished all its
+    // turns before a late one); most must have.
+    assert!(
+        kills >= ROUNDS / 2,
+        "only {kills} of {ROUNDS} kills found the child still running"
+    );
 
     // Every raw invocation: (incarnation, tool, key).
     let invocations: Vec<(u32, String, String)> = read_lines(dir.path().join("invocations"))

@@ -294,11 +294,10 @@ impl<F: Activator> Keyed<F> {
         let inner = self.inner.clone();
         let key_owned = key.to_owned();
         let started = inner.activator.activate(key);
-        // The activation is driven by whoever waits for it (no task of its
-        // own: a spawn and its wake-up cost more than the activation). Its
-        // future stays in the slot, so a caller that gives up leaves it to
-        // the next one, which carries on from where it stopped.
-        let shared = async move {
+        // The activation runs as its own task, which also records the
+        // outcome: a caller that gives up (a time-out) cannot leave it
+        // paused half-way, holding a journal read, until someone else asks.
+        let task = tokio::spawn(async move {
             let result = started.await;
             let mut slots = Self::slots(&inner);
             match &result {
@@ -318,9 +317,19 @@ impl<F: Activator> Keyed<F> {
                 }
             }
             result
-        }
-        .boxed()
-        .shared();
+        });
+        let key_for_err = format!("{}/{key}", self.inner.kind);
+        let shared = task
+            .map(move |joined| {
+                joined.unwrap_or_else(|e| {
+                    Err(ActorError::Spawn {
+                        actor: key_for_err,
+                        message: e.to_string(),
+                    })
+                })
+            })
+            .boxed()
+            .shared();
         slots.insert(key.to_owned(), Slot::Activating(shared.clone()));
         shared
     }
@@ -332,7 +341,9 @@ impl<F: Activator> Keyed<F> {
             .iter()
             .filter_map(|(k, s)| match s {
                 Slot::Active { handle, last_used }
-                    if now.duration_since(*last_used) >= idle && handle.depth() == 0 =>
+                    if now.duration_since(*last_used) >= idle
+                        && handle.depth() == 0
+                        && !handle.is_busy() =>
                 {
                     Some(k.clone())
                 }
@@ -358,7 +369,13 @@ impl<F: Activator> Keyed<F> {
         let task = tokio::spawn(async move {
             if let Some(cell) = handle.cell() {
                 // Drain: messages already queued are handled, then it stops.
-                let _ = cell.drain_and_wait(Some(drain)).await;
+                // One that does not stop in time is killed (a crash, as far
+                // as it is concerned): the key is never left with an
+                // incarnation still running that the table has forgotten.
+                if cell.drain_and_wait(Some(drain)).await.is_err() {
+                    tracing::warn!(kind = %inner.kind, %key, ?drain, "did not passivate in time; killed");
+                    let _ = cell.kill_and_wait(Some(drain)).await;
+                }
             }
             handle.detach();
             let mut slots = Self::slots(&inner);

@@ -62,6 +62,10 @@ struct Permits {
     capacity: usize,
     waiters: Padded<AtomicUsize>,
     notify: Notify,
+    /// Whether the actor is inside a handler now (set by the bounded
+    /// wrapper around it): a message taken out of the mailbox no longer
+    /// counts in `depth`, but its actor is not idle.
+    busy: std::sync::atomic::AtomicBool,
 }
 
 impl Permits {
@@ -74,6 +78,7 @@ impl Permits {
             capacity,
             waiters: Padded(AtomicUsize::new(0)),
             notify: Notify::new(),
+            busy: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -297,6 +302,14 @@ impl<M: Message> ActorHandle<M> {
         }
     }
 
+    /// Whether the current incarnation is handling a message now.
+    pub fn is_busy(&self) -> bool {
+        match &*self.shared.current.load() {
+            Some(inc) => inc.permits.busy.load(Ordering::Acquire),
+            None => false,
+        }
+    }
+
     /// The current incarnation's cell, if one is attached and alive.
     pub fn cell(&self) -> Option<ActorCell> {
         self.shared
@@ -506,7 +519,10 @@ impl<A: ractor::Actor> ractor::Actor for Bounded<A> {
         state: &mut Self::State,
     ) -> Result<(), ractor::ActorProcessingErr> {
         state.permits.release();
-        self.0.handle(myself, message, &mut state.inner).await
+        state.permits.permits.busy.store(true, Ordering::Relaxed);
+        let handled = self.0.handle(myself, message, &mut state.inner).await;
+        state.permits.permits.busy.store(false, Ordering::Release);
+        handled
     }
 
     async fn handle_supervisor_evt(

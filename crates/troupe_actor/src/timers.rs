@@ -225,10 +225,12 @@ impl TimerState {
         );
     }
 
+    /// Forgets timer `id`. A delivery of it under way keeps its slot
+    /// (`in_flight`) until it reports back (`Delivered`), so cancelling
+    /// never lets more than `max_in_flight` run at once.
     fn remove(&mut self, id: u64) -> Option<Live> {
         let live = self.timers.remove(&id)?;
         self.order.remove(&(live.next_ms, id));
-        self.in_flight.remove(&id);
         Some(live)
     }
 
@@ -311,6 +313,14 @@ impl TimerActor {
                 };
                 let _ = me.cast(TimerMsg::Delivered(id, result));
             });
+        }
+        // Every slot taken: the next `Delivered` schedules again (a wake-up
+        // now would find the same due timers and nothing to do).
+        if st.in_flight.len() >= self.config.max_in_flight.max(1) {
+            if let Some((_, h)) = st.wake.take() {
+                h.abort();
+            }
+            return;
         }
         // The next wake-up: the earliest timer not in flight.
         let next = st
@@ -486,6 +496,8 @@ impl ractor::Actor for TimerActor {
                     }
                     Err(reason) => {
                         let Some(live) = st.timers.get_mut(&id) else {
+                            // Cancelled meanwhile: its slot is free now.
+                            self.schedule_work(&myself, st);
                             return Ok(());
                         };
                         let no_sink = reason.starts_with("no sink for");

@@ -199,8 +199,13 @@ impl<A> std::fmt::Debug for AgentKey<A> {
     }
 }
 
-/// A turn being answered: its number and what cancels it.
-type Running = (u32, Arc<Notify>);
+/// A turn being answered: its number, what cancels it, and the instance
+/// (incarnation) answering it.
+type Running = (u32, Arc<Notify>, u64);
+
+/// Numbers the instances, so that the end of one incarnation never touches
+/// a turn a later incarnation of the same key is answering.
+static INCARNATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// How the instances of one kind run and answer.
 #[derive(Clone)]
@@ -410,17 +415,19 @@ impl<A: Agent> KindCore<A> {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// The instance of `key` ended (its actor's value was dropped). If it
-    /// died while answering a turn (it was killed, or its task aborted),
+    /// Incarnation `id` of `key` ended (its actor's value was dropped). If
+    /// it died while answering a turn (it was killed, or its task aborted),
     /// that turn is dispatched again: a new attempt answers it.
-    fn instance_ended(self: &Arc<Self>, key: &Arc<str>) {
-        let interrupted = self
-            .running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&**key);
-        let Some((turn, _)) = interrupted else {
-            return;
+    fn instance_ended(self: &Arc<Self>, key: &Arc<str>, id: u64) {
+        let turn = {
+            let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+            match running.get(&**key) {
+                Some(&(turn, _, by)) if by == id => {
+                    running.remove(&**key);
+                    turn
+                }
+                _ => return,
+            }
         };
         tracing::warn!(agent = %self.name, key = %key, turn, "agent instance died during a turn; answering it again");
         self.count_restart();
@@ -576,7 +583,7 @@ impl<A: Agent> AgentKind<A> {
             .unwrap_or_else(|p| p.into_inner())
             .get(key)
         {
-            Some((_, n)) => {
+            Some((_, n, _)) => {
                 n.notify_one();
                 true
             }
@@ -840,9 +847,12 @@ impl<A: Agent> Context<A> {
             .sessions()
             .hand_off(&self.key, slot.number, to.name())
             .await?;
-        slot.handed_off = true;
         let done = slot.done.take();
-        target.dispatch(&self.key, slot.number, done).await
+        // Marked handed off only once the target has it: a dispatch that
+        // fails leaves the turn this instance's to fail.
+        target.dispatch(&self.key, slot.number, done).await?;
+        slot.handed_off = true;
+        Ok(())
     }
 
     /// Calls one of this kind's tools directly (not journaled: inside a
@@ -1010,7 +1020,8 @@ impl<A: Agent> Activator for InstanceActivator<A> {
                 core.name.to_string(),
                 core.options.mailbox.max(1),
             );
-            mailbox::start_into(&handle, Instance { core, key }, loaded, None).await?;
+            let id = INCARNATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            mailbox::start_into(&handle, Instance { core, key, id }, loaded, None).await?;
             Ok(handle)
         }
         .boxed()
@@ -1021,13 +1032,15 @@ impl<A: Agent> Activator for InstanceActivator<A> {
 struct Instance<A: Agent> {
     core: Arc<KindCore<A>>,
     key: Arc<str>,
+    /// This incarnation's number (`INCARNATIONS`).
+    id: u64,
 }
 
 impl<A: Agent> Drop for Instance<A> {
     /// The actor's value is dropped when its task ends, however it ends: a
     /// kill (whose handlers never finish) included.
     fn drop(&mut self) {
-        self.core.instance_ended(&self.key);
+        self.core.instance_ended(&self.key, self.id);
     }
 }
 
@@ -1277,7 +1290,7 @@ impl<A: Agent> Instance<A> {
             .running
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(self.key.clone(), (turn, cancel.clone()));
+            .insert(self.key.clone(), (turn, cancel.clone(), self.id));
         ctx.turn = Some(TurnSlot {
             number: turn,
             done,

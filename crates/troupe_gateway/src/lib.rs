@@ -386,8 +386,22 @@ impl Gateway {
         };
         // Unfinished work from before a restart. A task record that cannot
         // be read is reported and skipped, not fatal.
-        let resumed_tasks = tasks.resume(troupe.journal().as_ref()).await?;
-        let resumed_sagas = troupe.sagas().resume_all().await?;
+        let resumed = async {
+            let tasks = tasks.resume(troupe.journal().as_ref()).await?;
+            let sagas = troupe.sagas().resume_all().await?;
+            Ok::<_, GatewayError>((tasks, sagas))
+        }
+        .await;
+        let (resumed_tasks, resumed_sagas) = match resumed {
+            Ok(r) => r,
+            Err(e) => {
+                // Nothing of this gateway keeps running: its workers hold
+                // the journal the caller is about to close.
+                tasks.stop();
+                refresher.abort();
+                return Err(e);
+            }
+        };
         state.0.ready.store(true, Ordering::SeqCst);
         tracing::info!(resumed_tasks, resumed_sagas, "gateway ready");
         Ok(Self { state, refresher })
@@ -440,20 +454,24 @@ impl Server {
     /// Builds the system ([`troupe_for`]), the gateway over it, and listens
     /// on `config.listen`.
     pub async fn start(config: GatewayConfig) -> Result<Self, GatewayError> {
+        // The port first: a server that cannot listen starts nothing.
+        let listen = config.listen;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| GatewayError::Config(format!("cannot listen on {listen}: {e}")))?;
+        let addr = listener.local_addr().map_err(GatewayError::internal)?;
         let troupe = Arc::new(troupe_for(&config).await?);
         let archiver = troupe.tiered().and_then(|t| {
             t.policy()
                 .interval_s
                 .map(|s| t.spawn_archiver(Duration::from_secs(s)))
         });
-        let listen = config.listen;
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .map_err(|e| GatewayError::Config(format!("cannot listen on {listen}: {e}")))?;
-        let addr = listener.local_addr().map_err(GatewayError::internal)?;
         let gateway = match Gateway::new(troupe.clone(), config).await {
             Ok(g) => g,
             Err(e) => {
+                if let Some(a) = &archiver {
+                    a.abort();
+                }
                 let _ = troupe.shutdown().await;
                 return Err(e);
             }

@@ -369,16 +369,20 @@ impl TroupeBuilder {
                 ask_timeout: Some(self.ask_timeout),
             },
         );
-        for register in self.agents {
-            register(agents.clone()).await?;
-        }
         let mut sagas = Sagas::new(journal.clone(), self.handlers).with_timers(timers.clone());
         if let Some(n) = self.max_sagas {
             sagas = sagas.with_max_running(n);
         }
-        for w in self.workflows {
-            sagas.register(w)?;
+        let registered = async {
+            for register in self.agents {
+                register(agents.clone()).await?;
+            }
+            for w in self.workflows {
+                sagas.register(w)?;
+            }
+            Ok::<_, RuntimeError>(())
         }
+        .await;
         let troupe = Troupe {
             journal,
             tiered,
@@ -391,14 +395,30 @@ impl TroupeBuilder {
             drains: Mutex::new(Vec::new()),
             shutdown_timeout: self.shutdown_timeout,
         };
-        if self.resume {
-            let sagas = troupe.sagas.resume_all().await?;
-            let turns = troupe.agents.resume_turns().await?;
-            if sagas + turns > 0 {
-                tracing::info!(sagas, turns, "resumed unfinished work");
+        // A system that cannot start is stopped again (its actors, the
+        // journal's lock) before the error is returned: a retry in the same
+        // process finds nothing left over.
+        let started = async {
+            registered?;
+            if self.resume {
+                let sagas = troupe.sagas.resume_all().await?;
+                let turns = troupe.agents.resume_turns().await?;
+                if sagas + turns > 0 {
+                    tracing::info!(sagas, turns, "resumed unfinished work");
+                }
+            }
+            Ok::<_, RuntimeError>(())
+        }
+        .await;
+        match started {
+            Ok(()) => Ok(troupe),
+            Err(e) => {
+                if let Err(stop) = troupe.shutdown().await {
+                    tracing::warn!(error = %stop, "stopping a system that failed to start");
+                }
+                Err(e)
             }
         }
-        Ok(troupe)
     }
 }
 
@@ -539,12 +559,16 @@ impl Troupe {
         };
         stage("sagas and entities")(tokio::time::timeout(grace, entities).await);
         self.root.stop(grace).await;
-        self.journal.flush().await?;
+        // Both journals are flushed and closed whatever the other did; the
+        // first failure is returned.
+        let mut result = self.journal.flush().await;
         self.journal.close().await;
         if let Some(l) = &self.lease_journal {
-            l.flush().await?;
+            let leases = l.flush().await;
             l.close().await;
+            result = result.and(leases);
         }
+        result?;
         tracing::info!("troupe shut down");
         Ok(())
     }
