@@ -23,9 +23,11 @@ fn request(holder: &str, gb: u64, priority: u8, start_within: Duration) -> Lease
         memory: gb * GB,
         compute: 50,
         priority,
-        deadline_ms: troupe::journal::now_ms() + start_within.as_millis() as u64,
+        // Start within `start_within`, then about 20 s of work: done by then.
+        deadline_ms: troupe::journal::now_ms() + start_within.as_millis() as u64 + 20_000,
         ttl_ms: 30_000,
-        expected_ms: 20_000,
+        estimate_ms: Some(20_000),
+        ..LeaseRequest::default()
     }
 }
 

@@ -63,7 +63,7 @@ fn script() -> Vec<Task> {
         tasks.push(task(format!("catalog-{}", i + 1), 1, 0.0, work, 1.0));
     }
     // A live keynote cannot wait for a slot to free up.
-    tasks.push(task("live-1".into(), 3, 0.5, 1.0, 1.5));
+    tasks.push(task("live-1".into(), 3, 0.5, 1.0, 0.6));
     // A small batch job, then a stream of catalog renders that outranks it.
     tasks.push(task("thumbs-1".into(), 0, 0.8, 0.3, 8.0));
     for i in 0..12 {
@@ -135,9 +135,14 @@ impl Rush {
             memory: TASK_MEMORY,
             compute: TASK_COMPUTE,
             priority: task.priority,
-            deadline_ms: asked_ms + self.units(task.start_within).as_millis() as u64,
+            // It must start within `start_within` and then do its work.
+            deadline_ms: asked_ms + self.units(task.start_within + task.work).as_millis() as u64,
             ttl_ms: ttl.as_millis() as u64,
-            expected_ms: self.units(task.work).as_millis() as u64,
+            estimate_ms: Some(self.units(task.work).as_millis() as u64),
+            // Every renderer here checkpoints when preempted: taking its
+            // GPU loses no work, so a higher tier may.
+            resumable: true,
+            ..LeaseRequest::default()
         };
         self.update(i, |r| r.asked_ms = asked_ms);
         let lease = match self.gpu.acquire(request, None, Some(notices_tx)).await {

@@ -30,15 +30,24 @@ fn or_na<T>(value: Option<T>, show: impl Fn(T) -> String) -> String {
 // ANCHOR: sample
 fn print_sample(index: u32, reading: Result<DeviceSample, GpuError>) {
     match reading {
-        Ok(s) => println!(
-            "    GPU {index}: utilization {:3}% | memory {} of {} ({:.1}%) | {} | {}",
-            s.utilization_pct,
-            gib(s.memory_used),
-            gib(s.memory_total),
-            100.0 * s.memory_used as f64 / s.memory_total.max(1) as f64,
-            or_na(s.temperature_c, |t| format!("{t} °C")),
-            or_na(s.power_mw, |p| format!("{:.1} W", p as f64 / 1000.0)),
-        ),
+        Ok(s) => {
+            println!(
+                "    GPU {index}: utilization {} | memory {} of {} | {} | {}",
+                or_na(s.utilization_pct, |u| format!("{u:3}%")),
+                or_na(s.memory_used, |m| format!(
+                    "{} ({:.1}%)",
+                    gib(m),
+                    100.0 * m as f64 / s.memory_total.max(1) as f64
+                )),
+                gib(s.memory_total),
+                or_na(s.temperature_c, |t| format!("{t} °C")),
+                or_na(s.power_mw, |p| format!("{:.1} W", p as f64 / 1000.0)),
+            );
+            // A refused field is unknown, not a failed device.
+            for (field, why) in &s.refused {
+                println!("      {field}: not reported ({why})");
+            }
+        }
         // The supervisor treats a failed reading as an unhealthy device.
         Err(e) => println!("    GPU {index}: n/a ({e}); Troupe would mark it unhealthy"),
     }

@@ -111,17 +111,24 @@ impl GpuHost {
                 detail: format!("node `{node}` runs no task `{kind}`"),
             });
         };
-        let now = troupe_journal::now_ms();
+        let now = self.supervisor.now_ms();
+        // A peer's work: journaled lease by lease, so a supervisor restarted
+        // in another process still sees it.
         let request = LeaseRequest {
             holder: format!("cluster:{kind}"),
+            kind: kind.to_owned(),
             memory: need.memory,
             compute: need.compute,
             priority: need.priority,
-            deadline_ms: now.saturating_add(need.start_within_ms),
+            deadline_ms: now
+                .saturating_add(need.start_within_ms)
+                .saturating_add(need.expected_ms),
             ttl_ms: (timeout.as_millis() as u64)
                 .max(need.expected_ms)
                 .max(1_000),
-            expected_ms: need.expected_ms,
+            estimate_ms: Some(need.expected_ms),
+            resumable: false,
+            durable: true,
         };
         let lease = match self.supervisor.acquire(request, None, None).await {
             Ok(lease) => lease,

@@ -41,14 +41,20 @@ pub struct LeaseSpec {
     pub compute: u32,
     /// 0 (lowest) to `PRIORITIES - 1` (highest; see [`troupe_gpu::scheduler::PRIORITIES`]).
     pub priority: u8,
-    /// Longest wait for the lease before the request is refused.
+    /// Longest wait for the lease: with `expected`, it sets the time the
+    /// inference must be done by (asked + `wait` + `expected`), which is
+    /// what the GPU supervisor admits against.
     pub wait: Duration,
     /// Lease lifetime between renewals.
     pub ttl: Duration,
     /// How long the inference is expected to hold the lease (for the
     /// supervisor's wait estimates): the model's time plus the journal
-    /// writes of the chunks between, which the lease also covers.
+    /// writes of the chunks between, which the lease also covers. Passed
+    /// as the caller's estimate: the supervisor learns how far off it is.
     pub expected: Duration,
+    /// What kind of work it is, for the run times the supervisor learns
+    /// (empty: the model's name is used).
+    pub kind: String,
 }
 
 impl Default for LeaseSpec {
@@ -62,6 +68,7 @@ impl Default for LeaseSpec {
             wait: Duration::from_secs(5),
             ttl: Duration::from_secs(30),
             expected: Duration::from_secs(2),
+            kind: String::new(),
         }
     }
 }
@@ -139,7 +146,7 @@ impl Inference {
         let started = Instant::now();
         let labels = [("model", model.to_owned())];
         let guard = match &self.gpu {
-            Some(gpu) => match LeaseGuard::acquire(gpu, lease, holder).await {
+            Some(gpu) => match LeaseGuard::acquire(gpu, lease, holder, model).await {
                 Ok(g) => Some(g),
                 Err(e) => {
                     metrics::counter!("troupe_inference_refused_total", &labels).increment(1);
@@ -184,7 +191,8 @@ impl Inference {
                 };
                 match step {
                     Step::Notice(Some(LeaseNotice::Preempt { grace_until, .. })) => {
-                        let left = grace_until.saturating_sub(now_ms());
+                        let now = guard.as_ref().map_or_else(now_ms, |g| g.gpu.now_ms());
+                        let left = grace_until.saturating_sub(now);
                         grace = Some(tokio::time::Instant::now() + Duration::from_millis(left));
                     }
                     Step::Notice(Some(LeaseNotice::Ended { reason, .. })) => {
@@ -235,17 +243,29 @@ impl LeaseGuard {
         gpu: &GpuSupervisorHandle,
         spec: &LeaseSpec,
         holder: &Holder,
+        model: &str,
     ) -> Result<Self, AgentError> {
         let (tx, notices) = mpsc::channel(NOTICE_BUFFER);
         let ttl_ms = spec.ttl.as_millis().max(1) as u64;
+        let expected = spec.expected.as_millis() as u64;
+        // It may wait `wait` and is expected to run `expected`: it must be
+        // done by then. The supervisor decides on what it has learned of
+        // this kind's run times, not on `expected` alone.
         let req = LeaseRequest {
             holder: holder.name.clone(),
+            kind: if spec.kind.is_empty() {
+                model.to_owned()
+            } else {
+                spec.kind.clone()
+            },
             memory: spec.memory,
             compute: spec.compute,
             priority: spec.priority,
-            deadline_ms: now_ms() + spec.wait.as_millis() as u64,
+            deadline_ms: gpu.now_ms() + spec.wait.as_millis() as u64 + expected,
             ttl_ms,
-            expected_ms: spec.expected.as_millis() as u64,
+            estimate_ms: Some(expected),
+            resumable: false,
+            durable: false,
         };
         let asked = Instant::now();
         let lease = gpu.acquire(req, holder.actor.clone(), Some(tx)).await;

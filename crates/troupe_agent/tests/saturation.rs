@@ -94,6 +94,7 @@ async fn saturated_gpus_serve_high_priority_refuse_low_priority_and_leak_nothing
         wait,
         ttl: Duration::from_secs(30),
         expected: Duration::from_secs(5),
+        kind: String::new(),
     };
     let hi = sys
         .register(

@@ -165,3 +165,73 @@ async fn transient_journal_failures_answer_503_with_retry_after() {
     gateway.shutdown();
     troupe.shutdown().await.unwrap();
 }
+
+/// Polls `/readyz` until it answers `want` (bounded: the loop, not a
+/// timer, decides; the cap only stops a broken build from hanging).
+async fn readyz_until(http: &reqwest::Client, base: &str, want: StatusCode) -> Value {
+    for _ in 0..4_000 {
+        let (s, _, body) = call(http, "GET", &format!("{base}/readyz"), None).await;
+        if s == want {
+            return body;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("/readyz never answered {want}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gpu_supervisor_whose_journal_fails_is_restarted_and_readyz_says_so_meanwhile() {
+    use troupe_gpu::probe::SimulatedProbe;
+    use troupe_gpu::scheduler::LeaseRequest;
+    let (leases, faults) = FaultyJournal::new(InMemoryJournal::new());
+    let troupe = Troupe::builder()
+        .journal(Arc::new(InMemoryJournal::new()))
+        .gpus(Arc::new(SimulatedProbe::new(1, 16 << 30)))
+        .lease_journal(Arc::new(leases))
+        .backend(LocalBackend::default())
+        .agent(&ASSISTANT, Assistant, AgentOptions::default())
+        .build()
+        .await
+        .unwrap();
+    let troupe = Arc::new(troupe);
+    let gateway = Gateway::new(troupe.clone(), config()).await.unwrap();
+    let (base, stop) = listen(gateway.router()).await;
+    let http = reqwest::Client::new();
+    readyz_until(&http, &base, StatusCode::OK).await;
+
+    let gpu = troupe.gpu().expect("gpus configured").clone();
+    let req = || LeaseRequest {
+        holder: "probe".into(),
+        memory: 1 << 30,
+        compute: 10,
+        priority: 1,
+        deadline_ms: gpu.now_ms() + 60_000,
+        ttl_ms: 10_000,
+        estimate_ms: Some(100),
+        ..LeaseRequest::default()
+    };
+    // The journal refuses the grant's write: the supervisor fails (nobody
+    // is told of a grant it could not journal) and its restart's recovery
+    // is held.
+    faults.fail_appends(1);
+    faults.hold_reads();
+    let before = gpu.actor().unwrap().get_id();
+    assert!(gpu.acquire(req(), None, None).await.is_err());
+    let body = readyz_until(&http, &base, StatusCode::SERVICE_UNAVAILABLE).await;
+    assert!(
+        body.to_string().contains("GPU supervisor"),
+        "readiness names what is down: {body}"
+    );
+    // Still down while its recovery cannot finish.
+    let (s, _, _) = call(&http, "GET", &format!("{base}/readyz"), None).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+
+    faults.release_reads();
+    readyz_until(&http, &base, StatusCode::OK).await;
+    assert_ne!(gpu.actor().unwrap().get_id(), before, "a new incarnation");
+    let lease = gpu.acquire(req(), None, None).await.expect("grants again");
+    gpu.release(&lease).await.unwrap();
+    let _ = stop.send(());
+    gateway.shutdown();
+    troupe.shutdown().await.unwrap();
+}

@@ -131,10 +131,19 @@ impl ractor::Actor for DeviceActor {
                 let reading = st.args.probe.sample(index);
                 if let Ok(s) = &reading {
                     let label = index.to_string();
-                    metrics::gauge!("troupe_gpu_utilization_percent", "device" => label.clone())
-                        .set(s.utilization_pct as f64);
-                    metrics::gauge!("troupe_gpu_memory_used_bytes", "device" => label.clone())
-                        .set(s.memory_used as f64);
+                    if let Some(u) = s.utilization_pct {
+                        metrics::gauge!("troupe_gpu_utilization_percent", "device" => label.clone())
+                            .set(u as f64);
+                    }
+                    if let Some(m) = s.memory_used {
+                        metrics::gauge!("troupe_gpu_memory_used_bytes", "device" => label.clone())
+                            .set(m as f64);
+                    }
+                    for (field, why) in &s.refused {
+                        metrics::counter!("troupe_gpu_fields_refused_total", "device" => label.clone(), "field" => *field)
+                            .increment(1);
+                        tracing::debug!(device = index, field, reason = %why, "device refused a field");
+                    }
                     metrics::gauge!("troupe_gpu_memory_total_bytes", "device" => label.clone())
                         .set(s.memory_total as f64);
                     if let Some(t) = s.temperature_c {

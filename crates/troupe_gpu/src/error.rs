@@ -24,8 +24,9 @@ pub enum GpuError {
         /// Compute share asked for.
         compute: u32,
     },
-    /// The request waited until its deadline.
-    #[error("lease request of `{holder}` expired in the queue")]
+    /// The request waited until it could no longer finish by its deadline
+    /// (on the run-time prediction it was admitted on).
+    #[error("lease request of `{holder}` can no longer finish by its deadline")]
     Expired {
         /// Holder.
         holder: String,

@@ -17,6 +17,6 @@ mod supervisor;
 
 pub use error::GpuError;
 pub use supervisor::{
-    GpuArgs, GpuConfig, GpuMsg, GpuState, GpuStatus, GpuSupervisor, GpuSupervisorHandle,
-    LeaseEvent, LeaseGrant, LeaseNotice,
+    Clock, GpuArgs, GpuConfig, GpuMsg, GpuStart, GpuState, GpuStatus, GpuSupervisor,
+    GpuSupervisorHandle, LeaseEvent, LeaseGrant, LeaseNotice,
 };

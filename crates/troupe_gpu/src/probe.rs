@@ -25,19 +25,42 @@ pub struct DeviceInfo {
     pub memory_total: u64,
 }
 
-/// One reading of a device.
+/// One reading of a device. A field the device refused to report (a MIG
+/// instance refuses utilization, many boards refuse power) is `None`, and
+/// [`DeviceSample::refused`] says which and why: the device stays usable.
+/// Only a device that cannot be reached at all fails its reading.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct DeviceSample {
     /// Percent of the last sample period a kernel was running.
-    pub utilization_pct: u32,
+    pub utilization_pct: Option<u32>,
     /// Memory in use, bytes.
-    pub memory_used: u64,
+    pub memory_used: Option<u64>,
     /// Memory installed, bytes.
     pub memory_total: u64,
     /// Die temperature, °C, where the device reports it.
     pub temperature_c: Option<u32>,
     /// Power draw, milliwatts, where the device reports it.
     pub power_mw: Option<u32>,
+    /// Fields the device refused this time, with the driver's reason
+    /// (`"utilization"`, `"memory"`, `"temperature"`, `"power"`).
+    pub refused: Vec<(&'static str, String)>,
+}
+
+impl DeviceSample {
+    /// Keeps `value` if the device gave it, or records why not.
+    pub fn field<T, E: std::fmt::Display>(
+        &mut self,
+        name: &'static str,
+        value: Result<T, E>,
+    ) -> Option<T> {
+        match value {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.refused.push((name, e.to_string()));
+                None
+            }
+        }
+    }
 }
 
 /// Something that can list and read GPUs.
@@ -99,19 +122,19 @@ impl GpuProbe for NvmlProbe {
             .nvml
             .device_by_index(index)
             .map_err(|e| nvml_err(Some(index), e))?;
-        let mem = d.memory_info().map_err(|e| nvml_err(Some(index), e))?;
-        let util = d
-            .utilization_rates()
-            .map_err(|e| nvml_err(Some(index), e))?;
-        Ok(DeviceSample {
-            utilization_pct: util.gpu,
-            memory_used: mem.used,
-            memory_total: mem.total,
-            temperature_c: d
-                .temperature(nvml_wrapper::enum_wrappers::device::TemperatureSensor::Gpu)
-                .ok(),
-            power_mw: d.power_usage().ok(),
-        })
+        // Each field on its own: one refused field (MIG instances refuse
+        // utilization) leaves the others and the device usable.
+        let mut s = DeviceSample::default();
+        let mem = s.field("memory", d.memory_info());
+        s.memory_used = mem.as_ref().map(|m| m.used);
+        s.memory_total = mem.map_or(0, |m| m.total);
+        s.utilization_pct = s.field("utilization", d.utilization_rates()).map(|u| u.gpu);
+        s.temperature_c = s.field(
+            "temperature",
+            d.temperature(nvml_wrapper::enum_wrappers::device::TemperatureSensor::Gpu),
+        );
+        s.power_mw = s.field("power", d.power_usage());
+        Ok(s)
     }
 }
 
@@ -124,6 +147,8 @@ pub struct SimulatedDevice {
     pub sample: DeviceSample,
     /// When set, readings fail with this message (a lost or broken device).
     pub fault: Option<String>,
+    /// Fields this device refuses to report, with the reason given.
+    pub refuses: Vec<(&'static str, String)>,
 }
 
 /// Simulated GPUs with scripted utilization and faults.
@@ -145,11 +170,14 @@ impl SimulatedProbe {
                 },
                 sample: DeviceSample {
                     memory_total: memory,
+                    utilization_pct: Some(0),
+                    memory_used: Some(0),
                     temperature_c: Some(40),
                     power_mw: Some(50_000),
                     ..DeviceSample::default()
                 },
                 fault: None,
+                refuses: Vec::new(),
             })
             .collect();
         Self {
@@ -165,8 +193,22 @@ impl SimulatedProbe {
     pub fn set_load(&self, index: u32, utilization_pct: u32, memory_used: u64) {
         self.with(|d| {
             if let Some(d) = d.get_mut(index as usize) {
-                d.sample.utilization_pct = utilization_pct.min(100);
-                d.sample.memory_used = memory_used.min(d.info.memory_total);
+                d.sample.utilization_pct = Some(utilization_pct.min(100));
+                d.sample.memory_used = Some(memory_used.min(d.info.memory_total));
+            }
+        });
+    }
+
+    /// Makes a device refuse one field of its readings (`Some(reason)`),
+    /// as NVML does for utilization on a MIG instance, or report it again
+    /// (`None`). `field` is one of those of [`DeviceSample::refused`].
+    pub fn refuse(&self, index: u32, field: &'static str, reason: Option<&str>) {
+        self.with(|d| {
+            if let Some(d) = d.get_mut(index as usize) {
+                d.refuses.retain(|(f, _)| *f != field);
+                if let Some(r) = reason {
+                    d.refuses.push((field, r.to_owned()));
+                }
             }
         });
     }
@@ -200,7 +242,20 @@ impl GpuProbe for SimulatedProbe {
                 device: Some(index),
                 message: f.clone(),
             }),
-            Some(d) => Ok(d.sample.clone()),
+            Some(d) => {
+                let mut s = d.sample.clone();
+                for (field, why) in &d.refuses {
+                    match *field {
+                        "utilization" => s.utilization_pct = None,
+                        "memory" => s.memory_used = None,
+                        "temperature" => s.temperature_c = None,
+                        "power" => s.power_mw = None,
+                        _ => {}
+                    }
+                    s.refused.push((field, why.clone()));
+                }
+                Ok(s)
+            }
         })
     }
 }
@@ -245,7 +300,16 @@ mod tests {
         let p = SimulatedProbe::new(2, 1000);
         p.set_load(1, 150, 5000);
         let s = p.sample(1).expect("sample");
-        assert_eq!((s.utilization_pct, s.memory_used), (100, 1000));
+        assert_eq!((s.utilization_pct, s.memory_used), (Some(100), Some(1000)));
+        p.refuse(1, "utilization", Some("Not Supported (MIG)"));
+        let s = p.sample(1).expect("a refused field is not a failed device");
+        assert_eq!((s.utilization_pct, s.memory_used), (None, Some(1000)));
+        assert_eq!(
+            s.refused,
+            vec![("utilization", "Not Supported (MIG)".to_owned())]
+        );
+        p.refuse(1, "utilization", None);
+        assert_eq!(p.sample(1).expect("sample").utilization_pct, Some(100));
         p.set_fault(0, Some("fell off the bus"));
         assert!(matches!(
             p.sample(0),

@@ -1,34 +1,50 @@
 //! The [`GpuSupervisor`] actor: the scheduler, a clock, device health, a
 //! journal, and notices to lease holders.
 //!
-//! - Requests are decided by the [`Scheduler`]; a queued request keeps its
-//!   reply port until it is granted, refused or expires.
-//! - Every grant, renewal, preemption and end is journaled (under
-//!   `gpu/leases`) **before** anyone is told. A restarted supervisor replays
-//!   them: it recovers the lease table, continues lease ids and fencing
-//!   generations past the highest ever issued, and lets leases whose holders
-//!   are gone run out at their TTL. It never grants the same capacity twice.
+//! - Requests and releases go through a bounded inbox that the actor drains
+//!   whole: it decides everything waiting in memory, journals the batch in
+//!   **one append**, and answers after it commits. Nobody is told anything
+//!   that is not journaled.
+//! - Leases of holders in this process ([`LeaseRequest::durable`] false,
+//!   what [`GpuSupervisorHandle::acquire`] callers in the process use) are
+//!   not journaled one by one: a crash of the process ends their holders
+//!   too. What is journaled is a *high-water mark* of lease ids and fencing
+//!   generations, one per block of [`GpuConfig::reserve_block`] grants, so a
+//!   supervisor restarted after a crash never reissues an id or generation.
+//!   A supervisor restarted *inside* a running process finds the leases its
+//!   predecessor granted in the handle's registry of live leases (with
+//!   their holders and notice channels): it sees all capacity still held.
+//! - Durable leases (holders elsewhere) have every grant, renewal,
+//!   preemption and end journaled (under `gpu/leases`); a restarted
+//!   supervisor replays them and lets those whose holders are gone run out
+//!   at their TTL.
 //! - One [device actor](crate::device) per GPU, linked to the supervisor
 //!   (and restarted by it), polls its probe every `poll_interval`, exports
-//!   the device's metrics and reports each reading; a failed reading marks
-//!   the device unhealthy (its leases are revoked and their holders told),
-//!   a good one heals it. Device actors admit work only under a current
+//!   the device's metrics and reports each reading; a reading that fails
+//!   marks the device unhealthy (its leases are revoked and their holders
+//!   told), a good one heals it. A field the device refuses to report is
+//!   unknown, not a failure. Device actors admit work only under a current
 //!   lease and fencing generation ([`GpuSupervisorHandle::admit`]).
 //! - Holders that pass their actor cell are watched: when the actor stops,
-//!   its leases end at the next tick.
+//!   its leases end at the next tick. A caller that gave up before its
+//!   grant arrived has the lease released at once.
+//! - Time comes from a [`Clock`]: the wall clock, or Tokio's (so a test or
+//!   simulation on a paused runtime drives the real supervisor in virtual
+//!   time).
 //!
-//! Use the journal's durability to choose what a grant costs: with `Fsync`
-//! each decision waits for a disk sync; with `Buffered` it survives a
-//! process crash (which also ends every in-process holder).
+//! Use the journal's durability to choose what a batch costs: with `Fsync`
+//! each batch waits for a disk sync; with `Buffered` it survives a process
+//! crash.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
 use ractor::{ActorCell, ActorProcessingErr, ActorRef, ActorStatus, RpcReplyPort};
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use troupe_journal::{Journal, NewEvent, NewSnapshot, PersistenceId, Schema, now_ms};
 
 use crate::device::{DeviceActor, DeviceArgs, DeviceMsg, FenceTable};
@@ -42,28 +58,37 @@ use crate::scheduler::{
 /// What the lease journal records.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum LeaseEvent {
-    /// A lease was granted.
+    /// A durable lease was granted.
     Granted(Lease),
-    /// A lease was renewed until `expires_ms`.
+    /// A durable lease was renewed until `expires_ms`.
     Renewed {
         /// Lease id.
         id: u64,
         /// New expiry.
         expires_ms: Ms,
     },
-    /// A lease must end by `at`.
+    /// A durable lease must end by `at`.
     Preempting {
         /// Lease id.
         id: u64,
         /// End of grace.
         at: Ms,
     },
-    /// A lease ended.
+    /// A durable lease ended.
     Ended {
         /// Lease id.
         id: u64,
         /// Why.
         reason: EndReason,
+    },
+    /// Lease ids and generations below these may have been issued (to
+    /// holders in the process, not journaled one by one): a recovered
+    /// supervisor continues from here.
+    Reserved {
+        /// Lease ids below this may be in use.
+        next_lease: u64,
+        /// Generations below this may be in use.
+        next_generation: u64,
     },
 }
 
@@ -83,7 +108,7 @@ impl Schema for LeaseTable {
     const TYPE_NAME: &'static str = "gpu.LeaseTable";
 }
 
-/// A granted lease, with the channel its notices arrive on.
+/// A granted lease.
 #[derive(Debug)]
 pub struct LeaseGrant {
     /// The lease.
@@ -93,7 +118,7 @@ pub struct LeaseGrant {
 /// Something a holder is told about its lease.
 #[derive(Debug, Clone, PartialEq)]
 pub enum LeaseNotice {
-    /// Finish and release by `grace_until` (ms since the Unix epoch).
+    /// Finish and release by `grace_until` (ms on the supervisor's clock).
     Preempt {
         /// Lease id.
         lease: u64,
@@ -109,6 +134,41 @@ pub enum LeaseNotice {
     },
 }
 
+/// Where the supervisor's time comes from.
+#[derive(Debug, Clone, Copy, Default)]
+pub enum Clock {
+    /// Milliseconds since the Unix epoch (what callers get from
+    /// `troupe_journal::now_ms`).
+    #[default]
+    Wall,
+    /// Tokio's clock, from `base_ms` at `start`: follows a paused runtime's
+    /// virtual time (tests, simulations).
+    Tokio {
+        /// The reading at `start`.
+        base_ms: Ms,
+        /// When it read `base_ms`.
+        start: tokio::time::Instant,
+    },
+}
+
+impl Clock {
+    /// Tokio's clock, starting at the wall clock's reading now.
+    pub fn tokio() -> Self {
+        Self::Tokio {
+            base_ms: now_ms(),
+            start: tokio::time::Instant::now(),
+        }
+    }
+
+    /// The time now, in ms.
+    pub fn now_ms(&self) -> Ms {
+        match self {
+            Clock::Wall => now_ms(),
+            Clock::Tokio { base_ms, start } => base_ms + start.elapsed().as_millis() as Ms,
+        }
+    }
+}
+
 /// Settings of a [`GpuSupervisor`].
 #[derive(Clone)]
 pub struct GpuConfig {
@@ -120,15 +180,27 @@ pub struct GpuConfig {
     pub tick_interval: Duration,
     /// Snapshot the lease table every this many journaled events.
     pub snapshot_every: u64,
+    /// Most requests and releases waiting in the inbox; past it, requests
+    /// are refused with `Overloaded`.
+    pub inbox_bound: usize,
+    /// Ids and generations reserved per journaled high-water mark.
+    pub reserve_block: u64,
+    /// Where time comes from.
+    pub clock: Clock,
 }
 
 impl Default for GpuConfig {
+    /// Devices read every second, ticks every 20 ms, a snapshot per 1,000
+    /// events, 8,192 waiting in the inbox, blocks of 1,024 ids, wall clock.
     fn default() -> Self {
         Self {
             scheduler: SchedulerConfig::default(),
             poll_interval: Duration::from_secs(1),
             tick_interval: Duration::from_millis(20),
             snapshot_every: 1_000,
+            inbox_bound: 8_192,
+            reserve_block: 1_024,
+            clock: Clock::Wall,
         }
     }
 }
@@ -140,27 +212,19 @@ pub struct GpuStatus {
     pub device: DeviceCapacity,
     /// Leased memory and compute.
     pub leased: (u64, u32),
-    /// Last reading, if the device answered.
+    /// Last utilization reading, if the device answered and reported it.
     pub utilization_pct: Option<u32>,
+    /// Fields the device refused in its last reading, and why.
+    pub refused: Vec<(&'static str, String)>,
 }
 
 /// Messages of the GPU supervisor (use [`GpuSupervisorHandle`]).
 pub enum GpuMsg {
-    /// Ask for a lease.
-    Request {
-        /// The request (absolute deadline).
-        req: LeaseRequest,
-        /// The holder actor, watched for death.
-        holder: Option<ActorCell>,
-        /// Where preempt and end notices go (bounded; full means dropped and counted).
-        notices: Option<mpsc::Sender<LeaseNotice>>,
-        /// The answer.
-        reply: RpcReplyPort<Result<LeaseGrant, GpuError>>,
-    },
+    /// Decide everything waiting in the inbox.
+    #[doc(hidden)]
+    Drain,
     /// Extend a lease.
     Renew(u64, u64, Ms, RpcReplyPort<Result<Ms, GpuError>>),
-    /// Give a lease back.
-    Release(u64, u64, RpcReplyPort<Result<(), GpuError>>),
     /// Check a fencing generation.
     Fence(u32, u64, u64, RpcReplyPort<Result<(), GpuError>>),
     /// Device status.
@@ -187,29 +251,80 @@ pub struct GpuArgs {
     pub config: GpuConfig,
 }
 
+/// What one incarnation starts with: its arguments and what it shares with
+/// the handle (the inbox, the live leases). Built by [`GpuSupervisorHandle`].
+pub struct GpuStart {
+    args: GpuArgs,
+    shared: Arc<Shared>,
+}
+
 /// The GPU supervisor actor. See the [module docs](self).
 pub struct GpuSupervisor;
 
-struct Waiting {
-    reply: RpcReplyPort<Result<LeaseGrant, GpuError>>,
+enum Op {
+    Request {
+        req: LeaseRequest,
+        holder: Option<ActorCell>,
+        notices: Option<mpsc::Sender<LeaseNotice>>,
+        reply: oneshot::Sender<Result<Lease, GpuError>>,
+    },
+    Release {
+        id: u64,
+        generation: u64,
+        reply: oneshot::Sender<Result<(), GpuError>>,
+    },
+}
+
+/// A lease granted in this process, with who holds it.
+struct Live {
+    lease: Lease,
     holder: Option<ActorCell>,
     notices: Option<mpsc::Sender<LeaseNotice>>,
 }
 
-/// Who holds a lease: name, watched actor, notice channel.
-type HolderEntry = (String, Option<ActorCell>, Option<mpsc::Sender<LeaseNotice>>);
+/// What outlives an incarnation: the inbox, and the leases granted in this
+/// process (re-registered by the next incarnation).
+struct Shared {
+    inbox: Mutex<VecDeque<Op>>,
+    draining: AtomicBool,
+    live: Mutex<HashMap<u64, Live>>,
+    clock: Mutex<Clock>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    fn new() -> Self {
+        Self {
+            inbox: Mutex::new(VecDeque::new()),
+            draining: AtomicBool::new(false),
+            live: Mutex::new(HashMap::new()),
+            clock: Mutex::new(Clock::Wall),
+        }
+    }
+}
+
+struct Waiting {
+    reply: oneshot::Sender<Result<Lease, GpuError>>,
+    holder: Option<ActorCell>,
+    notices: Option<mpsc::Sender<LeaseNotice>>,
+}
 
 /// State of the GPU supervisor.
 pub struct GpuState {
     sched: Scheduler,
     args: GpuArgs,
+    shared: Arc<Shared>,
     id: PersistenceId,
     seq: u64,
     since_snapshot: u64,
+    /// Ids and generations below these are covered by a journaled mark.
+    reserved: (u64, u64),
     next_ticket: u64,
     waiting: HashMap<u64, Waiting>,
-    holders: HashMap<u64, HolderEntry>,
-    utilization: HashMap<u32, u32>,
+    readings: HashMap<u32, DeviceSample>,
     fences: Arc<FenceTable>,
     devices: Vec<ActorRef<DeviceMsg>>,
 }
@@ -219,6 +334,10 @@ fn journal_err(e: troupe_journal::JournalError) -> GpuError {
 }
 
 impl GpuState {
+    fn now(&self) -> Ms {
+        self.args.config.clock.now_ms()
+    }
+
     async fn persist(&mut self, events: Vec<LeaseEvent>) -> Result<(), GpuError> {
         if events.is_empty() {
             return Ok(());
@@ -234,14 +353,14 @@ impl GpuState {
             .append(&self.id, self.seq, new)
             .await
             .map_err(journal_err)?;
+        metrics::counter!("troupe_gpu_journal_appends_total").increment(1);
         self.seq += n;
         self.since_snapshot += n;
         if self.since_snapshot >= self.args.config.snapshot_every {
-            let (next_lease, next_generation) = self.sched.counters();
             let table = LeaseTable {
-                leases: self.sched.leases().cloned().collect(),
-                next_lease,
-                next_generation,
+                leases: self.sched.leases().filter(|l| l.durable).cloned().collect(),
+                next_lease: self.reserved.0,
+                next_generation: self.reserved.1,
             };
             if let Ok(s) = NewSnapshot::new(self.seq, &table)
                 && self.args.journal.save_snapshot(&self.id, s).await.is_ok()
@@ -253,73 +372,124 @@ impl GpuState {
         Ok(())
     }
 
-    /// Journals the outcomes, then tells everyone concerned.
-    async fn settle(&mut self, outcomes: Vec<Outcome>) -> Result<(), ActorProcessingErr> {
-        // Most ticks decide nothing: no journal write, no metric update.
-        if outcomes.is_empty() {
-            return Ok(());
-        }
-        let events: Vec<LeaseEvent> = outcomes
-            .iter()
-            .filter_map(|o| match o {
-                Outcome::Granted { lease, .. } => Some(LeaseEvent::Granted(lease.clone())),
-                Outcome::PreemptNotice { lease, grace_until } => Some(LeaseEvent::Preempting {
-                    id: lease.id,
-                    at: *grace_until,
-                }),
-                Outcome::Ended { lease, reason } => Some(LeaseEvent::Ended {
-                    id: lease.id,
-                    reason: *reason,
-                }),
-                Outcome::Refused { .. } => None,
-            })
-            .collect();
-        // Nothing is told before it is journaled; a journal failure fails
-        // the supervisor, which restarts from what was journaled.
-        self.persist(events).await.map_err(Box::new)?;
+    /// What the journal must hold before `outcomes` are told.
+    fn events(&mut self, outcomes: &[Outcome]) -> Vec<LeaseEvent> {
+        let mut events = Vec::new();
         for o in outcomes {
             match o {
-                Outcome::Granted { ticket, lease } => {
-                    metrics::counter!("troupe_gpu_leases_granted_total").increment(1);
-                    self.fences.grant(lease.id, lease.device, lease.generation);
-                    if let Some(w) = self.waiting.remove(&ticket) {
-                        self.holders
-                            .insert(lease.id, (lease.holder.clone(), w.holder, w.notices));
-                        let _ = w.reply.send(Ok(LeaseGrant { lease }));
-                    }
-                }
-                Outcome::Refused { ticket, error } => {
-                    metrics::counter!("troupe_gpu_requests_refused_total").increment(1);
-                    if let Some(w) = self.waiting.remove(&ticket) {
-                        let _ = w.reply.send(Err(error));
-                    }
-                }
-                Outcome::PreemptNotice { lease, grace_until } => {
-                    self.notify(
-                        lease.id,
-                        LeaseNotice::Preempt {
-                            lease: lease.id,
-                            grace_until,
-                        },
-                    );
-                }
-                Outcome::Ended { lease, reason } => {
-                    self.fences.revoke(lease.id);
-                    if reason != EndReason::Released {
-                        self.notify(
-                            lease.id,
-                            LeaseNotice::Ended {
-                                lease: lease.id,
-                                reason,
-                            },
+                Outcome::Granted { lease, .. } => {
+                    if lease.id >= self.reserved.0 || lease.generation >= self.reserved.1 {
+                        let block = self.args.config.reserve_block.max(1);
+                        self.reserved = (
+                            self.reserved.0.max(lease.id + block),
+                            self.reserved.1.max(lease.generation + block),
                         );
+                        events.push(LeaseEvent::Reserved {
+                            next_lease: self.reserved.0,
+                            next_generation: self.reserved.1,
+                        });
                     }
-                    self.holders.remove(&lease.id);
+                    if lease.durable {
+                        events.push(LeaseEvent::Granted(lease.clone()));
+                    }
+                }
+                Outcome::PreemptNotice { lease, grace_until } if lease.durable => {
+                    events.push(LeaseEvent::Preempting {
+                        id: lease.id,
+                        at: *grace_until,
+                    });
+                }
+                Outcome::Ended { lease, reason } if lease.durable => {
+                    events.push(LeaseEvent::Ended {
+                        id: lease.id,
+                        reason: *reason,
+                    });
+                }
+                _ => {}
+            }
+        }
+        events
+    }
+
+    /// Journals the outcomes (one append), then tells everyone concerned.
+    /// A grant whose caller has gone is released at once.
+    async fn settle(&mut self, mut outcomes: Vec<Outcome>) -> Result<(), ActorProcessingErr> {
+        while !outcomes.is_empty() {
+            let events = self.events(&outcomes);
+            // Nothing is told before it is journaled; a journal failure fails
+            // the supervisor, which restarts from what was journaled.
+            self.persist(events).await.map_err(Box::new)?;
+            let mut abandoned = Vec::new();
+            for o in outcomes {
+                self.tell(o, &mut abandoned);
+            }
+            let now = self.now();
+            outcomes = Vec::new();
+            for id in abandoned {
+                if let Ok(out) = self.sched.release(id, now) {
+                    outcomes.extend(out);
                 }
             }
         }
         self.export_queues();
         Ok(())
+    }
+
+    fn tell(&mut self, o: Outcome, abandoned: &mut Vec<u64>) {
+        match o {
+            Outcome::Granted { ticket, lease } => {
+                metrics::counter!("troupe_gpu_leases_granted_total").increment(1);
+                self.fences.grant(lease.id, lease.device, lease.generation);
+                if let Some(w) = self.waiting.remove(&ticket) {
+                    let id = lease.id;
+                    lock(&self.shared.live).insert(
+                        id,
+                        Live {
+                            lease: lease.clone(),
+                            holder: w.holder,
+                            notices: w.notices,
+                        },
+                    );
+                    if w.reply.send(Ok(lease)).is_err() {
+                        abandoned.push(id);
+                    }
+                } else {
+                    abandoned.push(lease.id);
+                }
+            }
+            Outcome::Refused { ticket, error } => {
+                metrics::counter!("troupe_gpu_requests_refused_total").increment(1);
+                if let Some(w) = self.waiting.remove(&ticket) {
+                    let _ = w.reply.send(Err(error));
+                }
+            }
+            Outcome::PreemptNotice { lease, grace_until } => {
+                metrics::counter!("troupe_gpu_preemptions_total").increment(1);
+                if let Some(l) = lock(&self.shared.live).get_mut(&lease.id) {
+                    l.lease.preempt_at = Some(grace_until);
+                }
+                self.notify(
+                    lease.id,
+                    LeaseNotice::Preempt {
+                        lease: lease.id,
+                        grace_until,
+                    },
+                );
+            }
+            Outcome::Ended { lease, reason } => {
+                self.fences.revoke(lease.id);
+                if reason != EndReason::Released {
+                    self.notify(
+                        lease.id,
+                        LeaseNotice::Ended {
+                            lease: lease.id,
+                            reason,
+                        },
+                    );
+                }
+                lock(&self.shared.live).remove(&lease.id);
+            }
+        }
     }
 
     fn export_queues(&self) {
@@ -331,11 +501,82 @@ impl GpuState {
     }
 
     fn notify(&self, lease: u64, notice: LeaseNotice) {
-        if let Some((_, _, Some(tx))) = self.holders.get(&lease)
+        if let Some(Live {
+            notices: Some(tx), ..
+        }) = lock(&self.shared.live).get(&lease)
             && tx.try_send(notice).is_err()
         {
             metrics::counter!("troupe_gpu_notices_dropped_total").increment(1);
         }
+    }
+
+    /// Decides everything in the inbox: one journal append for the lot.
+    async fn drain(&mut self) -> Result<(), ActorProcessingErr> {
+        self.shared.draining.store(false, Ordering::SeqCst);
+        let ops: Vec<Op> = lock(&self.shared.inbox).drain(..).collect();
+        if ops.is_empty() {
+            return Ok(());
+        }
+        metrics::histogram!("troupe_gpu_batch_size").record(ops.len() as f64);
+        let now = self.now();
+        let mut out = Vec::new();
+        let mut released = Vec::new();
+        for op in ops {
+            match op {
+                Op::Request {
+                    req,
+                    holder,
+                    notices,
+                    reply,
+                } => {
+                    let ticket = self.next_ticket;
+                    self.next_ticket += 1;
+                    self.waiting.insert(
+                        ticket,
+                        Waiting {
+                            reply,
+                            holder,
+                            notices,
+                        },
+                    );
+                    out.extend(self.sched.request(ticket, req, now));
+                }
+                Op::Release {
+                    id,
+                    generation,
+                    reply,
+                } => {
+                    let current = self.sched.lease(id).map(|l| (l.generation, l.device));
+                    match current {
+                        Some((g, _)) if g == generation => match self.sched.release(id, now) {
+                            Ok(o) => {
+                                out.extend(o);
+                                released.push(reply);
+                            }
+                            Err(e) => {
+                                let _ = reply.send(Err(e));
+                            }
+                        },
+                        Some((g, device)) => {
+                            let _ = reply.send(Err(GpuError::StaleGeneration {
+                                lease: id,
+                                device,
+                                presented: generation,
+                                current: Some(g),
+                            }));
+                        }
+                        None => {
+                            let _ = reply.send(Err(GpuError::UnknownLease(id)));
+                        }
+                    }
+                }
+            }
+        }
+        self.settle(out).await?;
+        for r in released {
+            let _ = r.send(Ok(()));
+        }
+        Ok(())
     }
 }
 
@@ -369,6 +610,13 @@ async fn recover(journal: &dyn Journal, id: &PersistenceId) -> Result<(LeaseTabl
                 LeaseEvent::Ended { id, .. } => {
                     leases.remove(&id);
                 }
+                LeaseEvent::Reserved {
+                    next_lease,
+                    next_generation,
+                } => {
+                    table.next_lease = table.next_lease.max(next_lease);
+                    table.next_generation = table.next_generation.max(next_generation);
+                }
             }
         }
     }
@@ -380,13 +628,15 @@ async fn recover(journal: &dyn Journal, id: &PersistenceId) -> Result<(LeaseTabl
 impl ractor::Actor for GpuSupervisor {
     type Msg = GpuMsg;
     type State = GpuState;
-    type Arguments = GpuArgs;
+    type Arguments = GpuStart;
 
     async fn pre_start(
         &self,
         myself: ActorRef<GpuMsg>,
-        args: GpuArgs,
+        start: GpuStart,
     ) -> Result<GpuState, ActorProcessingErr> {
+        let GpuStart { args, shared } = start;
+        *lock(&shared.clock) = args.config.clock;
         let devices: Vec<DeviceCapacity> = args
             .probe
             .devices()
@@ -401,16 +651,29 @@ impl ractor::Actor for GpuSupervisor {
             .collect();
         let id = PersistenceId::parse("gpu/leases").map_err(Box::new)?;
         let (table, seq) = recover(&*args.journal, &id).await.map_err(Box::new)?;
+        // Leases granted in this process by an earlier incarnation, still
+        // held: they are re-registered (their holders keep their notices),
+        // and they override their journaled copies.
+        let mut leases: HashMap<u64, Lease> = table.leases.into_iter().map(|l| (l.id, l)).collect();
+        let live: Vec<Lease> = lock(&shared.live)
+            .values()
+            .map(|l| l.lease.clone())
+            .collect();
+        let reregistered = live.len();
+        for l in live {
+            leases.insert(l.id, l);
+        }
         tracing::info!(
             devices = devices.len(),
             probe = args.probe.kind(),
-            recovered_leases = table.leases.len(),
+            recovered_leases = leases.len(),
+            reregistered,
             "GPU supervisor started"
         );
         let sched = Scheduler::recover(
             devices,
             args.config.scheduler,
-            table.leases,
+            leases.into_values().collect(),
             table.next_lease,
             table.next_generation,
         );
@@ -420,15 +683,17 @@ impl ractor::Actor for GpuSupervisor {
             fences.grant(l.id, l.device, l.generation);
         }
         Ok(GpuState {
+            // Nothing at or past the counters is covered by a mark yet.
+            reserved: sched.counters(),
             sched,
             args,
+            shared,
             id,
             seq,
             since_snapshot: 0,
             next_ticket: 1,
             waiting: HashMap::new(),
-            holders: HashMap::new(),
-            utilization: HashMap::new(),
+            readings: HashMap::new(),
             fences,
             devices: Vec::new(),
         })
@@ -443,6 +708,9 @@ impl ractor::Actor for GpuSupervisor {
             let actor = spawn_device(&me, st, d.index).await?;
             st.devices.push(actor);
         }
+        // Whatever reached the inbox while no incarnation ran.
+        st.shared.draining.store(true, Ordering::SeqCst);
+        me.cast(GpuMsg::Drain)?;
         Ok(())
     }
 
@@ -484,65 +752,22 @@ impl ractor::Actor for GpuSupervisor {
         msg: GpuMsg,
         st: &mut GpuState,
     ) -> Result<(), ActorProcessingErr> {
-        let now = now_ms();
+        let now = st.now();
         match msg {
-            GpuMsg::Request {
-                req,
-                holder,
-                notices,
-                reply,
-            } => {
-                let ticket = st.next_ticket;
-                st.next_ticket += 1;
-                st.waiting.insert(
-                    ticket,
-                    Waiting {
-                        reply,
-                        holder,
-                        notices,
-                    },
-                );
-                let out = st.sched.request(ticket, req, now);
-                st.settle(out).await?;
-                st.export_queues();
-            }
+            GpuMsg::Drain => st.drain().await?,
             GpuMsg::Renew(id, generation, ttl, reply) => {
                 match st.sched.renew(id, generation, ttl, now) {
                     Ok(expires_ms) => {
-                        st.persist(vec![LeaseEvent::Renewed { id, expires_ms }])
-                            .await
-                            .map_err(Box::new)?;
-                        let _ = reply.send(Ok(expires_ms));
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                    }
-                }
-            }
-            GpuMsg::Release(id, generation, reply) => {
-                if let Err(e) = st
-                    .sched
-                    .lease(id)
-                    .map_or(Err(GpuError::UnknownLease(id)), |l| {
-                        if l.generation == generation {
-                            Ok(())
-                        } else {
-                            Err(GpuError::StaleGeneration {
-                                lease: id,
-                                device: l.device,
-                                presented: generation,
-                                current: Some(l.generation),
-                            })
+                        let durable = st.sched.lease(id).is_some_and(|l| l.durable);
+                        if durable {
+                            st.persist(vec![LeaseEvent::Renewed { id, expires_ms }])
+                                .await
+                                .map_err(Box::new)?;
                         }
-                    })
-                {
-                    let _ = reply.send(Err(e));
-                    return Ok(());
-                }
-                match st.sched.release(id, now) {
-                    Ok(out) => {
-                        st.settle(out).await?;
-                        let _ = reply.send(Ok(()));
+                        if let Some(l) = lock(&st.shared.live).get_mut(&id) {
+                            l.lease.expires_ms = expires_ms;
+                        }
+                        let _ = reply.send(Ok(expires_ms));
                     }
                     Err(e) => {
                         let _ = reply.send(Err(e));
@@ -557,23 +782,27 @@ impl ractor::Actor for GpuSupervisor {
                     .sched
                     .devices()
                     .iter()
-                    .map(|d| GpuStatus {
-                        device: d.clone(),
-                        leased: st.sched.used(d.index),
-                        utilization_pct: st.utilization.get(&d.index).copied(),
+                    .map(|d| {
+                        let reading = st.readings.get(&d.index);
+                        GpuStatus {
+                            device: d.clone(),
+                            leased: st.sched.used(d.index),
+                            utilization_pct: reading.and_then(|r| r.utilization_pct),
+                            refused: reading.map(|r| r.refused.clone()).unwrap_or_default(),
+                        }
                     })
                     .collect();
                 let _ = reply.send(status);
             }
             GpuMsg::Tick => {
-                let gone: Vec<String> = st
-                    .holders
+                let gone: Vec<String> = lock(&st.shared.live)
                     .values()
-                    .filter(|(_, cell, _)| {
-                        cell.as_ref()
+                    .filter(|l| {
+                        l.holder
+                            .as_ref()
                             .is_some_and(|c| c.get_status() == ActorStatus::Stopped)
                     })
-                    .map(|(h, _, _)| h.clone())
+                    .map(|l| l.lease.holder.clone())
                     .collect();
                 let mut out = Vec::new();
                 for h in gone {
@@ -598,7 +827,7 @@ impl ractor::Actor for GpuSupervisor {
                 };
                 let out = match report {
                     Ok(sample) => {
-                        st.utilization.insert(index, sample.utilization_pct);
+                        st.readings.insert(index, sample);
                         if d.healthy {
                             Vec::new()
                         } else {
@@ -607,7 +836,7 @@ impl ractor::Actor for GpuSupervisor {
                         }
                     }
                     Err(e) => {
-                        st.utilization.remove(&index);
+                        st.readings.remove(&index);
                         if d.healthy {
                             tracing::warn!(device = index, error = %e, "device unhealthy; revoking its leases");
                             st.sched.device_failed(index, now)
@@ -641,11 +870,14 @@ async fn spawn_device(
 
 /// A handle on a [`GpuSupervisor`]. Cheap to clone; it stays valid across
 /// restarts when the supervisor runs under a Troupe supervisor
-/// ([`GpuSupervisorHandle::child`]): calls made while it restarts fail with
+/// ([`GpuSupervisorHandle::child`]): requests made while it restarts wait
+/// in the inbox for the next incarnation, other calls fail with
 /// [`GpuError::Unavailable`], which is transient.
 #[derive(Clone)]
 pub struct GpuSupervisorHandle {
     actor: Arc<arc_swap::ArcSwapOption<ActorRef<GpuMsg>>>,
+    shared: Arc<Shared>,
+    inbox_bound: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 fn unavailable<T>(
@@ -658,20 +890,34 @@ fn unavailable<T>(
 }
 
 impl GpuSupervisorHandle {
+    fn empty() -> Self {
+        Self {
+            actor: Arc::new(arc_swap::ArcSwapOption::empty()),
+            shared: Arc::new(Shared::new()),
+            inbox_bound: Arc::new(std::sync::atomic::AtomicUsize::new(
+                GpuConfig::default().inbox_bound,
+            )),
+        }
+    }
+
     /// Spawns a supervisor (linked to `parent` if given). Nothing restarts
     /// it: prefer [`GpuSupervisorHandle::child`] under a supervisor.
     pub async fn spawn(args: GpuArgs, parent: Option<ActorCell>) -> Result<Self, GpuError> {
-        let handle = Self {
-            actor: Arc::new(arc_swap::ArcSwapOption::empty()),
-        };
+        let handle = Self::empty();
         handle.start(args, parent).await?;
         Ok(handle)
     }
 
     async fn start(&self, args: GpuArgs, parent: Option<ActorCell>) -> Result<ActorCell, GpuError> {
+        self.inbox_bound
+            .store(args.config.inbox_bound.max(1), Ordering::Relaxed);
+        let start = GpuStart {
+            args,
+            shared: self.shared.clone(),
+        };
         let spawned = match parent {
-            Some(p) => ractor::Actor::spawn_linked(None, GpuSupervisor, args, p).await,
-            None => ractor::Actor::spawn(None, GpuSupervisor, args).await,
+            Some(p) => ractor::Actor::spawn_linked(None, GpuSupervisor, start, p).await,
+            None => ractor::Actor::spawn(None, GpuSupervisor, start).await,
         };
         let (actor, _) = spawned.map_err(|e| GpuError::Start(e.to_string()))?;
         let cell = actor.get_cell();
@@ -680,16 +926,15 @@ impl GpuSupervisorHandle {
     }
 
     /// The supervisor as a child of a Troupe supervisor, restarted (with
-    /// its lease table recovered from the journal) whenever it fails, and
-    /// the handle that follows its incarnations. `args` builds the
-    /// arguments of each incarnation.
+    /// its lease table recovered from the journal and the leases still held
+    /// in this process re-registered) whenever it fails, and the handle
+    /// that follows its incarnations. `args` builds the arguments of each
+    /// incarnation.
     pub fn child(
         name: &str,
         args: impl Fn() -> GpuArgs + Send + Sync + 'static,
     ) -> (troupe_actor::ChildSpec, Self) {
-        let handle = Self {
-            actor: Arc::new(arc_swap::ArcSwapOption::empty()),
-        };
+        let handle = Self::empty();
         let h = handle.clone();
         let args = Arc::new(args);
         let spec =
@@ -725,28 +970,67 @@ impl GpuSupervisorHandle {
             .ok_or(GpuError::Unavailable)
     }
 
-    /// Asks for a lease; waits until it is granted, refused or expires.
+    /// The supervisor's time now, in ms: what deadlines are measured on.
+    pub fn now_ms(&self) -> Ms {
+        lock(&self.shared.clock).now_ms()
+    }
+
+    /// Leases granted in this process and not ended.
+    pub fn live_leases(&self) -> Vec<Lease> {
+        lock(&self.shared.live)
+            .values()
+            .map(|l| l.lease.clone())
+            .collect()
+    }
+
+    fn post(&self, op: Op) -> Result<(), GpuError> {
+        {
+            let mut inbox = lock(&self.shared.inbox);
+            let bound = self.inbox_bound.load(Ordering::Relaxed);
+            if inbox.len() >= bound {
+                return Err(GpuError::Overloaded {
+                    retry_after: Duration::from_millis(10),
+                    reason: format!("the GPU supervisor's inbox is full ({bound} waiting)"),
+                });
+            }
+            inbox.push_back(op);
+        }
+        if !self.shared.draining.swap(true, Ordering::SeqCst) {
+            let sent = self
+                .actor()
+                .and_then(|a| a.cast(GpuMsg::Drain).map_err(|_| GpuError::Unavailable));
+            if sent.is_err() {
+                // The next incarnation drains it (its caller may have gone
+                // by then: a grant nobody takes is released at once).
+                self.shared.draining.store(false, Ordering::SeqCst);
+            }
+        }
+        Ok(())
+    }
+
+    /// Asks for a lease; waits until it is granted or refused (at the
+    /// latest when it can no longer finish by its deadline).
     pub async fn acquire(
         &self,
         req: LeaseRequest,
         holder: Option<ActorCell>,
         notices: Option<mpsc::Sender<LeaseNotice>>,
     ) -> Result<Lease, GpuError> {
-        let wait = Duration::from_millis(req.deadline_ms.saturating_sub(now_ms()))
+        let wait = Duration::from_millis(req.deadline_ms.saturating_sub(self.now_ms()))
             + Duration::from_secs(5);
-        let r = self
-            .actor()?
-            .call(
-                |reply| GpuMsg::Request {
-                    req,
-                    holder,
-                    notices,
-                    reply,
-                },
-                Some(wait),
-            )
-            .await;
-        unavailable(r)?.map(|g| g.lease)
+        let name = req.holder.clone();
+        let (reply, rx) = oneshot::channel();
+        self.post(Op::Request {
+            req,
+            holder,
+            notices,
+            reply,
+        })?;
+        match tokio::time::timeout(wait, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(GpuError::Unavailable),
+            Err(_) => Err(GpuError::Expired { holder: name }),
+        }
     }
 
     /// Renews a lease for `ttl_ms`.
@@ -763,14 +1047,16 @@ impl GpuSupervisorHandle {
 
     /// Releases a lease.
     pub async fn release(&self, lease: &Lease) -> Result<(), GpuError> {
-        let r = self
-            .actor()?
-            .call(
-                |reply| GpuMsg::Release(lease.id, lease.generation, reply),
-                Some(Duration::from_secs(10)),
-            )
-            .await;
-        unavailable(r)?
+        let (reply, rx) = oneshot::channel();
+        self.post(Op::Release {
+            id: lease.id,
+            generation: lease.generation,
+            reply,
+        })?;
+        match tokio::time::timeout(Duration::from_secs(10), rx).await {
+            Ok(Ok(r)) => r,
+            _ => Err(GpuError::Unavailable),
+        }
     }
 
     /// Checks a fencing generation, as a device does before running work.

@@ -18,7 +18,8 @@ enum Op {
         priority: u8,
         deadline: u16,
         ttl: u16,
-        expected: u16,
+        estimate: Option<u16>,
+        kind: u8,
     },
     Release {
         pick: u16,
@@ -44,8 +45,8 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        8 => (0..6u8, 1..16u8, 0..=100u8, 0..4u8, 1..5000u16, 50..3000u16, 10..2000u16).prop_map(
-            |(holder, mem, compute, priority, deadline, ttl, expected)| Op::Request { holder, mem, compute, priority, deadline, ttl, expected }),
+        8 => (0..6u8, 1..16u8, 0..=100u8, 0..4u8, 1..5000u16, 50..3000u16, prop::option::of(10..2000u16), 0..2u8).prop_map(
+            |(holder, mem, compute, priority, deadline, ttl, estimate, kind)| Op::Request { holder, mem, compute, priority, deadline, ttl, estimate, kind }),
         3 => any::<u16>().prop_map(|pick| Op::Release { pick }),
         2 => (any::<u16>(), any::<bool>()).prop_map(|(pick, stale)| Op::Renew { pick, stale }),
         4 => (1..1500u16).prop_map(|ms| Op::Advance { ms }),
@@ -75,6 +76,8 @@ struct Run {
     waiting: BTreeSet<u64>,
     dead: BTreeSet<String>,
     ended_generations: Vec<(u32, u64, u64)>,
+    /// ticket -> (deadline, the high run-time quantile it was admitted on)
+    admitted_on: BTreeMap<u64, (Ms, Ms)>,
 }
 
 impl Run {
@@ -84,6 +87,12 @@ impl Run {
                 Outcome::Granted { ticket, lease } => {
                     *self.finals.entry(ticket).or_default() += 1;
                     self.waiting.remove(&ticket);
+                    let (deadline, high) = self.admitted_on[&ticket];
+                    assert!(
+                        lease.granted_ms + high <= deadline,
+                        "ticket {ticket} granted at {} with {high} ms to run, past its deadline {deadline}",
+                        lease.granted_ms
+                    );
                     assert!(
                         !self.dead.contains(&lease.holder),
                         "granted to a dead holder"
@@ -144,13 +153,25 @@ impl Run {
                 "an ended lease still passes the fence"
             );
         }
-        // Nothing waits that fits: together with serving by effective
-        // priority, a request is only passed over while it cannot be placed.
-        for (req, _) in self.s.waiting() {
+        // Capacity is not left idle: a request waits although it fits only
+        // while another, ahead of it, does not fit (backfill is withheld
+        // for a head near its latest start).
+        let waiting: Vec<&LeaseRequest> = self.s.waiting().map(|(r, _)| r).collect();
+        for req in &waiting {
+            if self.s.fits(req.memory, req.compute) {
+                assert!(
+                    waiting.iter().any(|o| !self.s.fits(o.memory, o.compute)),
+                    "{} waits although it fits, and nothing ahead waits",
+                    req.holder
+                );
+            }
+        }
+        // What waits can still finish in time on what it was admitted on.
+        for (ticket, req, p) in self.s.admitted_on() {
             assert!(
-                !self.s.fits(req.memory, req.compute),
-                "{} waits although it fits",
-                req.holder
+                self.now + p.high_ms <= req.deadline_ms,
+                "ticket {ticket} still waits although it can no longer finish by {}",
+                req.deadline_ms
             );
         }
         for (t, n) in &self.finals {
@@ -165,6 +186,8 @@ fn run(ops: Vec<Op>) {
         aging_ms: 500,
         grace_ms: 200,
         max_ttl_ms: 10_000,
+        min_samples: 4,
+        ..SchedulerConfig::default()
     };
     let mut r = Run {
         s: Scheduler::new(devices(), config),
@@ -173,6 +196,7 @@ fn run(ops: Vec<Op>) {
         waiting: BTreeSet::new(),
         dead: BTreeSet::new(),
         ended_generations: Vec::new(),
+        admitted_on: BTreeMap::new(),
     };
     let mut ticket = 0u64;
     for op in ops {
@@ -184,7 +208,8 @@ fn run(ops: Vec<Op>) {
                 priority,
                 deadline,
                 ttl,
-                expected,
+                estimate,
+                kind,
             } => {
                 let holder = format!("h{holder}");
                 r.dead.remove(&holder); // a new holder by that name
@@ -197,8 +222,12 @@ fn run(ops: Vec<Op>) {
                     priority,
                     deadline_ms: r.now + deadline as u64,
                     ttl_ms: ttl as u64,
-                    expected_ms: expected as u64,
+                    estimate_ms: estimate.map(u64::from),
+                    kind: format!("k{kind}"),
+                    ..LeaseRequest::default()
                 };
+                let p = r.s.predict(&req);
+                r.admitted_on.insert(ticket, (req.deadline_ms, p.high_ms));
                 let out = r.s.request(ticket, req, r.now);
                 r.apply(out);
             }
@@ -256,7 +285,11 @@ fn run(ops: Vec<Op>) {
                 let leases: Vec<Lease> = r.s.leases().cloned().collect();
                 let (next_lease, next_generation) = r.s.counters();
                 let devs = r.s.devices().to_vec();
-                r.s = Scheduler::recover(devs, config, leases, next_lease, next_generation);
+                // What a restarted supervisor does with holders still alive:
+                // their leases re-registered, what was learned kept.
+                let learned = r.s.run_times().clone();
+                r.s = Scheduler::recover(devs, config, leases, next_lease, next_generation)
+                    .with_run_times(learned);
             }
         }
         r.check();
@@ -293,7 +326,8 @@ fn req(holder: &str, gb: u64, priority: u8, now: Ms) -> LeaseRequest {
         priority,
         deadline_ms: now + 60_000,
         ttl_ms: 10_000,
-        expected_ms: 1_000,
+        estimate_ms: Some(1_000),
+        ..LeaseRequest::default()
     }
 }
 
@@ -351,10 +385,12 @@ fn higher_priority_is_served_first_and_aging_lifts_the_low() {
 fn a_request_that_cannot_start_by_its_deadline_is_refused_at_once() {
     let mut s = one_gpu(SchedulerConfig::default());
     let mut long = req("a", 16, 3, 0);
-    long.expected_ms = 5_000;
+    long.estimate_ms = Some(5_000);
     assert_eq!(granted(&s.request(1, long, 0)), [1]);
+    // It could run in time alone (1.5 s at the cold rule), not after the
+    // running lease, and there is nobody it may preempt.
     let mut hurried = req("b", 8, 3, 0);
-    hurried.deadline_ms = 1_000;
+    hurried.deadline_ms = 3_000;
     match s.request(2, hurried, 0).as_slice() {
         [
             Outcome::Refused {
@@ -378,8 +414,17 @@ fn preemption_gives_notice_and_grace_then_grants_the_higher_priority() {
         ..SchedulerConfig::default()
     };
     let mut s = one_gpu(config);
-    assert_eq!(granted(&s.request(1, req("batch", 12, 0, 0), 0)), [1]);
-    let out = s.request(2, req("interactive", 8, 3, 0), 0);
+    let batch = LeaseRequest {
+        estimate_ms: Some(20_000),
+        ..req("batch", 12, 0, 0)
+    };
+    assert_eq!(granted(&s.request(1, batch, 0)), [1]);
+    // Waiting for the batch would miss its deadline; the grace would not.
+    let interactive = LeaseRequest {
+        deadline_ms: 2_200,
+        ..req("interactive", 8, 3, 0)
+    };
+    let out = s.request(2, interactive, 0);
     assert!(
         matches!(
             out.as_slice(),
@@ -410,10 +455,15 @@ fn a_request_refused_anyway_evicts_nobody() {
         ..SchedulerConfig::default()
     };
     let mut s = one_gpu(config);
-    assert_eq!(granted(&s.request(1, req("batch", 12, 0, 0), 0)), [1]);
+    let batch = LeaseRequest {
+        estimate_ms: Some(20_000),
+        ..req("batch", 12, 0, 0)
+    };
+    assert_eq!(granted(&s.request(1, batch, 0)), [1]);
     // Priority 3 could preempt, but the grace alone outlasts its deadline.
     let hurried = LeaseRequest {
         deadline_ms: 100,
+        estimate_ms: Some(50),
         ..req("interactive", 8, 3, 0)
     };
     let out = s.request(2, hurried, 0);
@@ -423,10 +473,140 @@ fn a_request_refused_anyway_evicts_nobody() {
     );
     assert_eq!(s.lease(1).and_then(|l| l.preempt_at), None);
     assert!(s.tick(1_000).is_empty(), "the batch lease runs on");
-    // One that can wait for the grace does preempt.
-    let out = s.request(3, req("interactive", 8, 3, 1_000), 1_000);
+    // One that can wait for the grace (and not for the batch) does preempt.
+    let patient = LeaseRequest {
+        deadline_ms: 3_200,
+        ..req("interactive", 8, 3, 1_000)
+    };
+    let out = s.request(3, patient, 1_000);
     assert!(
         matches!(out.as_slice(), [Outcome::PreemptNotice { .. }]),
         "{out:?}"
+    );
+}
+
+#[test]
+fn run_times_are_learned_from_released_leases_and_estimates_are_not_trusted() {
+    let config = SchedulerConfig {
+        min_samples: 8,
+        cold_factor: 1.5,
+        ..SchedulerConfig::default()
+    };
+    let mut s = one_gpu(config);
+    // Cold: an estimate of 1 s is taken at 1.5x (as configured).
+    let ask = |deadline| LeaseRequest {
+        kind: "summarize".into(),
+        deadline_ms: deadline,
+        ..req("a", 1, 1, 0)
+    };
+    assert_eq!(s.predict(&ask(0)).high_ms, 1_500);
+    // This kind's estimates are half its real run times.
+    let mut now = 0;
+    for t in 0..40 {
+        let out = s.request(
+            t,
+            LeaseRequest {
+                deadline_ms: now + 60_000,
+                ..ask(0)
+            },
+            now,
+        );
+        let lease = match out.as_slice() {
+            [Outcome::Granted { lease, .. }] => lease.id,
+            other => panic!("{other:?}"),
+        };
+        now += 2_000;
+        s.release(lease, now).expect("release");
+    }
+    let p = s.predict(&ask(0));
+    assert!(p.learned);
+    assert!((1_900..=2_200).contains(&p.mean_ms), "{p:?}");
+    assert!((2_000..=2_300).contains(&p.high_ms), "{p:?}");
+    // 1.8 s is enough at the cold rule, not on what was learned.
+    let out = s.request(100, ask(now + 1_800), now);
+    assert!(
+        matches!(
+            out.as_slice(),
+            [Outcome::Refused {
+                error: GpuError::Overloaded { .. },
+                ..
+            }]
+        ),
+        "{out:?}"
+    );
+    // Another kind is still cold.
+    let other = LeaseRequest {
+        kind: "embed".into(),
+        ..ask(0)
+    };
+    assert!(!s.predict(&other).learned);
+}
+
+#[test]
+fn preemption_only_when_it_pays_and_on_aged_ranks() {
+    let config = SchedulerConfig {
+        grace_ms: 100,
+        aging_ms: 1_000,
+        ..SchedulerConfig::default()
+    };
+    let long = |holder: &str, gb, priority, now| LeaseRequest {
+        estimate_ms: Some(20_000),
+        ..req(holder, gb, priority, now)
+    };
+    let hurried = |holder: &str, gb, priority, now: Ms| LeaseRequest {
+        deadline_ms: now + 3_000,
+        ..req(holder, gb, priority, now)
+    };
+    // One priority-0 lease fills the device: priority 1 (weight 4) and 2
+    // (16) do not throw it away (weight 1, times the required gain of 16);
+    // priority 3 (64) does.
+    let mut s = one_gpu(config);
+    assert_eq!(granted(&s.request(0, long("b0", 16, 0, 0), 0)), [0]);
+    for (t, p) in [(10, 1), (11, 2)] {
+        let out = s.request(t, hurried("p", 16, p, 0), 0);
+        assert!(
+            matches!(out.as_slice(), [Outcome::Refused { .. }]),
+            "{p}: {out:?}"
+        );
+    }
+    let out = s.request(12, hurried("p3", 16, 3, 0), 0);
+    assert!(
+        matches!(out.as_slice(), [Outcome::PreemptNotice { .. }]),
+        "{out:?}"
+    );
+    // Two priority-0 leases are more than a priority-3 request may throw
+    // away (2 x 16 = 32 < 64 would do; four would not).
+    let mut s = one_gpu(config);
+    for t in 0..4 {
+        assert_eq!(
+            granted(&s.request(t, long(&format!("b{t}"), 4, 0, 0), 0)),
+            [t]
+        );
+    }
+    let out = s.request(12, hurried("p3", 16, 3, 0), 0);
+    assert!(
+        matches!(out.as_slice(), [Outcome::Refused { .. }]),
+        "{out:?}"
+    );
+
+    // A request that aged from priority 0 to rank 3 before its grant is
+    // not preempted by a priority-2 one.
+    let mut s = one_gpu(config);
+    assert_eq!(granted(&s.request(1, long("hog", 16, 3, 0), 0)), [1]);
+    assert!(granted(&s.request(2, long("patient", 16, 0, 0), 0)).is_empty());
+    let hog = s.leases().next().expect("hog").id;
+    let out = s.release(hog, 3_500).expect("release");
+    let lease = out
+        .iter()
+        .find_map(|o| match o {
+            Outcome::Granted { lease, .. } => Some(lease.clone()),
+            _ => None,
+        })
+        .expect("patient granted");
+    assert_eq!((lease.priority, lease.rank), (0, 3));
+    let out = s.request(3, hurried("p2", 16, 2, 3_500), 3_500);
+    assert!(
+        matches!(out.as_slice(), [Outcome::Refused { .. }]),
+        "aged rank preempted: {out:?}"
     );
 }

@@ -15,11 +15,14 @@ fn config() -> GpuConfig {
     GpuConfig {
         scheduler: SchedulerConfig {
             grace_ms: 100,
+            cold_factor: 1.0,
             ..SchedulerConfig::default()
         },
         poll_interval: Duration::from_millis(10),
         tick_interval: Duration::from_millis(5),
         snapshot_every: 5,
+        reserve_block: 4,
+        ..GpuConfig::default()
     }
 }
 
@@ -37,15 +40,19 @@ async fn start(probe: &SimulatedProbe, journal: &InMemoryJournal) -> GpuSupervis
     .expect("start")
 }
 
-fn req(holder: &str, gb: u64, priority: u8, deadline: Duration) -> LeaseRequest {
+/// A request that must start within `start_within` and then holds its
+/// lease for about 30 s (the estimate the test gives; the supervisor has
+/// learned nothing yet, and the test config trusts cold estimates as is).
+fn req(holder: &str, gb: u64, priority: u8, start_within: Duration) -> LeaseRequest {
     LeaseRequest {
         holder: holder.into(),
         memory: gb * GB,
         compute: 25,
         priority,
-        deadline_ms: now_ms() + deadline.as_millis() as u64,
+        deadline_ms: now_ms() + start_within.as_millis() as u64 + 30_000,
         ttl_ms: 60_000,
-        expected_ms: 30_000,
+        estimate_ms: Some(30_000),
+        ..LeaseRequest::default()
     }
 }
 
@@ -98,7 +105,7 @@ async fn grants_best_fit_and_refuses_early_what_cannot_start_in_time() {
 }
 
 #[tokio::test]
-async fn a_restarted_supervisor_recovers_its_leases_and_never_grants_them_twice() {
+async fn a_supervisor_restarted_elsewhere_recovers_durable_leases_and_never_grants_them_twice() {
     let probe = SimulatedProbe::new(1, 16 * GB);
     let journal = InMemoryJournal::new();
     let gpu = start(&probe, &journal).await;
@@ -106,7 +113,10 @@ async fn a_restarted_supervisor_recovers_its_leases_and_never_grants_them_twice(
     for i in 0..3 {
         held.push(
             gpu.acquire(
-                req(&format!("h{i}"), 4, 1, Duration::from_secs(5)),
+                LeaseRequest {
+                    durable: true,
+                    ..req(&format!("h{i}"), 4, 1, Duration::from_secs(5))
+                },
                 None,
                 None,
             )
@@ -117,8 +127,15 @@ async fn a_restarted_supervisor_recovers_its_leases_and_never_grants_them_twice(
     let released = held.remove(0);
     gpu.release(&released).await.expect("release");
     gpu.renew(&held[0], 50_000).await.expect("renew");
+    // An in-process lease: gone with the process, but its id and
+    // generation are never issued again.
+    let volatile = gpu
+        .acquire(req("v", 4, 1, Duration::from_secs(5)), None, None)
+        .await
+        .expect("volatile");
     gpu.stop().await;
 
+    // A new handle: what a restarted process sees.
     let gpu = start(&probe, &journal.reopen()).await;
     let status = gpu.status().await.expect("status");
     assert_eq!(status[0].leased.0, 8 * GB, "recovered lease table differs");
@@ -144,13 +161,13 @@ async fn a_restarted_supervisor_recovers_its_leases_and_never_grants_them_twice(
         .expect("fits");
     let max_id = held
         .iter()
-        .chain([&released])
+        .chain([&released, &volatile])
         .map(|l| l.id)
         .max()
         .unwrap_or(0);
     let max_gen = held
         .iter()
-        .chain([&released])
+        .chain([&released, &volatile])
         .map(|l| l.generation)
         .max()
         .unwrap_or(0);
@@ -281,4 +298,101 @@ async fn preemption_notifies_the_holder_and_grants_after_the_grace_period() {
         "preempted lease still valid"
     );
     gpu.stop().await;
+}
+
+#[tokio::test]
+async fn a_supervisor_restarted_in_the_process_sees_the_leases_still_held() {
+    use troupe_actor::{SupervisorHandle, SupervisorSpec};
+    let probe = SimulatedProbe::new(1, 16 * GB);
+    let journal = InMemoryJournal::new();
+    let (child, gpu) = {
+        let (probe, journal) = (probe.clone(), journal.clone());
+        GpuSupervisorHandle::child("gpus", move || GpuArgs {
+            probe: Arc::new(probe.clone()),
+            journal: Arc::new(journal.clone()),
+            config: config(),
+        })
+    };
+    let root = SupervisorHandle::spawn(SupervisorSpec::new("root").child(child))
+        .await
+        .expect("root");
+    let (tx, mut notices) = tokio::sync::mpsc::channel(8);
+    // More grants than one reserved block: more than one mark journaled.
+    let mut held = Vec::new();
+    for i in 0..6 {
+        let notices = (i == 0).then(|| tx.clone());
+        held.push(
+            gpu.acquire(
+                LeaseRequest {
+                    compute: 10,
+                    ..req(&format!("h{i}"), 2, 0, Duration::from_secs(5))
+                },
+                None,
+                notices,
+            )
+            .await
+            .expect("grant"),
+        );
+    }
+    let appends = journal
+        .highest_seq(&"gpu/leases".parse().expect("id"))
+        .await
+        .expect("seq");
+    assert!(
+        (1..6).contains(&appends),
+        "one high-water mark per block of 4 grants, not one event per grant: {appends}"
+    );
+    let before = gpu.actor().expect("actor").get_id();
+    gpu.actor().expect("actor").kill();
+    eventually("restarted", || {
+        let gpu = gpu.clone();
+        async move { gpu.is_running() && gpu.actor().is_ok_and(|a| a.get_id() != before) }
+    })
+    .await;
+    let status = gpu.status().await.expect("status");
+    assert_eq!(
+        status[0].leased.0,
+        12 * GB,
+        "held capacity not seen after the restart"
+    );
+    for l in &held {
+        gpu.check_fence(l.device, l.id, l.generation)
+            .await
+            .expect("a held lease is still current");
+    }
+    // 4 GB are free: 6 GB would be granting held capacity twice.
+    assert!(
+        gpu.acquire(req("big", 6, 0, Duration::from_millis(300)), None, None)
+            .await
+            .is_err()
+    );
+    // The holders keep their notice channel: h0 hears of its device's
+    // failure from the new incarnation.
+    probe.set_fault(0, Some("Xid 79"));
+    let notice = tokio::time::timeout(Duration::from_secs(20), notices.recv())
+        .await
+        .expect("notice")
+        .expect("open");
+    assert_eq!(
+        notice,
+        LeaseNotice::Ended {
+            lease: held[0].id,
+            reason: EndReason::DeviceFailed
+        }
+    );
+    probe.set_fault(0, None);
+    eventually("device healthy again", || {
+        let gpu = gpu.clone();
+        async move { gpu.status().await.is_ok_and(|s| s[0].device.healthy) }
+    })
+    .await;
+    let fresh = gpu
+        .acquire(req("fresh", 16, 3, Duration::from_secs(5)), None, None)
+        .await
+        .expect("fresh");
+    assert!(
+        held.iter()
+            .all(|l| l.id < fresh.id && l.generation < fresh.generation)
+    );
+    root.stop(Duration::from_secs(5)).await;
 }

@@ -8,6 +8,7 @@
 //! | [`FaultPlan::fail_appends`] | `Err(Injected)` | nothing new |
 //! | [`FaultPlan::lose_acks`] | `Err(Injected)` (a time-out, say) | the events |
 //! | [`FaultPlan::corrupt_reads`] | replayed events with garbage payloads | the good events |
+//! | [`FaultPlan::hold_reads`] | snapshot loads wait until [`FaultPlan::release_reads`] | unchanged |
 //!
 //! The second is the case that breaks naive retry logic: the write happened,
 //! the writer does not know it, and a blind retry gets a `SeqConflict`.
@@ -31,8 +32,17 @@ struct Plan {
 }
 
 /// Shared control over the faults a [`FaultyJournal`] injects.
-#[derive(Clone, Default)]
-pub struct FaultPlan(Arc<Mutex<Plan>>);
+#[derive(Clone)]
+pub struct FaultPlan(Arc<Mutex<Plan>>, Arc<tokio::sync::watch::Sender<bool>>);
+
+impl Default for FaultPlan {
+    fn default() -> Self {
+        Self(
+            Arc::default(),
+            Arc::new(tokio::sync::watch::Sender::new(false)),
+        )
+    }
+}
 
 impl FaultPlan {
     fn with<T>(&self, f: impl FnOnce(&mut Plan) -> T) -> T {
@@ -52,6 +62,18 @@ impl FaultPlan {
     /// Replays of `id` return garbage payload bytes for event `seq`.
     pub fn corrupt_reads(&self, id: &PersistenceId, seq: u64) {
         self.with(|p| p.corrupt.insert((id.clone(), seq)));
+    }
+
+    /// Snapshot loads (where every recovery starts) wait until
+    /// [`FaultPlan::release_reads`]: a recovery that cannot finish, for as
+    /// long as the test wants.
+    pub fn hold_reads(&self) {
+        self.1.send_replace(true);
+    }
+
+    /// Lets held and later snapshot loads through.
+    pub fn release_reads(&self) {
+        self.1.send_replace(false);
     }
 
     /// Stops corrupting reads.
@@ -156,6 +178,9 @@ impl<J: Journal + Clone> Journal for FaultyJournal<J> {
         self.inner.save_snapshot(id, snapshot).await
     }
     async fn load_snapshot(&self, id: &PersistenceId) -> Result<Option<Snapshot>> {
+        let mut held = self.plan.1.subscribe();
+        // Err only when the plan is gone, which the wrapper keeps alive.
+        let _ = held.wait_for(|h| !*h).await;
         self.inner.load_snapshot(id).await
     }
     async fn delete_events_to(&self, id: &PersistenceId, to_seq: u64) -> Result<()> {
