@@ -535,6 +535,11 @@ async fn gpus(State(st): State<AppState>, _t: TenantName) -> Result<Json<Value>,
                 "leased_memory_bytes": s.leased.0,
                 "leased_compute_pct": s.leased.1,
                 "utilization_pct": s.utilization_pct,
+                // Fields the device refused to report (a MIG instance
+                // refuses utilization): unknown, not a failure.
+                "refused": s.refused.iter()
+                    .map(|(field, reason)| json!({ "field": field, "reason": reason }))
+                    .collect::<Vec<_>>(),
             })
         })
         .collect();

@@ -184,9 +184,10 @@ async fn a_gpu_supervisor_whose_journal_fails_is_restarted_and_readyz_says_so_me
     use troupe_gpu::probe::SimulatedProbe;
     use troupe_gpu::scheduler::LeaseRequest;
     let (leases, faults) = FaultyJournal::new(InMemoryJournal::new());
+    let probe = SimulatedProbe::new(1, 16 << 30);
     let troupe = Troupe::builder()
         .journal(Arc::new(InMemoryJournal::new()))
-        .gpus(Arc::new(SimulatedProbe::new(1, 16 << 30)))
+        .gpus(Arc::new(probe.clone()))
         .lease_journal(Arc::new(leases))
         .backend(LocalBackend::default())
         .agent(&ASSISTANT, Assistant, AgentOptions::default())
@@ -231,6 +232,23 @@ async fn a_gpu_supervisor_whose_journal_fails_is_restarted_and_readyz_says_so_me
     assert_ne!(gpu.actor().unwrap().get_id(), before, "a new incarnation");
     let lease = gpu.acquire(req(), None, None).await.expect("grants again");
     gpu.release(&lease).await.unwrap();
+
+    // A device that refuses one field (a MIG instance and its utilization)
+    // stays healthy, and the API says what is unknown and why.
+    probe.refuse(0, "utilization", Some("Not Supported"));
+    let mut device = Value::Null;
+    for _ in 0..4_000 {
+        let (_, _, g) = call(&http, "GET", &format!("{base}/v1/gpus"), None).await;
+        device = g["devices"][0].clone();
+        if device["refused"][0]["field"] == "utilization" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(device["refused"][0]["reason"], "Not Supported", "{device}");
+    assert_eq!(device["healthy"], true, "{device}");
+    assert!(device["utilization_pct"].is_null(), "{device}");
+    gpu.acquire(req(), None, None).await.expect("still grants");
     let _ = stop.send(());
     gateway.shutdown();
     troupe.shutdown().await.unwrap();
