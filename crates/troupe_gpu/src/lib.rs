@@ -18,5 +18,5 @@ mod supervisor;
 pub use error::GpuError;
 pub use supervisor::{
     Clock, GpuArgs, GpuConfig, GpuMsg, GpuStart, GpuState, GpuStatus, GpuSupervisor,
-    GpuSupervisorHandle, LeaseEvent, LeaseGrant, LeaseNotice,
+    GpuSupervisorHandle, LeaseEvent, LeaseNotice,
 };

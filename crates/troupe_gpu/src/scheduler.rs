@@ -995,24 +995,6 @@ impl Scheduler {
         out
     }
 
-    /// A waiting request is withdrawn by its caller (it gave up).
-    pub fn cancel(&mut self, ticket: u64, now: Ms) -> Vec<Outcome> {
-        let mut out = Vec::new();
-        for q in &mut self.queues {
-            if let Some(i) = q.iter().position(|p| p.ticket == ticket) {
-                let p = q.remove(i).expect("index from this scan");
-                out.push(Outcome::Refused {
-                    ticket,
-                    error: GpuError::Expired {
-                        holder: p.req.holder,
-                    },
-                });
-            }
-        }
-        out.extend(self.schedule(now));
-        out
-    }
-
     /// A device failed: no more grants on it, and its leases are revoked.
     pub fn device_failed(&mut self, index: u32, now: Ms) -> Vec<Outcome> {
         if let Some(d) = self.devices.iter_mut().find(|d| d.index == index) {

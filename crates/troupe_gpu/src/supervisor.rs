@@ -108,13 +108,6 @@ impl Schema for LeaseTable {
     const TYPE_NAME: &'static str = "gpu.LeaseTable";
 }
 
-/// A granted lease.
-#[derive(Debug)]
-pub struct LeaseGrant {
-    /// The lease.
-    pub lease: Lease,
-}
-
 /// Something a holder is told about its lease.
 #[derive(Debug, Clone, PartialEq)]
 pub enum LeaseNotice {
