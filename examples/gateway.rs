@@ -14,17 +14,22 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use troupe::gateway::{GatewayConfig, ModelConfig, Server, Tenant};
 
-const TOKEN: &str = "acme-secret-token";
+const TOKEN: &str = "acme-example-token-0123456789abcdef";
 
 // ANCHOR: config
+/// A tenant whose tasks may ask for GPU priority 2 (the default quota
+/// stops at 1; session turns run at 2).
+fn tenant() -> Tenant {
+    let mut acme = Tenant::new("acme", TOKEN);
+    acme.quota.max_priority = 2;
+    acme
+}
+
 fn config(data_dir: PathBuf, quick: bool) -> GatewayConfig {
     let mut config = GatewayConfig {
         listen: "127.0.0.1:0".parse().expect("address"),
         data_dir,
-        tenants: vec![Tenant {
-            name: "acme".into(),
-            token: TOKEN.into(),
-        }],
+        tenants: vec![tenant()],
         heartbeat_ms: 200,
         model: ModelConfig::Local {
             words: 16,

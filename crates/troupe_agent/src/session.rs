@@ -1287,7 +1287,8 @@ impl Sessions {
             let mut catch_up = Some(u64::MAX);
             loop {
                 if let Some(to) = catch_up.take() {
-                    let mut replay = journal.replay(&pid, last + 1, to);
+                    // `after` may be any u64, the largest included.
+                    let mut replay = journal.replay(&pid, last.saturating_add(1), to);
                     while let Some(batch) = replay.next().await {
                         for rec in decode_batch(batch?)? {
                             if rec.seq > last {
@@ -1301,7 +1302,7 @@ impl Sessions {
                 match tokio::time::timeout(heartbeat, rx.recv()).await {
                     Err(_) => yield SessionItem::Heartbeat,
                     Ok(Ok(rec)) if rec.seq <= last => {}
-                    Ok(Ok(rec)) if rec.seq == last + 1 => {
+                    Ok(Ok(rec)) if Some(rec.seq) == last.checked_add(1) => {
                         last = rec.seq;
                         yield SessionItem::Event(rec);
                     }

@@ -1,7 +1,9 @@
 //! The HTTP handlers.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
@@ -10,75 +12,323 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, delete, get, post};
 use axum::{Json, Router};
 use futures::{Stream, StreamExt};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 use troupe_agent::{SessionItem, SessionView};
 use troupe_journal::{NewEvent, PersistenceId, Schema};
 
-use crate::AppState;
+use crate::config::Quota;
 use crate::error::GatewayError;
+use crate::layers::Bounds;
 use crate::tasks::{TaskKind, TaskState};
+use crate::{ANONYMOUS_TENANT, AppState};
+
+/// Who may call a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// A tenant's bearer token (or none when no tenants are configured);
+    /// ids are the tenant's own.
+    Tenant,
+    /// Anyone who reaches the server: liveness, readiness, metrics.
+    Public,
+}
+
+/// One route of the router: what [`routes`] lists and the router is built
+/// from, so a test can go over every route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    /// HTTP method.
+    pub method: &'static str,
+    /// Path, with `{name}` for its parameters.
+    pub path: &'static str,
+    /// Who may call it.
+    pub access: Access,
+}
+
+/// How a route is bounded (see [`crate::layers`]).
+#[derive(Clone, Copy)]
+enum Class {
+    Ordinary,
+    Transfer,
+    Stream,
+}
+
+fn table() -> Vec<(Route, Class, MethodRouter<AppState>)> {
+    use Access::{Public, Tenant};
+    use Class::{Ordinary, Stream, Transfer};
+    let r = |method, path, access| Route {
+        method,
+        path,
+        access,
+    };
+    vec![
+        (
+            r("POST", "/v1/sessions", Tenant),
+            Ordinary,
+            post(create_session),
+        ),
+        (
+            r("GET", "/v1/sessions/{id}", Tenant),
+            Ordinary,
+            get(get_session),
+        ),
+        (
+            r("POST", "/v1/sessions/{id}/messages", Tenant),
+            Ordinary,
+            post(post_message),
+        ),
+        (
+            r("GET", "/v1/sessions/{id}/events", Tenant),
+            Stream,
+            get(session_events),
+        ),
+        (
+            r("POST", "/v1/sessions/{id}/tickets", Tenant),
+            Ordinary,
+            post(create_ticket),
+        ),
+        (r("POST", "/v1/tasks", Tenant), Ordinary, post(create_task)),
+        (r("GET", "/v1/tasks/{id}", Tenant), Ordinary, get(get_task)),
+        (
+            r("DELETE", "/v1/tasks/{id}", Tenant),
+            Ordinary,
+            delete(cancel_task),
+        ),
+        (
+            r("POST", "/v1/workflows", Tenant),
+            Ordinary,
+            post(create_workflow),
+        ),
+        (
+            r("GET", "/v1/workflows/{id}", Tenant),
+            Ordinary,
+            get(get_workflow),
+        ),
+        (
+            r("POST", "/v1/workflows/{id}/signals/{name}", Tenant),
+            Ordinary,
+            post(signal_workflow),
+        ),
+        (
+            r("POST", "/v1/blobs", Tenant),
+            Transfer,
+            post(upload_blob).layer(DefaultBodyLimit::disable()),
+        ),
+        (
+            r("GET", "/v1/blobs/{hash}", Tenant),
+            Ordinary,
+            get(download_blob),
+        ),
+        (r("GET", "/v1/gpus", Tenant), Ordinary, get(gpus)),
+        (r("GET", "/metrics", Public), Ordinary, get(metrics)),
+        (
+            r("GET", "/healthz", Public),
+            Ordinary,
+            get(|| async { Json(json!({ "status": "ok" })) }),
+        ),
+        (r("GET", "/readyz", Public), Ordinary, get(readyz)),
+    ]
+}
+
+/// Every route of the router, in the order it is built.
+pub fn routes() -> Vec<Route> {
+    table().into_iter().map(|(r, _, _)| r).collect()
+}
 
 pub(crate) fn router(state: AppState) -> Router {
-    let limit = state.0.config.body_limit_bytes;
-    Router::new()
-        .route("/v1/sessions", post(create_session))
-        .route("/v1/sessions/{id}", get(get_session))
-        .route("/v1/sessions/{id}/messages", post(post_message))
-        .route("/v1/sessions/{id}/events", get(session_events))
-        .route("/v1/tasks", post(create_task))
-        .route("/v1/tasks/{id}", get(get_task).delete(cancel_task))
-        .route("/v1/workflows", post(create_workflow))
-        .route("/v1/workflows/{id}", get(get_workflow))
-        .route("/v1/workflows/{id}/signals/{name}", post(signal_workflow))
-        .route(
-            "/v1/blobs",
-            post(upload_blob).layer(DefaultBodyLimit::disable()),
-        )
-        .route("/v1/blobs/{hash}", get(download_blob))
-        .route("/v1/gpus", get(gpus))
-        .route("/metrics", get(metrics))
-        .route(
-            "/healthz",
-            get(|| async { Json(json!({ "status": "ok" })) }),
-        )
-        .route("/readyz", get(readyz))
+    let c = &state.0.config;
+    let limit = c.body_limit_bytes;
+    let ordinary = Bounds::new(
+        c.http.max_requests,
+        Duration::from_millis(c.http.request_timeout_ms),
+        "requests",
+    );
+    let transfers = Bounds::new(
+        c.http.max_transfers,
+        Duration::from_millis(c.http.transfer_timeout_ms),
+        "transfers",
+    );
+    let mut routes = Router::new();
+    for (route, class, handler) in table() {
+        let handler = match class {
+            Class::Ordinary => ordinary.apply(handler),
+            Class::Transfer => transfers.apply(handler),
+            // Counted by the handler, for as long as the stream lasts.
+            Class::Stream => handler,
+        };
+        routes = routes.route(route.path, handler);
+    }
+    let routes = routes
         .fallback(|| async {
             GatewayError::NotFound {
                 kind: "route",
                 id: String::new(),
             }
         })
-        .layer(DefaultBodyLimit::max(limit))
-        .with_state(state)
+        .layer(DefaultBodyLimit::max(limit));
+    crate::layers::wrap(routes, state)
 }
 
-/// The tenant of the request's bearer token.
-pub(crate) struct TenantName(String);
+/// SHA-256 of a token: what the router keeps and compares.
+pub(crate) fn digest(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// Per-key counts under a bound (streams per tenant, tasks per tenant).
+#[derive(Default, Clone)]
+pub(crate) struct Counts(Arc<Mutex<HashMap<String, usize>>>);
+
+impl Counts {
+    /// One more for `key` unless it holds `max` already.
+    pub fn take(&self, key: &str, max: usize) -> Option<CountGuard> {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(key.to_owned()).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(CountGuard {
+            counts: self.clone(),
+            key: key.to_owned(),
+        })
+    }
+
+    fn give_back(&self, key: &str) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(key);
+            }
+        }
+    }
+}
+
+/// One count held; given back on drop.
+pub(crate) struct CountGuard {
+    counts: Counts,
+    key: String,
+}
+
+impl Drop for CountGuard {
+    fn drop(&mut self) {
+        self.counts.give_back(&self.key);
+    }
+}
+
+/// Most stream tickets alive at once.
+pub const MAX_TICKETS: usize = 10_000;
+
+struct Ticket {
+    tenant: String,
+    session: String,
+    expires: tokio::time::Instant,
+}
+
+/// One-use tickets that open one session's event stream without a bearer
+/// token (a browser's `EventSource` cannot send one, and a token in a URL
+/// ends up in logs and histories). In memory: a restart voids them.
+#[derive(Default)]
+pub(crate) struct Tickets(Mutex<HashMap<[u8; 32], Ticket>>);
+
+impl Tickets {
+    fn issue(&self, tenant: &str, session: &str, ttl: Duration) -> Result<String, GatewayError> {
+        let now = tokio::time::Instant::now();
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        m.retain(|_, t| t.expires > now);
+        if m.len() >= MAX_TICKETS {
+            return Err(GatewayError::Overloaded {
+                reason: format!("{MAX_TICKETS} stream tickets are outstanding"),
+                retry_after: ttl,
+            });
+        }
+        let ticket = format!(
+            "{:032x}{:032x}",
+            rand::random::<u128>(),
+            rand::random::<u128>()
+        );
+        m.insert(
+            digest(&ticket),
+            Ticket {
+                tenant: tenant.to_owned(),
+                session: session.to_owned(),
+                expires: now + ttl,
+            },
+        );
+        Ok(ticket)
+    }
+
+    /// The tenant of `ticket` if it opens `session` now; used up either way.
+    fn redeem(&self, ticket: &str, session: &str) -> Option<String> {
+        let t = self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&digest(ticket))?;
+        (t.session == session && t.expires > tokio::time::Instant::now()).then_some(t.tenant)
+    }
+}
+
+/// The tenant of the request's bearer token, and its quota.
+pub(crate) struct TenantName(String, Quota);
+
+/// The token of an `Authorization` header (RFC 9110 section 11.6.2: the
+/// scheme is case-insensitive; RFC 6750: `Bearer` and a token68).
+fn bearer(value: &[u8]) -> Result<&str, GatewayError> {
+    let v = std::str::from_utf8(value).map_err(|_| GatewayError::BadToken)?;
+    let (scheme, rest) = v.split_once(' ').ok_or(GatewayError::Unauthorized)?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(GatewayError::Unauthorized);
+    }
+    let token = rest.trim_matches(' ');
+    let token68 = |c: char| c.is_ascii_alphanumeric() || "-._~+/=".contains(c);
+    if token.is_empty() || !token.chars().all(token68) {
+        return Err(GatewayError::BadToken);
+    }
+    Ok(token)
+}
+
+impl AppState {
+    /// The tenant a token identifies: every tenant's digest is compared,
+    /// in constant time, whatever matches.
+    fn tenant_of(&self, token: &str) -> Result<TenantName, GatewayError> {
+        let d = digest(token);
+        let mut hit = None;
+        for (i, t) in self.0.tenants.iter().enumerate() {
+            if bool::from(t.digest.ct_eq(&d)) {
+                hit = Some(i);
+            }
+        }
+        let t = &self.0.tenants[hit.ok_or(GatewayError::BadToken)?];
+        Ok(TenantName(t.name.clone(), t.quota.clone()))
+    }
+}
 
 impl FromRequestParts<AppState> for TenantName {
     type Rejection = GatewayError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, GatewayError> {
-        if state.0.tokens.is_empty() {
-            return Ok(TenantName("default".into()));
+        if state.0.tenants.is_empty() {
+            return Ok(TenantName(
+                ANONYMOUS_TENANT.into(),
+                state.0.config.quota.clone(),
+            ));
         }
-        let token = parts
+        let value = parts
             .headers
             .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
             .ok_or(GatewayError::Unauthorized)?;
-        state
-            .0
-            .tokens
-            .get(token.trim())
-            .map(|t| TenantName(t.clone()))
-            .ok_or(GatewayError::Unauthorized)
+        let r = state.tenant_of(bearer(value.as_bytes())?);
+        if r.is_err() {
+            metrics::counter!("troupe_gateway_refused_total", "reason" => "bad_token").increment(1);
+        }
+        r
     }
 }
 
@@ -119,7 +369,12 @@ impl AppState {
             kind: "session",
             id: id.to_owned(),
         };
-        if troupe_agent::session::session_pid(id).is_err() {
+        let Ok(pid) = troupe_agent::session::session_pid(id) else {
+            return Err(not_found());
+        };
+        // An id with no events is unknown: answered from the journal, so a
+        // flood of made-up ids activates no entity.
+        if self.0.journal().highest_seq(&pid).await? == 0 {
             return Err(not_found());
         }
         match self.0.troupe.sessions().view(id).await {
@@ -148,21 +403,68 @@ impl AppState {
         Ok(())
     }
 
+    /// Whether `tenant` uploaded the blob `hash` (storage is shared and
+    /// deduplicated; access is per tenant).
+    async fn owns_blob(&self, tenant: &str, hash: &str) -> Result<bool, GatewayError> {
+        Ok(self
+            .owner("blob", &format!("{tenant}.{hash}"))
+            .await?
+            .as_deref()
+            == Some(tenant))
+    }
+
     async fn owner(&self, kind: &str, id: &str) -> Result<Option<String>, GatewayError> {
+        Ok(self.owner_record(kind, id).await?.map(|o| o.tenant))
+    }
+
+    async fn owner_record(&self, kind: &str, id: &str) -> Result<Option<Owner>, GatewayError> {
         let Ok(pid) = PersistenceId::new("owner", &format!("{kind}.{id}")) else {
             return Ok(None);
         };
         let events = self.0.journal().replay(&pid, 1, 1).collect_all().await?;
-        Ok(events
-            .first()
-            .and_then(|e| e.decode::<Owner>().ok())
-            .map(|o| o.tenant))
+        Ok(events.first().and_then(|e| e.decode::<Owner>().ok()))
     }
 }
 
 #[derive(serde::Serialize, Deserialize)]
 struct Owner {
     tenant: String,
+    /// SHA-256 of the request that created it, when it came with an
+    /// `Idempotency-Key` (a retry must send the same request).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    request: Option<String>,
+}
+
+/// Longest `Idempotency-Key` accepted.
+pub const MAX_IDEMPOTENCY_KEY: usize = 128;
+
+/// The request's `Idempotency-Key`, if any (printable ASCII, at most
+/// [`MAX_IDEMPOTENCY_KEY`] bytes).
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, GatewayError> {
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let b = v.as_bytes();
+    if b.is_empty() || b.len() > MAX_IDEMPOTENCY_KEY || !b.iter().all(|c| c.is_ascii_graphic()) {
+        return Err(GatewayError::BadRequest(format!(
+            "`Idempotency-Key` must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"
+        )));
+    }
+    Ok(Some(String::from_utf8_lossy(b).into_owned()))
+}
+
+/// A stable id for what `tenant` created under `key` (`what` apart).
+fn keyed_id(what: &str, tenant: &str, key: &str) -> String {
+    let mut h = Sha256::new();
+    for part in [what, tenant, key] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    hex24(&h.finalize())
+}
+
+fn hex24(bytes: &[u8]) -> String {
+    bytes[..12].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl Schema for Owner {
@@ -178,7 +480,7 @@ struct NewSession {
 
 async fn create_session(
     State(st): State<AppState>,
-    TenantName(tenant): TenantName,
+    TenantName(tenant, _): TenantName,
     body: axum::body::Bytes,
 ) -> Result<Response, GatewayError> {
     let body: NewSession = if body.iter().all(u8::is_ascii_whitespace) {
@@ -205,7 +507,7 @@ async fn create_session(
 
 async fn get_session(
     State(st): State<AppState>,
-    TenantName(tenant): TenantName,
+    TenantName(tenant, _): TenantName,
     Path(id): Path<String>,
 ) -> Result<Json<SessionView>, GatewayError> {
     Ok(Json(st.session(&tenant, &id).await?))
@@ -221,7 +523,7 @@ struct NewMessage {
 
 async fn post_message(
     State(st): State<AppState>,
-    TenantName(tenant): TenantName,
+    TenantName(tenant, quota): TenantName,
     Path(id): Path<String>,
     ApiJson(body): ApiJson<NewMessage>,
 ) -> Result<Response, GatewayError> {
@@ -244,7 +546,13 @@ async fn post_message(
             )));
         }
         for a in &body.attachments {
-            match blobs.size_of(&a.hash).await? {
+            // Another tenant's blob is as absent as one never uploaded.
+            let size = if st.owns_blob(&tenant, &a.hash.to_string()).await? {
+                blobs.size_of(&a.hash).await?
+            } else {
+                None
+            };
+            match size {
                 Some(size) if size == a.size => {}
                 Some(size) => {
                     return Err(GatewayError::BadRequest(format!(
@@ -270,7 +578,10 @@ async fn post_message(
         session: id.clone(),
         turn: view.turns + 1,
     };
-    let task_id = st.0.tasks.journal_new(&tenant, task).await?;
+    let task_id =
+        st.0.tasks
+            .journal_new(&tenant, quota.max_tasks, task)
+            .await?;
     // The task's worker hands the turn to the session's agent.
     let posted = match st
         .0
@@ -310,17 +621,36 @@ async fn post_message(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct After {
     after: Option<u64>,
+    /// A stream ticket (`POST /v1/sessions/{id}/tickets`) instead of a
+    /// bearer token.
+    ticket: Option<String>,
 }
 
 async fn session_events(
     State(st): State<AppState>,
-    TenantName(tenant): TenantName,
+    caller: Result<TenantName, GatewayError>,
     Path(id): Path<String>,
     headers: HeaderMap,
     Query(q): Query<After>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, GatewayError> {
+    let TenantName(tenant, quota) = match (&q.ticket, caller) {
+        (Some(ticket), _) => {
+            let tenant =
+                st.0.tickets
+                    .redeem(ticket, &id)
+                    .ok_or(GatewayError::BadToken)?;
+            let quota =
+                st.0.tenants
+                    .iter()
+                    .find(|t| t.name == tenant)
+                    .map_or_else(|| st.0.config.quota.clone(), |t| t.quota.clone());
+            TenantName(tenant, quota)
+        }
+        (None, caller) => caller?,
+    };
     st.session(&tenant, &id).await?;
     let after = match headers.get("last-event-id") {
         Some(v) => v
@@ -332,8 +662,39 @@ async fn session_events(
             })?,
         None => q.after.unwrap_or(0),
     };
+    let http = &st.0.config.http;
+    let overloaded = |reason: String| {
+        metrics::counter!("troupe_gateway_refused_total", "reason" => "streams").increment(1);
+        GatewayError::Overloaded {
+            reason,
+            retry_after: Duration::from_secs(1),
+        }
+    };
+    // Held for as long as the stream lasts.
+    let global = st.0.streams.clone().try_acquire_owned().map_err(|_| {
+        overloaded(format!(
+            "{} event streams are open (http.max_streams)",
+            http.max_streams
+        ))
+    })?;
+    let own =
+        st.0.tenant_streams
+            .take(&tenant, quota.max_streams)
+            .ok_or_else(|| {
+                overloaded(format!(
+                    "tenant `{tenant}` has {} event streams open (quota.max_streams)",
+                    quota.max_streams
+                ))
+            })?;
     let stream = st.0.troupe.sessions().subscribe(&id, after).await?;
     let id_ = id.clone();
+    let open = metrics::gauge!("troupe_gateway_streams");
+    open.increment(1.0);
+    let held = StreamHold {
+        _slot: global,
+        _tenant: own,
+        open,
+    };
     let events = stream
         .take_while(move |item| {
             if let Err(e) = item {
@@ -341,7 +702,8 @@ async fn session_events(
             }
             std::future::ready(item.is_ok())
         })
-        .filter_map(|item| {
+        .filter_map(move |item| {
+            let _held = &held;
             std::future::ready(match item {
                 Ok(SessionItem::Event(rec)) => {
                     let data = serde_json::to_value(&rec.event).unwrap_or(Value::Null);
@@ -356,6 +718,43 @@ async fn session_events(
             })
         });
     Ok(Sse::new(events))
+}
+
+/// What an open event stream holds: its global slot, its tenant's count,
+/// its place in `troupe_gateway_streams`.
+struct StreamHold {
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    _tenant: CountGuard,
+    open: metrics::Gauge,
+}
+
+impl Drop for StreamHold {
+    fn drop(&mut self) {
+        self.open.decrement(1.0);
+    }
+}
+
+/// `POST /v1/sessions/{id}/tickets`: a one-use ticket that opens this
+/// session's event stream within `http.ticket_ttl_ms`, for a browser's
+/// `EventSource` (`GET .../events?ticket=...`), which cannot send a
+/// bearer token.
+async fn create_ticket(
+    State(st): State<AppState>,
+    TenantName(tenant, _): TenantName,
+    Path(id): Path<String>,
+) -> Result<Response, GatewayError> {
+    st.session(&tenant, &id).await?;
+    let ttl = Duration::from_millis(st.0.config.http.ticket_ttl_ms);
+    let ticket = st.0.tickets.issue(&tenant, &id, ttl)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "ticket": ticket,
+            "expires_in_ms": ttl.as_millis() as u64,
+            "events": format!("/v1/sessions/{id}/events?ticket={ticket}"),
+        })),
+    )
+        .into_response())
 }
 
 #[derive(Deserialize)]
@@ -383,13 +782,15 @@ fn task_json(id: &str, t: &TaskState) -> Value {
 
 async fn create_task(
     State(st): State<AppState>,
-    TenantName(tenant): TenantName,
+    TenantName(tenant, quota): TenantName,
+    headers: HeaderMap,
     ApiJson(body): ApiJson<NewTask>,
 ) -> Result<Response, GatewayError> {
-    if body.priority as usize >= troupe_gpu::scheduler::PRIORITIES {
+    let key = idempotency_key(&headers)?;
+    if body.priority > quota.max_priority {
         return Err(GatewayError::BadRequest(format!(
-            "`priority` must be 0 to {}",
-            troupe_gpu::scheduler::PRIORITIES - 1
+            "`priority` must be 0 to {} for this tenant (quota.max_priority)",
+            quota.max_priority
         )));
     }
     if body.prompt.is_empty() {
@@ -397,23 +798,47 @@ async fn create_task(
             "`prompt` must not be empty".into(),
         ));
     }
-    st.admit(body.priority).await?;
-    let permit = st.0.tasks.reserve()?;
+    let max_tokens = match body.max_tokens {
+        Some(n) if n > quota.max_tokens || n == 0 => {
+            return Err(GatewayError::BadRequest(format!(
+                "`max_tokens` must be 1 to {} for this tenant (quota.max_tokens)",
+                quota.max_tokens
+            )));
+        }
+        Some(n) => n,
+        None => quota.max_tokens,
+    };
     let task = TaskKind::Inference {
         prompt: body.prompt,
         priority: body.priority,
-        max_tokens: body.max_tokens,
+        max_tokens: Some(max_tokens),
     };
-    let id = st.0.tasks.submit(permit, &tenant, task).await?;
-    Ok(accepted(
-        format!("/v1/tasks/{id}"),
-        json!({ "task_id": id, "state": { "status": "queued" } }),
-    ))
+    let answer = |id: &str| {
+        accepted(
+            format!("/v1/tasks/{id}"),
+            json!({ "task_id": id, "state": { "status": "queued" } }),
+        )
+    };
+    // A retry of a request that was accepted gets the first answer, even
+    // when the server is busy now.
+    let id = key.as_deref().map(|k| keyed_id("task", &tenant, k));
+    if let Some(id) = &id
+        && st.0.tasks.same_request(&tenant, id, &task).await?
+    {
+        return Ok(answer(id));
+    }
+    st.admit(body.priority).await?;
+    let permit = st.0.tasks.reserve()?;
+    let id =
+        st.0.tasks
+            .submit(permit, &tenant, quota.max_tasks, id, task)
+            .await?;
+    Ok(answer(&id))
 }
 
 async fn get_task(
     State(st): State<AppState>,
-    TenantName(tenant): TenantName,
+    TenantName(tenant, _): TenantName,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, GatewayError> {
     let t = st.0.tasks.get(&tenant, &id).await?;
@@ -422,7 +847,7 @@ async fn get_task(
 
 async fn cancel_task(
     State(st): State<AppState>,
-    TenantName(tenant): TenantName,
+    TenantName(tenant, _): TenantName,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, GatewayError> {
     let t =
@@ -441,21 +866,92 @@ struct NewWorkflow {
 
 async fn create_workflow(
     State(st): State<AppState>,
-    TenantName(tenant): TenantName,
+    TenantName(tenant, _): TenantName,
+    headers: HeaderMap,
     ApiJson(body): ApiJson<NewWorkflow>,
 ) -> Result<Response, GatewayError> {
-    let id =
-        st.0.troupe
-            .sagas()
-            .start(&body.definition, body.input)
-            .await?;
+    let key = idempotency_key(&headers)?;
+    let sagas = st.0.troupe.sagas();
+    if !sagas.has_definition(&body.definition) {
+        return Err(troupe_saga::SagaError::UnknownDefinition(body.definition).into());
+    }
+    let answer = |id: &str| accepted(format!("/v1/workflows/{id}"), json!({ "workflow_id": id }));
+    let request = key.as_ref().map(|_| {
+        let bytes = serde_json::to_vec(&json!([&body.definition, &body.input])).unwrap_or_default();
+        hex24(&Sha256::digest(&bytes))
+    });
+    let id = match &key {
+        Some(k) => format!("{}-k{}", body.definition, keyed_id("workflow", &tenant, k)),
+        None => sagas.new_id(&body.definition, ""),
+    };
     let pid = PersistenceId::new("owner", &format!("workflow.{id}"))?;
-    let event = NewEvent::new(&Owner { tenant })?;
-    st.0.journal().append(&pid, 0, vec![event]).await?;
-    Ok(accepted(
-        format!("/v1/workflows/{id}"),
-        json!({ "workflow_id": id }),
-    ))
+    let owner = Owner {
+        tenant: tenant.clone(),
+        request: request.clone(),
+    };
+    // A retry: the first answer, once the workflow has surely started.
+    if key.is_some()
+        && let Some(first) = st.owner_record("workflow", &id).await?
+    {
+        return if first.tenant == tenant && first.request == request {
+            start_once(&st, &id, &body).await?;
+            Ok(answer(&id))
+        } else {
+            Err(GatewayError::KeyReused(format!(
+                "this `Idempotency-Key` was used for another request (workflow `{id}`)"
+            )))
+        };
+    }
+    // The draft step's inference runs at the default lease priority.
+    st.admit(crate::lease(&st.0.config).priority).await?;
+    // The owner first: a crash before the start leaves an owner whose
+    // retry starts it; never a workflow nobody can see.
+    match st
+        .0
+        .journal()
+        .append(&pid, 0, vec![NewEvent::new(&owner)?])
+        .await
+    {
+        Ok(_) => {}
+        // A concurrent retry with the same key wrote it first.
+        Err(troupe_journal::JournalError::SeqConflict { .. }) if key.is_some() => {
+            return match st.owner_record("workflow", &id).await? {
+                Some(first) if first.tenant == tenant && first.request == request => {
+                    start_once(&st, &id, &body).await?;
+                    Ok(answer(&id))
+                }
+                _ => Err(GatewayError::KeyReused(format!(
+                    "this `Idempotency-Key` was used for another request (workflow `{id}`)"
+                ))),
+            };
+        }
+        Err(e) => return Err(e.into()),
+    }
+    start_once(&st, &id, &body).await?;
+    Ok(answer(&id))
+}
+
+/// Starts workflow `id` unless it has started already.
+async fn start_once(st: &AppState, id: &str, body: &NewWorkflow) -> Result<(), GatewayError> {
+    let pid = PersistenceId::new("saga", id)?;
+    if st.0.journal().highest_seq(&pid).await? > 0 {
+        return Ok(());
+    }
+    match st
+        .0
+        .troupe
+        .sagas()
+        .start_with_id(id, &body.definition, body.input.clone())
+        .await
+    {
+        Ok(()) => Ok(()),
+        Err(troupe_saga::SagaError::Journal(e))
+            if matches!(*e, troupe_journal::JournalError::SeqConflict { .. }) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 async fn check_workflow(st: &AppState, tenant: &str, id: &str) -> Result<(), GatewayError> {
@@ -471,7 +967,7 @@ async fn check_workflow(st: &AppState, tenant: &str, id: &str) -> Result<(), Gat
 
 async fn get_workflow(
     State(st): State<AppState>,
-    TenantName(tenant): TenantName,
+    TenantName(tenant, _): TenantName,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, GatewayError> {
     check_workflow(&st, &tenant, &id).await?;
@@ -492,7 +988,7 @@ async fn get_workflow(
 
 async fn signal_workflow(
     State(st): State<AppState>,
-    TenantName(tenant): TenantName,
+    TenantName(tenant, _): TenantName,
     Path((id, name)): Path<(String, String)>,
     body: axum::body::Bytes,
 ) -> Result<Response, GatewayError> {
@@ -503,7 +999,20 @@ async fn signal_workflow(
         serde_json::from_slice(&body)
             .map_err(|e| GatewayError::BadRequest(format!("signal payload: {e}")))?
     };
-    if st.0.troupe.sagas().signal(&id, &name, payload).await? {
+    let sagas = st.0.troupe.sagas();
+    let delivered = match sagas.signal(&id, &name, payload).await {
+        Ok(d) => d,
+        // Not running here: finished (409), or starting again (503).
+        Err(troupe_saga::SagaError::NotRunning(_))
+            if sagas.status(&id).await.is_ok_and(|s| s.phase.is_final()) =>
+        {
+            return Err(GatewayError::Conflict(format!(
+                "workflow `{id}` has finished; it waits for no signal"
+            )));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if delivered {
         Ok(accepted(
             format!("/v1/workflows/{id}"),
             json!({ "delivered": true }),
@@ -596,10 +1105,12 @@ fn blob_error(e: troupe_journal::JournalError) -> GatewayError {
 }
 
 /// `POST /v1/blobs`: the body is stored as it arrives (never held whole);
-/// its `Content-Type` is the media type. 201 with the reference.
+/// its `Content-Type` is the media type. 201 with the reference. The
+/// bytes are stored once whoever uploads them; the reference is the
+/// uploading tenant's.
 async fn upload_blob(
     State(st): State<AppState>,
-    TenantName(_tenant): TenantName,
+    TenantName(tenant, _): TenantName,
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Result<Response, GatewayError> {
@@ -615,6 +1126,21 @@ async fn upload_blob(
         .put_stream(&media_type, body.into_data_stream())
         .await
         .map_err(blob_error)?;
+    let pid = PersistenceId::new("owner", &format!("blob.{tenant}.{}", blob.hash))?;
+    let owner = Owner {
+        tenant,
+        request: None,
+    };
+    match st
+        .0
+        .journal()
+        .append(&pid, 0, vec![NewEvent::new(&owner)?])
+        .await
+    {
+        // Uploaded by this tenant before.
+        Ok(_) | Err(troupe_journal::JournalError::SeqConflict { .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
     let location = format!("/v1/blobs/{}", blob.hash);
     Ok((
         StatusCode::CREATED,
@@ -624,31 +1150,48 @@ async fn upload_blob(
         .into_response())
 }
 
-/// `GET /v1/blobs/{hash}`: streams the blob, checking its hash on the way
-/// (a mismatch cuts the response short).
+/// `GET /v1/blobs/{hash}`: streams one of the tenant's blobs, checking its
+/// hash on the way (a mismatch cuts the response short). At most
+/// `http.max_transfers` at once, each cut at `http.transfer_timeout_ms`.
 async fn download_blob(
     State(st): State<AppState>,
-    TenantName(_tenant): TenantName,
+    TenantName(tenant, _): TenantName,
     Path(hash): Path<String>,
 ) -> Result<Response, GatewayError> {
     let blobs = blob_store(&st)?;
     let parsed: troupe_journal::BlobHash = hash
         .parse()
         .map_err(|e: troupe_journal::JournalError| GatewayError::BadRequest(e.to_string()))?;
-    let size = blobs
-        .size_of(&parsed)
-        .await?
-        .ok_or(GatewayError::NotFound {
-            kind: "blob",
-            id: hash,
-        })?;
+    let not_found = || GatewayError::NotFound {
+        kind: "blob",
+        id: hash.clone(),
+    };
+    if !st.owns_blob(&tenant, &parsed.to_string()).await? {
+        return Err(not_found());
+    }
+    let size = blobs.size_of(&parsed).await?.ok_or_else(not_found)?;
+    let slot = st.0.downloads.clone().try_acquire_owned().map_err(|_| {
+        metrics::counter!("troupe_gateway_refused_total", "reason" => "transfers").increment(1);
+        GatewayError::Overloaded {
+            reason: "too many blob downloads in flight (http.max_transfers)".into(),
+            retry_after: Duration::from_secs(1),
+        }
+    })?;
     let blob = troupe_journal::BlobRef {
         hash: parsed,
         size,
         media_type: "application/octet-stream".into(),
     };
     let stream = blobs.get_stream(&blob).await.map_err(blob_error)?;
-    let body = axum::body::Body::from_stream(stream.map(|r| r.map_err(std::io::Error::other)));
+    let deadline = tokio::time::sleep(Duration::from_millis(st.0.config.http.transfer_timeout_ms));
+    let body = axum::body::Body::from_stream(
+        stream
+            .map(move |r| {
+                let _slot = &slot;
+                r.map_err(std::io::Error::other)
+            })
+            .take_until(deadline),
+    );
     Ok((
         [
             (header::CONTENT_TYPE, "application/octet-stream".to_owned()),

@@ -10,13 +10,167 @@ use troupe_journal::Durability;
 
 use crate::error::GatewayError;
 
-/// A tenant: its name and the bearer token that identifies it.
+/// Shortest bearer token a tenant may have: 32 characters (a random
+/// token of that length from `openssl rand -hex 16` or longer cannot be
+/// guessed; a word-like one can).
+pub const MIN_TOKEN_LEN: usize = 32;
+
+/// A tenant: its name and the bearer token that identifies it, given in
+/// the file (`token`) or, better, named by an environment variable read at
+/// start-up (`token_env`), so the file holds no secret.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Tenant {
     /// Tenant name (scopes every id it creates).
     pub name: String,
-    /// Bearer token.
+    /// Bearer token, at least [`MIN_TOKEN_LEN`] characters.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub token: String,
+    /// Environment variable holding the bearer token (instead of `token`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_env: Option<String>,
+    /// Per-tenant limits (`[tenants.quota]`).
+    #[serde(default)]
+    pub quota: Quota,
+}
+
+impl Tenant {
+    /// Tenant `name` identified by `token`, with the default quota.
+    pub fn new(name: impl Into<String>, token: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            token: token.into(),
+            token_env: None,
+            quota: Quota::default(),
+        }
+    }
+
+    /// The token: `token`, or the value of `token_env`.
+    pub fn resolve_token(&self) -> Result<String, GatewayError> {
+        let token = match &self.token_env {
+            Some(var) => std::env::var(var).map_err(|_| {
+                GatewayError::Config(format!(
+                    "tenant `{}`: environment variable `{var}` (token_env) is not set",
+                    self.name
+                ))
+            })?,
+            None => self.token.clone(),
+        };
+        if token.trim().len() < MIN_TOKEN_LEN || token.trim() != token {
+            return Err(GatewayError::Config(format!(
+                "tenant `{}`: its token must be at least {MIN_TOKEN_LEN} characters, \
+                 with no surrounding spaces (for example `openssl rand -hex 24`)",
+                self.name
+            )));
+        }
+        if !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(GatewayError::Config(format!(
+                "tenant `{}`: a token is visible ASCII characters only",
+                self.name
+            )));
+        }
+        Ok(token)
+    }
+}
+
+/// What one tenant may use (`[tenants.quota]`; the defaults bound every
+/// tenant even when nothing is configured).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Quota {
+    /// Highest GPU priority its tasks may ask for (0 to 3); higher is
+    /// refused with 400. Session turns run at `session_priority`.
+    pub max_priority: u8,
+    /// Largest `max_tokens` a task may ask for; a task that names none
+    /// gets this.
+    pub max_tokens: u32,
+    /// Tasks of the tenant accepted and not yet ended (queued or
+    /// running); 429 past it.
+    pub max_tasks: usize,
+    /// Event streams of the tenant open at once; 429 past it.
+    pub max_streams: usize,
+}
+
+impl Default for Quota {
+    /// Priorities up to 1 (sessions run at 2, the top is kept for the
+    /// operator), 4,096 tokens, 256 tasks, 256 streams.
+    fn default() -> Self {
+        Self {
+            max_priority: 1,
+            max_tokens: 4_096,
+            max_tasks: 256,
+            max_streams: 256,
+        }
+    }
+}
+
+/// The HTTP server's limits (`[http]`). A router mounted in another server
+/// carries the request-level ones (request time-out and concurrency, event
+/// streams, hosts, origins); the connection-level ones (connections, the
+/// header-read time-out, the write time-out) belong to the server that
+/// runs it, which [`crate::serve`] is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpSection {
+    /// Connections open at once; past it, new ones wait in the listen
+    /// backlog until one closes.
+    pub max_connections: usize,
+    /// Longest time a client may take to send a request's headers, and
+    /// longest a kept-alive connection may sit idle between requests
+    /// (milliseconds); the connection is closed past it.
+    pub header_read_timeout_ms: u64,
+    /// Longest a write to a client may wait for it to read (milliseconds):
+    /// a client that stops reading an event stream is cut off past it.
+    pub write_timeout_ms: u64,
+    /// Requests handled at once, event streams and blob transfers apart
+    /// (429 past it).
+    pub max_requests: usize,
+    /// Longest time to answer a request, event streams and blob transfers
+    /// apart (milliseconds; 503 past it).
+    pub request_timeout_ms: u64,
+    /// Blob uploads and downloads at once (429 past it).
+    pub max_transfers: usize,
+    /// Longest blob upload or download (milliseconds).
+    pub transfer_timeout_ms: u64,
+    /// Event streams open at once over all sessions and tenants (429).
+    pub max_streams: usize,
+    /// Event streams open at once on one session (429).
+    pub streams_per_session: usize,
+    /// Host names accepted in `Host` (any port). Empty: the loopback names
+    /// (`localhost`, `127.0.0.1`, `[::1]`) when listening on loopback, any
+    /// host otherwise. Guards a local server against DNS rebinding.
+    pub allowed_hosts: Vec<String>,
+    /// Origins allowed to call the API from a browser (CORS), e.g.
+    /// `https://app.example.com`. A request carrying any other `Origin`
+    /// is refused with 403, so a web page cannot drive the API.
+    pub cors_origins: Vec<String>,
+    /// Serve with no tenants (every request is tenant `default`, no token)
+    /// on an address beyond loopback. Off: such a configuration is refused.
+    pub anonymous: bool,
+    /// How long a stream ticket (`POST /v1/sessions/{id}/tickets`, for a
+    /// browser's `EventSource`, which cannot send a bearer token) stays
+    /// valid, in milliseconds. It opens one stream of one session, once.
+    pub ticket_ttl_ms: u64,
+}
+
+impl Default for HttpSection {
+    fn default() -> Self {
+        Self {
+            max_connections: 1_024,
+            header_read_timeout_ms: 10_000,
+            write_timeout_ms: 30_000,
+            max_requests: 512,
+            request_timeout_ms: 30_000,
+            max_transfers: 16,
+            transfer_timeout_ms: 600_000,
+            max_streams: 1_024,
+            streams_per_session: 64,
+            allowed_hosts: Vec::new(),
+            cors_origins: Vec::new(),
+            anonymous: false,
+            ticket_ttl_ms: 60_000,
+        }
+    }
 }
 
 /// The model backend sessions and tasks use.
@@ -144,8 +298,13 @@ pub struct GatewayConfig {
     pub data_dir: PathBuf,
     /// Journal durability.
     pub durability: Durability,
-    /// Tenants. With none, requests need no token and belong to `default`.
+    /// Tenants. With none, requests need no token and belong to
+    /// `default`: allowed on loopback only, unless `http.anonymous`.
     pub tenants: Vec<Tenant>,
+    /// The HTTP server's limits, hosts and origins (`[http]`).
+    pub http: HttpSection,
+    /// The quota of requests when no tenants are configured (`[quota]`).
+    pub quota: Quota,
     /// Largest request body, in bytes (413 past it).
     pub body_limit_bytes: usize,
     /// Heartbeat comment interval of SSE streams, in milliseconds.
@@ -186,6 +345,8 @@ impl Default for GatewayConfig {
             data_dir: PathBuf::from("troupe-data"),
             durability: Durability::Fsync,
             tenants: Vec::new(),
+            http: HttpSection::default(),
+            quota: Quota::default(),
             body_limit_bytes: 64 * 1024,
             heartbeat_ms: 15_000,
             task_queue: 1_024,
@@ -263,16 +424,74 @@ impl GatewayConfig {
                 .validate()
                 .map_err(|e| GatewayError::Config(e.to_string()))?;
         }
+        let h = &self.http;
+        if h.max_connections == 0
+            || h.max_requests == 0
+            || h.max_streams == 0
+            || h.streams_per_session == 0
+            || h.max_transfers == 0
+        {
+            return bad("[http] limits must be at least 1".into());
+        }
+        if h.header_read_timeout_ms == 0
+            || h.write_timeout_ms == 0
+            || h.request_timeout_ms == 0
+            || h.transfer_timeout_ms == 0
+            || h.ticket_ttl_ms == 0
+        {
+            return bad("[http] time-outs must be at least 1 ms".into());
+        }
+        if self.tenants.is_empty() && !self.listen.ip().is_loopback() && !h.anonymous {
+            return bad(format!(
+                "listening on {} with no tenants would serve anyone who can reach it: \
+                 configure [[tenants]], listen on loopback, or set http.anonymous = true",
+                self.listen
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
         let mut tokens = std::collections::HashSet::new();
         for t in &self.tenants {
-            if t.name.is_empty() || t.token.len() < 8 {
+            let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+            if t.name.is_empty() || t.name.len() > 64 || !t.name.chars().all(plain) {
                 return bad(format!(
-                    "tenant `{}`: a name and a token of at least 8 characters are needed",
+                    "tenant `{}`: a name is 1 to 64 of `A-Z a-z 0-9 - _ .`",
                     t.name
                 ));
             }
-            if !tokens.insert(&t.token) {
-                return bad(format!("tenant `{}`: token used twice", t.name));
+            if !names.insert(&t.name) {
+                return bad(format!("tenant `{}`: the name is used twice", t.name));
+            }
+            if t.name == crate::ANONYMOUS_TENANT {
+                return bad(format!(
+                    "tenant `{}`: the name is kept for requests without tenants",
+                    t.name
+                ));
+            }
+            if t.token.is_empty() == t.token_env.is_none() {
+                return bad(format!(
+                    "tenant `{}`: give exactly one of `token` and `token_env`",
+                    t.name
+                ));
+            }
+            if t.token_env.is_none() {
+                t.resolve_token()?;
+                if !tokens.insert(&t.token) {
+                    return bad(format!("tenant `{}`: token used twice", t.name));
+                }
+            }
+            if t.quota.max_priority as usize >= troupe_gpu::scheduler::PRIORITIES {
+                return bad(format!(
+                    "tenant `{}`: quota.max_priority must be below {}",
+                    t.name,
+                    troupe_gpu::scheduler::PRIORITIES
+                ));
+            }
+            let q = &t.quota;
+            if q.max_tokens == 0 || q.max_tasks == 0 || q.max_streams == 0 {
+                return bad(format!(
+                    "tenant `{}`: quota limits must be at least 1",
+                    t.name
+                ));
             }
         }
         Ok(())
@@ -302,6 +521,23 @@ mod tests {
         );
         let e = GatewayConfig::from_toml("task_queue = 0").unwrap_err();
         assert!(e.to_string().contains("task_queue"), "{e}");
+        assert_eq!(c.tenants[0].token_env.as_deref(), Some("TROUPE_TOKEN_ACME"));
+        assert_eq!(c.tenants[0].quota, Quota::default());
+        assert_eq!(c.http, HttpSection::default());
+        let e = GatewayConfig::from_toml("listen = \"0.0.0.0:8080\"").unwrap_err();
+        assert!(e.to_string().contains("http.anonymous"), "{e}");
+        GatewayConfig::from_toml("listen = \"0.0.0.0:8080\"\n[http]\nanonymous = true").unwrap();
+        let e = GatewayConfig::from_toml("[[tenants]]\nname = \"a\"\ntoken = \"short-token\"")
+            .unwrap_err();
+        assert!(e.to_string().contains("at least 32"), "{e}");
+        let e = GatewayConfig::from_toml(
+            "[[tenants]]\nname = \"default\"\ntoken = \"0123456789abcdef0123456789abcdef\"",
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("kept for requests without tenants"),
+            "{e}"
+        );
         let e = GatewayConfig::from_toml("listen = 5").unwrap_err();
         assert!(e.to_string().contains("listen"), "{e}");
         let e = GatewayConfig::from_toml(

@@ -3,13 +3,20 @@
 //! | error | status |
 //! |---|---|
 //! | malformed input (names the field) | 400 |
-//! | no or unknown bearer token | 401 |
+//! | no bearer token, or an unknown one (with `WWW-Authenticate`) | 401 |
+//! | an `Origin` or `Host` this server does not serve | 403 |
 //! | unknown id, or another tenant's | 404 |
 //! | conflicts with the current state (a busy session) | 409 |
 //! | a body over the limit | 413 |
+//! | an `Idempotency-Key` reused with another request | 422 |
 //! | an overload: a lease refused, a queue at its bound, the degrade policy | 429 with `Retry-After` |
 //! | a transient failure: the journal failing for now, an actor restarting, a model server down | 503 with `Retry-After` |
 //! | anything else | 500; the cause is logged, not returned |
+//!
+//! Every error body also carries the request's id (`request_id`, the
+//! `x-request-id` response header), and so do the web framework's own
+//! rejections (a wrong method, a malformed path or query), which the
+//! router rewrites into this form.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,9 +39,28 @@ pub enum GatewayError {
     /// Malformed JSON, a missing or mistyped field (400).
     #[error("{0}")]
     BadRequest(String),
-    /// No or unknown bearer token (401).
-    #[error("missing or unknown bearer token")]
+    /// No bearer token (401, with a `WWW-Authenticate: Bearer` challenge).
+    #[error("a bearer token is needed (`Authorization: Bearer <token>`)")]
     Unauthorized,
+    /// A bearer token that identifies no tenant (401, `invalid_token`).
+    #[error("the bearer token identifies no tenant")]
+    BadToken,
+    /// A request from an origin or for a host this server does not serve
+    /// (403).
+    #[error("{0}")]
+    Forbidden(String),
+    /// An `Idempotency-Key` already used for another request (422).
+    #[error("{0}")]
+    KeyReused(String),
+    /// A rejection made by the web framework itself (a wrong method, a
+    /// malformed path or query), in the gateway's error form.
+    #[error("{message}")]
+    Rejected {
+        /// Its HTTP status.
+        status: u16,
+        /// What the framework said.
+        message: String,
+    },
     /// Unknown id, or another tenant's (404).
     #[error("no {kind} `{id}`")]
     NotFound {
@@ -94,7 +120,12 @@ impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
             GatewayError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            GatewayError::Unauthorized => StatusCode::UNAUTHORIZED,
+            GatewayError::Unauthorized | GatewayError::BadToken => StatusCode::UNAUTHORIZED,
+            GatewayError::Forbidden(_) => StatusCode::FORBIDDEN,
+            GatewayError::KeyReused(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            GatewayError::Rejected { status, .. } => {
+                StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_REQUEST)
+            }
             GatewayError::NotFound { .. } => StatusCode::NOT_FOUND,
             GatewayError::Conflict(_) => StatusCode::CONFLICT,
             GatewayError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -110,6 +141,23 @@ impl GatewayError {
         match self {
             GatewayError::BadRequest(_) => "bad_request",
             GatewayError::Unauthorized => "unauthorized",
+            GatewayError::BadToken => "invalid_token",
+            GatewayError::Forbidden(_) => "forbidden",
+            GatewayError::KeyReused(_) => "idempotency_key_reused",
+            GatewayError::Rejected { status, .. } => match *status {
+                400 => "bad_request",
+                404 => "not_found",
+                405 => "method_not_allowed",
+                408 => "request_timeout",
+                411 => "length_required",
+                413 => "too_large",
+                414 => "uri_too_long",
+                415 => "unsupported_media_type",
+                422 => "unprocessable",
+                431 => "headers_too_large",
+                s if s >= 500 => "internal",
+                _ => "rejected",
+            },
             GatewayError::NotFound { .. } => "not_found",
             GatewayError::Conflict(_) => "conflict",
             GatewayError::TooLarge { .. } => "too_large",
@@ -201,11 +249,25 @@ impl IntoResponse for GatewayError {
             other => other.to_string(),
         };
         let mut body = json!({ "error": { "code": self.code(), "message": message } });
+        if let Some(id) = crate::layers::request_id() {
+            body["error"]["request_id"] = json!(id);
+        }
         if let Some(retry_after) = self.retry_after() {
             body["error"]["retry_after_ms"] = json!(retry_after.as_millis() as u64);
         }
         metrics::counter!("troupe_gateway_errors_total", "code" => self.code()).increment(1);
         let mut resp = (status, Json(body)).into_response();
+        // RFC 9110 section 11.6.1: a 401 carries a challenge (RFC 6750's
+        // `invalid_token` when a token was sent and is not known).
+        let challenge = match &self {
+            GatewayError::Unauthorized => Some(r#"Bearer realm="troupe""#),
+            GatewayError::BadToken => Some(r#"Bearer realm="troupe", error="invalid_token""#),
+            _ => None,
+        };
+        if let Some(c) = challenge {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(c));
+        }
         if let Some(retry_after) = self.retry_after() {
             let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
             if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {

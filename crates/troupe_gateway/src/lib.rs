@@ -35,17 +35,22 @@
 //! | your own [`Troupe`] (your agents, backends, workflows) and maybe your own axum app | [`Gateway::new`] over it, then [`Gateway::router`]: a plain `axum::Router` to serve with [`serve`] or to `merge`/`nest` into yours |
 //!
 //! A router mounted in your own server gets what a router carries (body
-//! limits, tenants, JSON errors); connection limits and header-read
-//! time-outs belong to the server that runs it.
+//! limits, tenants, JSON errors with request ids, request time-outs and
+//! concurrency, stream caps, `Host` and `Origin` checks, CORS); the
+//! connection cap, the header-read time-out and the write time-out belong
+//! to the server that runs it: serve it with [`serve`], or give yours the
+//! same three bounds (the book's gateway chapter shows hyper's settings).
 
 #![warn(missing_docs)]
 
 mod api;
+mod catalogue;
 mod config;
 mod error;
+mod layers;
+mod server;
 pub mod tasks;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -62,10 +67,14 @@ use troupe_journal::{Durability, Journal, JournalConfig};
 use troupe_runtime::{Troupe, TroupeBuilder};
 use troupe_saga::{RetryPolicy, SagaDefinition, StepContext, StepDef, StepError};
 
+pub use api::{Access, Route, routes};
 pub use config::{
-    DegradeSection, GatewayConfig, GpuSection, LogFormat, ModelConfig, PostgresSection, Tenant,
+    DegradeSection, GatewayConfig, GpuSection, HttpSection, LogFormat, MIN_TOKEN_LEN, ModelConfig,
+    PostgresSection, Quota, Tenant,
 };
 pub use error::GatewayError;
+pub use layers::REQUEST_ID;
+pub use server::{MAX_HEADER_BYTES, ServeLimits, serve};
 pub use tasks::{TaskKind, TaskState, TaskStatus, Tasks};
 
 /// Buckets of the `inference_latency_seconds` histogram.
@@ -95,14 +104,37 @@ pub fn metrics_handle() -> PrometheusHandle {
                     "a metrics recorder was already installed; /metrics shows only ours"
                 );
             }
+            catalogue::describe();
             handle
         })
         .clone()
 }
 
+/// The tenant of requests when no tenants are configured (a configured
+/// tenant may not take this name: it would inherit their data).
+pub const ANONYMOUS_TENANT: &str = "default";
+
+/// A tenant as the router knows it: the SHA-256 of its token (compared in
+/// constant time), its name and quota.
+pub(crate) struct TenantAuth {
+    pub digest: [u8; 32],
+    pub name: String,
+    pub quota: Quota,
+}
+
 pub(crate) struct Shared {
     pub config: GatewayConfig,
-    pub tokens: HashMap<String, String>,
+    pub tenants: Vec<TenantAuth>,
+    /// Host names `Host` may carry (`None`: any).
+    pub hosts: Option<Vec<String>>,
+    /// Open event streams, over all tenants.
+    pub streams: Arc<tokio::sync::Semaphore>,
+    /// Open event streams per tenant.
+    pub tenant_streams: api::Counts,
+    /// Blob downloads in flight (uploads are bounded by their route).
+    pub downloads: Arc<tokio::sync::Semaphore>,
+    /// Stream tickets for browsers' `EventSource`.
+    pub tickets: api::Tickets,
     pub troupe: Arc<Troupe>,
     pub tasks: Tasks,
     pub metrics: PrometheusHandle,
@@ -276,6 +308,7 @@ pub async fn troupe_for(config: &GatewayConfig) -> Result<Troupe, GatewayError> 
         .resume(false)
         .sessions(SessionConfig {
             heartbeat: config.heartbeat(),
+            max_subscribers: config.http.streams_per_session,
             ..SessionConfig::default()
         });
     if let Some(storage) = &config.storage {
@@ -355,14 +388,30 @@ impl Gateway {
                 lease: lease(&config),
             },
         );
-        let tokens = config
-            .tenants
-            .iter()
-            .map(|t| (t.token.clone(), t.name.clone()))
-            .collect();
+        let mut tenants = Vec::with_capacity(config.tenants.len());
+        for t in &config.tenants {
+            let token = match t.resolve_token() {
+                Ok(token) => token,
+                Err(e) => {
+                    tasks.stop();
+                    return Err(e);
+                }
+            };
+            tenants.push(TenantAuth {
+                digest: api::digest(&token),
+                name: t.name.clone(),
+                quota: t.quota.clone(),
+            });
+        }
+        let h = &config.http;
         let state = AppState(Arc::new(Shared {
+            hosts: layers::allowed_hosts(h, config.listen),
+            streams: Arc::new(tokio::sync::Semaphore::new(h.max_streams)),
+            tenant_streams: api::Counts::default(),
+            downloads: Arc::new(tokio::sync::Semaphore::new(h.max_transfers)),
+            tickets: api::Tickets::default(),
+            tenants,
             config,
-            tokens,
             troupe: troupe.clone(),
             tasks: tasks.clone(),
             metrics,
@@ -418,6 +467,11 @@ impl Gateway {
         &self.state.0.troupe
     }
 
+    /// Its tasks.
+    pub fn tasks(&self) -> &Tasks {
+        &self.state.0.tasks
+    }
+
     /// Stops the task workers (their tasks stay journaled: the next start
     /// resumes them) and reports not ready. The system is the caller's to
     /// shut down.
@@ -426,18 +480,6 @@ impl Gateway {
         self.state.0.tasks.stop();
         self.refresher.abort();
     }
-}
-
-/// Serves `router` on `listener` until `stop` resolves, then lets
-/// in-flight requests finish.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    router: axum::Router,
-    stop: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(stop)
-        .await
 }
 
 /// The whole server of `troupe serve`: the system built from a
@@ -477,7 +519,8 @@ impl Server {
             }
         };
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
-        let server = tokio::spawn(serve(listener, gateway.router(), async move {
+        let limits = ServeLimits::from(&gateway.state.0.config.http);
+        let server = tokio::spawn(serve(listener, gateway.router(), limits, async move {
             let _ = stopped.wait_for(|s| *s).await;
         }));
         tracing::info!(%addr, "gateway listening");
@@ -512,9 +555,12 @@ impl Server {
         let grace = Duration::from_millis(self.gateway.state.0.config.shutdown_grace_ms);
         self.gateway.state.0.ready.store(false, Ordering::SeqCst);
         let _ = self.stop.send(true);
-        // SSE streams never end on their own: past the grace, cut them.
+        // SSE streams never end on their own: past the grace, cut them
+        // (aborting the server drops every connection it holds).
+        let abort = self.server.abort_handle();
         if tokio::time::timeout(grace, self.server).await.is_err() {
             tracing::warn!("in-flight requests still open after {grace:?}; closing them");
+            abort.abort();
         }
         self.gateway.shutdown();
         if let Some(a) = self.archiver {

@@ -142,8 +142,9 @@ type Reply<T> = RpcReplyPort<Result<T, GatewayError>>;
 
 /// Commands of a task entity.
 pub enum TaskCommand {
-    /// Accept.
-    Submit(String, TaskKind, Reply<()>),
+    /// Accept; answers false when the task exists already (an
+    /// `Idempotency-Key` retry, or a race with one).
+    Submit(String, TaskKind, Reply<bool>),
     /// Start an attempt (refused once ended).
     Start(Reply<u32>),
     /// End the attempt with a terminal status (ignored once ended).
@@ -169,7 +170,7 @@ impl EventSourced for TaskEntity {
         match command {
             TaskCommand::Submit(tenant, task, reply) => {
                 if state.status.is_some() {
-                    let _ = reply.send(Err(GatewayError::Conflict("task exists".into())));
+                    let _ = reply.send(Ok(false));
                     return Effect::none();
                 }
                 Effect::persist_one(TaskEvent::Submitted {
@@ -177,7 +178,7 @@ impl EventSourced for TaskEntity {
                     task,
                     at_ms: now_ms(),
                 })
-                .reply_result(reply, |_| Ok(()))
+                .reply_result(reply, |_| Ok(true))
             }
             TaskCommand::Start(reply) => {
                 if ended || state.status.is_none() {
@@ -234,7 +235,12 @@ impl EventSourced for TaskEntity {
 #[derive(Clone)]
 pub struct Tasks {
     entities: Entities<TaskEntity>,
+    journal: Arc<dyn Journal>,
     queue: mpsc::Sender<String>,
+    /// Tasks accepted and not ended, per tenant (`quota.max_tasks`).
+    per_tenant: crate::api::Counts,
+    /// The count each such task holds, by task id.
+    held: Arc<Mutex<HashMap<String, crate::api::CountGuard>>>,
     running: Arc<Mutex<HashMap<String, tokio::task::AbortHandle>>>,
     /// The worker loops (each holds a clone of this, queue sender
     /// included, so they end only when stopped).
@@ -264,8 +270,11 @@ impl Tasks {
         };
         let (tx, rx) = mpsc::channel(queue);
         let tasks = Self {
-            entities: Entities::new(TaskEntity, journal, config),
+            entities: Entities::new(TaskEntity, journal.clone(), config),
+            journal,
             queue: tx,
+            per_tenant: crate::api::Counts::default(),
+            held: Arc::new(Mutex::new(HashMap::new())),
             running: Arc::new(Mutex::new(HashMap::new())),
             workers: Arc::new(Mutex::new(Vec::new())),
             ask_timeout: Duration::from_secs(10),
@@ -331,28 +340,114 @@ impl Tasks {
         })
     }
 
-    /// Journals a new task of `tenant` and queues it in the reserved slot.
+    /// Journals a new task of `tenant` (under `id`, or a fresh one) and
+    /// queues it in the reserved slot. A tenant with `max_tasks` tasks not
+    /// ended is refused (429). An `id` that exists already (a retry) is
+    /// not queued again: the same request answers with it, another one is
+    /// refused ([`GatewayError::KeyReused`]).
     pub async fn submit(
         &self,
         permit: mpsc::Permit<'_, String>,
         tenant: &str,
+        max_tasks: usize,
+        id: Option<String>,
         task: TaskKind,
     ) -> Result<String, GatewayError> {
-        let id = self.journal_new(tenant, task).await?;
-        permit.send(id.clone());
+        let (id, created) = self.journal_with(tenant, max_tasks, id, task).await?;
+        if created {
+            permit.send(id.clone());
+        }
         Ok(id)
     }
 
     /// Journals a new task without queueing it: for work that must be
     /// journaled before something else is (see [`Tasks::enqueue`],
     /// [`Tasks::abandon`]).
-    pub async fn journal_new(&self, tenant: &str, task: TaskKind) -> Result<String, GatewayError> {
-        let id = format!("{:024x}", rand::random::<u128>() >> 32);
-        let tenant = tenant.to_owned();
-        self.ask(&id, |r| TaskCommand::Submit(tenant, task, r))
+    pub async fn journal_new(
+        &self,
+        tenant: &str,
+        max_tasks: usize,
+        task: TaskKind,
+    ) -> Result<String, GatewayError> {
+        self.journal_with(tenant, max_tasks, None, task)
+            .await
+            .map(|(id, _)| id)
+    }
+
+    async fn journal_with(
+        &self,
+        tenant: &str,
+        max_tasks: usize,
+        id: Option<String>,
+        task: TaskKind,
+    ) -> Result<(String, bool), GatewayError> {
+        let id = id.unwrap_or_else(|| format!("{:024x}", rand::random::<u128>() >> 32));
+        let Some(count) = self.per_tenant.take(tenant, max_tasks) else {
+            metrics::counter!("troupe_gateway_refused_total", "reason" => "tenant_tasks")
+                .increment(1);
+            return Err(GatewayError::Overloaded {
+                reason: format!(
+                    "tenant `{tenant}` has {max_tasks} tasks not yet ended (quota.max_tasks)"
+                ),
+                retry_after: Duration::from_secs(1),
+            });
+        };
+        let owner = tenant.to_owned();
+        let again = task.clone();
+        let created = self
+            .ask(&id, |r| TaskCommand::Submit(owner, task, r))
             .await?;
+        if !created {
+            drop(count);
+            return if self.same_request(tenant, &id, &again).await? {
+                Ok((id, false))
+            } else {
+                Err(GatewayError::KeyReused(format!(
+                    "task `{id}` exists: its `Idempotency-Key` was used for another request"
+                )))
+            };
+        }
+        self.lock_held().insert(id.clone(), count);
         metrics::counter!("troupe_gateway_tasks_accepted_total").increment(1);
-        Ok(id)
+        Ok((id, true))
+    }
+
+    /// Whether task `id` exists as `tenant`'s `task` (a retry); false when
+    /// it does not exist (read from the journal: no entity is activated
+    /// for an unknown id); [`GatewayError::KeyReused`] when it is another
+    /// request.
+    pub async fn same_request(
+        &self,
+        tenant: &str,
+        id: &str,
+        task: &TaskKind,
+    ) -> Result<bool, GatewayError> {
+        let pid = PersistenceId::new("task", id)?;
+        if self.journal.highest_seq(&pid).await? == 0 {
+            return Ok(false);
+        }
+        let state = self.ask(id, TaskCommand::Get).await?;
+        if state.tenant == tenant && state.task.as_ref() == Some(task) {
+            Ok(true)
+        } else {
+            Err(GatewayError::KeyReused(format!(
+                "this `Idempotency-Key` was used for another request (task `{id}`)"
+            )))
+        }
+    }
+
+    fn lock_held(&self) -> std::sync::MutexGuard<'_, HashMap<String, crate::api::CountGuard>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The task has ended: its tenant's count is given back.
+    fn release(&self, id: &str) {
+        self.lock_held().remove(id);
+    }
+
+    /// Task entities in memory now.
+    pub fn active_count(&self) -> usize {
+        self.entities.active_count()
     }
 
     /// Queues a task journaled with [`Tasks::journal_new`].
@@ -362,9 +457,12 @@ impl Tasks {
 
     /// Ends a journaled task that will not run, with `error`.
     pub async fn abandon(&self, id: &str, error: String) -> Result<(), GatewayError> {
-        self.ask(id, |r| TaskCommand::End(TaskStatus::Failed { error }, r))
+        let r = self
+            .ask(id, |r| TaskCommand::End(TaskStatus::Failed { error }, r))
             .await
-            .map(drop)
+            .map(drop);
+        self.release(id);
+        r
     }
 
     /// The task `id` if `tenant` owns it (404 otherwise).
@@ -373,7 +471,11 @@ impl Tasks {
             kind: "task",
             id: id.to_owned(),
         };
-        if PersistenceId::new("task", id).is_err() {
+        let Ok(pid) = PersistenceId::new("task", id) else {
+            return Err(not_found());
+        };
+        // Unknown ids are answered from the journal, activating nothing.
+        if self.journal.highest_seq(&pid).await? == 0 {
             return Err(not_found());
         }
         let state = self.ask(id, TaskCommand::Get).await?;
@@ -399,6 +501,7 @@ impl Tasks {
         if let Some(run) = self.lock_running().remove(id) {
             run.abort();
         }
+        self.release(id);
         if ended && let Some(TaskKind::SessionTurn { session, .. }) = &state.task {
             agents.cancel_turn(session).await?;
         }
@@ -435,6 +538,11 @@ impl Tasks {
                     }
                 };
                 if state.status.as_ref().is_some_and(|s| !s.is_terminal()) {
+                    // Counted against its tenant, past the quota if need
+                    // be: it was accepted.
+                    if let Some(c) = self.per_tenant.take(&state.tenant, usize::MAX) {
+                        self.lock_held().insert(pid.key().to_owned(), c);
+                    }
                     self.queue
                         .send(pid.key().to_owned())
                         .await
@@ -452,12 +560,17 @@ impl Tasks {
 
     async fn run_one(&self, id: &str, runner: &Runner) {
         let Ok(attempt) = self.ask(id, TaskCommand::Start).await else {
+            self.release(id);
             return; // cancelled while queued
         };
         let Ok(state) = self.ask(id, TaskCommand::Get).await else {
+            self.release(id);
             return;
         };
-        let Some(task) = state.task else { return };
+        let Some(task) = state.task else {
+            self.release(id);
+            return;
+        };
         let work = {
             let runner = runner.clone();
             let holder = format!("task/{id}#{attempt}");
@@ -493,6 +606,7 @@ impl Tasks {
         if let Err(e) = self.ask(id, |r| TaskCommand::End(status, r)).await {
             tracing::warn!(task = id, error = %e, "could not journal a task's end");
         }
+        self.release(id);
     }
 }
 

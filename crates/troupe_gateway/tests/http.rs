@@ -13,24 +13,22 @@ use reqwest::{Client, StatusCode};
 use serde_json::{Value, json};
 use troupe_gateway::{GatewayConfig, ModelConfig, Server, Tenant};
 
-const ACME: &str = "acme-secret-token";
-const GLOBEX: &str = "globex-secret-token";
+const ACME: &str = "acme-secret-token-0123456789abcdef";
+const GLOBEX: &str = "globex-secret-token-0123456789abcdef";
+
+/// A tenant allowed every priority (the tests exercise them all).
+fn tenant(name: &str, token: &str) -> Tenant {
+    let mut t = Tenant::new(name, token);
+    t.quota.max_priority = 3;
+    t
+}
 
 fn config(dir: &std::path::Path, chunk_ms: u64) -> GatewayConfig {
     let mut c = GatewayConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.to_path_buf(),
         durability: troupe_journal::Durability::Buffered,
-        tenants: vec![
-            Tenant {
-                name: "acme".into(),
-                token: ACME.into(),
-            },
-            Tenant {
-                name: "globex".into(),
-                token: GLOBEX.into(),
-            },
-        ],
+        tenants: vec![tenant("acme", ACME), tenant("globex", GLOBEX)],
         heartbeat_ms: 50,
         model: ModelConfig::Local {
             words: 12,
@@ -404,6 +402,19 @@ async fn every_error_status_has_a_json_message_and_metrics_parse() {
             .unwrap_or_default();
         if !buckets.is_empty() {
             assert_eq!(&buckets[..6], &[0.1, 0.5, 1.0, 2.0, 5.0, 10.0]);
+            // Every metric has HELP text (a new one without it fails here).
+            for sample in &scrape.samples {
+                let family = ["_sum", "_count", "_bucket"]
+                    .iter()
+                    .find_map(|s| sample.metric.strip_suffix(s))
+                    .filter(|f| scrape.docs.contains_key(*f))
+                    .unwrap_or(&sample.metric);
+                assert!(
+                    scrape.docs.contains_key(family),
+                    "`{}` has no # HELP (add it to troupe_gateway's catalogue)",
+                    sample.metric
+                );
+            }
             assert!(
                 scrape
                     .samples
@@ -870,6 +881,59 @@ async fn a_server_killed_after_202_finishes_the_work() {
         .call("GET", &format!("/v1/sessions/{sid}"), Some(ACME), None)
         .await;
     assert_eq!(view["completed"], 1, "{view}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// A signal is journaled before its 202: killed right after the answer,
+/// the restarted server still has it (the workflow goes on to publish).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_answered_202_survives_a_sigkill_right_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, addr) = spawn_child(dir.path());
+    let api = Api::new(addr);
+    let (s, _, w) = api
+        .call(
+            "POST",
+            "/v1/workflows",
+            Some(ACME),
+            Some(json!({"definition": "review", "input": {"topic": "crash"}})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{w}");
+    let id = w["workflow_id"].as_str().unwrap().to_owned();
+    let path = format!("/v1/workflows/{id}/signals/approve");
+    // 409 until the draft is done and the approval waits.
+    let mut delivered = false;
+    for _ in 0..3_000 {
+        let (s, _, body) = api.call("POST", &path, Some(ACME), None).await;
+        if s == StatusCode::ACCEPTED {
+            delivered = true;
+            break;
+        }
+        assert_eq!(s, StatusCode::CONFLICT, "{body}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(delivered, "the approval never waited");
+    child.kill().unwrap(); // SIGKILL, right after the 202
+    child.wait().unwrap();
+
+    let (mut child, addr) = spawn_child(dir.path());
+    let api = Api::new(addr);
+    let mut phase = Value::Null;
+    for _ in 0..3_000 {
+        let (_, _, w) = api
+            .call("GET", &format!("/v1/workflows/{id}"), Some(ACME), None)
+            .await;
+        phase = w["phase"].clone();
+        if phase == "Completed" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(phase, "Completed", "the approval was lost");
+    let (s, _, _) = api.call("POST", &path, Some(ACME), None).await;
+    assert_eq!(s, StatusCode::CONFLICT, "a second approval is refused");
     child.kill().unwrap();
     child.wait().unwrap();
 }

@@ -9,32 +9,34 @@ use axum::routing::get;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use troupe_agent::{AgentOptions, LocalBackend};
-use troupe_gateway::{ASSISTANT, Assistant, Gateway, GatewayConfig, Tenant, serve};
+use troupe_gateway::{ASSISTANT, Assistant, Gateway, GatewayConfig, ServeLimits, Tenant, serve};
 use troupe_journal::{FaultyJournal, InMemoryJournal};
 use troupe_runtime::Troupe;
 
-const TOKEN: &str = "acme-mounted-token";
+const TOKEN: &str = "acme-mounted-token-0123456789abcdef";
 
 fn config() -> GatewayConfig {
     GatewayConfig {
-        tenants: vec![Tenant {
-            name: "acme".into(),
-            token: TOKEN.into(),
-        }],
+        tenants: vec![Tenant::new("acme", TOKEN)],
         ..GatewayConfig::default()
     }
 }
 
 /// Serves `app` on 127.0.0.1; returns its base URL and a stop switch.
+// ANCHOR: serve
 async fn listen(app: axum::Router) -> (String, tokio::sync::oneshot::Sender<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(serve(listener, app, async move {
+    // The connection cap, header-read and write time-outs of `[http]`'s
+    // defaults; `ServeLimits::from(&config.http)` takes a config's.
+    let limits = ServeLimits::default();
+    tokio::spawn(serve(listener, app, limits, async move {
         let _ = stopped.await;
     }));
     (base, stop)
 }
+// ANCHOR_END: serve
 
 async fn call(
     http: &reqwest::Client,

@@ -189,13 +189,6 @@ impl Replay {
         Self { inner: Box::pin(s) }
     }
 
-    /// A replay fed by a bounded channel (from a blocking reader).
-    pub(crate) fn from_receiver(rx: mpsc::Receiver<Result<Vec<PersistedEvent>>>) -> Self {
-        Self::from_stream(futures::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|item| (item, rx))
-        }))
-    }
-
     /// A replay that fails at once.
     pub fn failed(err: JournalError) -> Self {
         Self::from_stream(futures::stream::once(async move { Err(err) }))

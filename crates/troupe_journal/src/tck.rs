@@ -57,6 +57,7 @@ macro_rules! journal_tck {
             concurrent_appenders_on_many_ids_keep_each_stream_dense,
             replay_after_reopen_returns_the_same_events,
             replay_is_delivered_in_bounded_batches,
+            stalled_replays_hold_nothing_others_need,
             snapshots_and_deletion_keep_the_highest_sequence,
             tag_subscription_has_no_gap_or_duplicate_at_the_seam,
             corrupt_entries_are_reported_by_id_and_seq,
@@ -300,19 +301,24 @@ pub async fn replay_after_reopen_returns_the_same_events<H: TckHarness>(h: &mut 
     h.close(j).await;
 }
 
+/// Appends events `0`..`total` to `id`, 100 at a time.
+async fn append_numbered(j: &impl Journal, id: &PersistenceId, total: u64) {
+    let mut written = 0;
+    while written < total {
+        let n = (total - written).min(100);
+        let events = (0..n).map(|i| event(&(written + i).to_string())).collect();
+        j.append(id, written, events).await.expect("append");
+        written += n;
+    }
+}
+
 /// Replay batches never exceed the backend's batch size.
 pub async fn replay_is_delivered_in_bounded_batches<H: TckHarness>(h: &mut H) {
     let j = h.open().await;
     let id = pid("batches/1");
     let batch = h.replay_batch_size();
     let total = (batch * 2 + batch / 2 + 7) as u64;
-    let mut written = 0;
-    while written < total {
-        let n = (total - written).min(100);
-        let events = (0..n).map(|i| event(&(written + i).to_string())).collect();
-        j.append(&id, written, events).await.expect("append");
-        written += n;
-    }
+    append_numbered(&j, &id, total).await;
     let mut stream = j.replay(&id, 1, u64::MAX);
     let mut seen = 0u64;
     while let Some(b) = stream.next().await {
@@ -328,6 +334,57 @@ pub async fn replay_is_delivered_in_bounded_batches<H: TckHarness>(h: &mut H) {
         }
     }
     assert_eq!(seen, total);
+    h.close(j).await;
+}
+
+/// Replays whose consumer stops reading (an event stream whose client
+/// stalled) hold nothing the rest of the journal needs: no connection of a
+/// pool, no thread of the blocking pool. 600 of them, each stopped after
+/// its first batch (more than Tokio's 512 blocking threads and any pool),
+/// and the journal still appends and reads; then each finishes.
+pub async fn stalled_replays_hold_nothing_others_need<H: TckHarness>(h: &mut H) {
+    const STALLED: usize = 600;
+    let j = h.open().await;
+    let id = pid("stalled/1");
+    let batch = h.replay_batch_size();
+    // More batches than any read-ahead buffers.
+    let total = (batch * 8) as u64;
+    append_numbered(&j, &id, total).await;
+    // A liveness bound, not a timing one: what a stalled replay held would
+    // block forever.
+    let bound = std::time::Duration::from_secs(60);
+    let mut stalled = Vec::with_capacity(STALLED);
+    for _ in 0..STALLED {
+        let mut r = j.replay(&id, 1, u64::MAX);
+        let first = tokio::time::timeout(bound, r.next())
+            .await
+            .expect("a replay's first batch arrives while others stall")
+            .expect("a first batch")
+            .expect("readable");
+        assert_eq!(first[0].seq, 1);
+        stalled.push(r);
+    }
+    let other = pid("stalled/2");
+    tokio::time::timeout(bound, j.append(&other, 0, vec![event("x")]))
+        .await
+        .expect("an append completes while 600 replays stall")
+        .expect("append");
+    let seq = tokio::time::timeout(bound, j.highest_seq(&id))
+        .await
+        .expect("a read completes while 600 replays stall")
+        .expect("highest");
+    assert_eq!(seq, total);
+    for mut r in stalled.drain(..50) {
+        let mut last = 0;
+        while let Some(b) = tokio::time::timeout(bound, r.next())
+            .await
+            .expect("a resumed replay goes on")
+        {
+            last = b.expect("batch").last().map_or(last, |e| e.seq);
+        }
+        assert_eq!(last, total, "a stalled replay resumes where it stopped");
+    }
+    drop(stalled);
     h.close(j).await;
 }
 

@@ -383,25 +383,25 @@ impl Journal for PgJournal {
         let from = from_seq.max(1);
         Replay::from_stream(async_stream::try_stream! {
             if from <= to_seq {
-                let mut client = me.client().await?;
-                let tx = client
-                    .build_transaction()
-                    .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-                    .read_only(true)
-                    .start()
-                    .await
-                    .map_err(pg_err("starting a replay"))?;
+                // One query per page, each on a connection taken from the
+                // pool and given back before the page is yielded: a
+                // consumer that stops reading holds no connection and no
+                // transaction. Events of an id are appended in sequence and
+                // never rewritten, so pages read apart still join up.
                 let mut next = from;
                 let mut prev: Option<u64> = None;
                 let mut types = TypeNameCache::default();
                 loop {
-                    let rows = tx
-                        .query(
-                            "SELECT seq, envelope FROM events WHERE id = $1 AND seq >= $2 AND seq <= $3 ORDER BY seq LIMIT $4",
-                            &[&id.as_str(), &i64_of(next), &i64_of(to_seq), &(me.inner.batch as i64)],
-                        )
-                        .await
-                        .map_err(pg_err("replaying events"))?;
+                    let rows = {
+                        let client = me.client().await?;
+                        client
+                            .query(
+                                "SELECT seq, envelope FROM events WHERE id = $1 AND seq >= $2 AND seq <= $3 ORDER BY seq LIMIT $4",
+                                &[&id.as_str(), &i64_of(next), &i64_of(to_seq), &(me.inner.batch as i64)],
+                            )
+                            .await
+                            .map_err(pg_err("replaying events"))?
+                    };
                     let full = rows.len() == me.inner.batch;
                     let mut batch = Vec::with_capacity(rows.len());
                     for row in rows {

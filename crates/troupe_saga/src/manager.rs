@@ -149,6 +149,11 @@ impl Sagas {
         Ok(())
     }
 
+    /// Whether a workflow named `name` is registered.
+    pub fn has_definition(&self, name: &str) -> bool {
+        self.definition(name).is_ok()
+    }
+
     fn definition(&self, name: &str) -> Result<Arc<SagaDefinition>, SagaError> {
         self.inner
             .definitions

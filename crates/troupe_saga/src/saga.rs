@@ -828,18 +828,21 @@ impl ractor::Actor for SagaActor {
                     def.steps()[i].signal.as_deref() == Some(name.as_str())
                         && matches!(run.steps[i], StepState::Running(_))
                 });
-                let _ = reply.send(waiting.is_some());
-                if let Some(i) = waiting {
-                    let StepState::Running(attempt) = run.steps[i] else {
-                        return Ok(());
-                    };
-                    me.cast(SagaMsg::Done {
-                        step: i,
-                        attempt,
-                        compensation: false,
-                        result: Ok(payload),
-                    })?;
-                }
+                let Some((i, StepState::Running(attempt))) =
+                    waiting.map(|i| (i, run.steps[i].clone()))
+                else {
+                    let _ = reply.send(false);
+                    return Ok(());
+                };
+                // Journaled before it is acknowledged: a crash after the
+                // answer cannot lose the signal, and the step is settled
+                // before the next message, so a second signal of the
+                // same name finds nobody waiting.
+                run.pending.push((i, attempt, payload));
+                run.apply_pending();
+                run.drive(&me).await?;
+                run.journal(Vec::new()).await?;
+                let _ = reply.send(true);
                 return Ok(());
             }
             SagaMsg::SignalDeadline { step, attempt } => {

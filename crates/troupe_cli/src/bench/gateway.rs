@@ -153,6 +153,10 @@ pub fn run(quick: bool) -> Result<(), BoxError> {
         config.gpus.lease_compute_pct = 1;
         config.degrade.refuse_lowest_above_pct = 100;
         config.degrade.top_only_above_pct = 100;
+        // One client, the anonymous tenant: its quota must hold the load.
+        config.quota.max_tasks = tasks * 2;
+        config.quota.max_streams = STREAMS * 2;
+        config.http.max_streams = STREAMS * 2;
         let gw = Server::start(config).await?;
         let url = format!("http://{}", gw.addr());
         let mut sessions = Vec::with_capacity(STREAMS);

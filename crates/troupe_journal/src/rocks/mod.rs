@@ -598,14 +598,26 @@ pub fn replay_read_options() -> ReadOptions {
     ro
 }
 
-fn replay_blocking(
+/// One page of a replay: up to `batch_size` events from `from_seq`, read
+/// with an iterator of its own that is dropped before the page is handed
+/// on, so a consumer that stalls holds no iterator (and no pinned
+/// memtable or SST files) and no blocking-pool thread.
+struct Page {
+    events: Vec<PersistedEvent>,
+    /// A failure after `events` (a gap, a corrupt entry, storage).
+    error: Option<JournalError>,
+    /// The page was full: there may be more.
+    full: bool,
+}
+
+fn read_page(
     db: &DB,
     id: &PersistenceId,
     from_seq: u64,
     to_seq: u64,
     batch_size: usize,
-    tx: &mpsc::Sender<Result<Vec<PersistedEvent>>>,
-) -> Result<()> {
+    mut prev: Option<u64>,
+) -> Result<Page> {
     let mut ro = replay_read_options();
     let upper = match to_seq.checked_add(1) {
         Some(end) => event_key(id, end),
@@ -615,43 +627,41 @@ fn replay_blocking(
     let mut it = db.raw_iterator_cf_opt(cf(db, CF_EVENTS)?, ro);
     it.seek(event_key(id, from_seq));
     let mut types = TypeNameCache::default();
-    let mut batch = Vec::with_capacity(batch_size);
-    let mut prev: Option<u64> = None;
-    while let Some((k, v)) = it.item() {
+    let mut events = Vec::with_capacity(batch_size.min(1_024));
+    let mut error = None;
+    while events.len() < batch_size {
+        let Some((k, v)) = it.item() else { break };
         let seq = split_seq_key(k).map_or(0, |(_, s)| s);
         if let Some(p) = prev
             && seq != p + 1
         {
-            return Err(JournalError::Gap {
+            error = Some(JournalError::Gap {
                 id: id.clone(),
                 expected: p + 1,
                 found: seq,
             });
+            break;
         }
         prev = Some(seq);
         match PersistedEvent::from_envelope(id, seq, v, &mut types) {
-            Ok(ev) => batch.push(ev),
+            Ok(ev) => events.push(ev),
             Err(e) => {
-                if !batch.is_empty() {
-                    let _ = tx.blocking_send(Ok(std::mem::take(&mut batch)));
-                }
-                return Err(e);
-            }
-        }
-        if batch.len() == batch_size {
-            let full = std::mem::replace(&mut batch, Vec::with_capacity(batch_size));
-            if tx.blocking_send(Ok(full)).is_err() {
-                return Ok(()); // the consumer went away
+                error = Some(e);
+                break;
             }
         }
         it.next();
     }
-    it.status()
-        .map_err(|e| JournalError::storage("replaying events", e))?;
-    if !batch.is_empty() {
-        let _ = tx.blocking_send(Ok(batch));
+    if error.is_none()
+        && let Err(e) = it.status()
+    {
+        error = Some(JournalError::storage("replaying events", e));
     }
-    Ok(())
+    Ok(Page {
+        full: events.len() == batch_size && error.is_none(),
+        events,
+        error,
+    })
 }
 
 #[async_trait::async_trait]
@@ -704,21 +714,38 @@ impl Journal for RocksJournal {
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
             return Replay::failed(JournalError::NoRuntime("replay"));
         };
-        // Two batches in flight: the reader decodes the next while the
-        // consumer applies the current one.
-        let (tx, rx) = mpsc::channel(2);
         let db = self.inner.db.clone();
         let id = id.clone();
         let batch_size = self.inner.config.replay_batch_size.max(1);
         let from_seq = from_seq.max(1);
-        handle.spawn_blocking(move || {
-            if from_seq <= to_seq
-                && let Err(e) = replay_blocking(&db, &id, from_seq, to_seq, batch_size, &tx)
-            {
-                let _ = tx.blocking_send(Err(e));
+        // Page by page, each read with its own iterator; the next page is
+        // read while the consumer applies the current one. A consumer that
+        // stops reading parks nothing but this stream.
+        let read = move |from: u64, prev: Option<u64>| {
+            let (db, id) = (db.clone(), id.clone());
+            handle.spawn_blocking(move || read_page(&db, &id, from, to_seq, batch_size, prev))
+        };
+        Replay::from_stream(async_stream::try_stream! {
+            let mut next = (from_seq <= to_seq).then(|| read(from_seq, None));
+            while let Some(job) = next.take() {
+                let page = job
+                    .await
+                    .map_err(|e| JournalError::storage("replaying events", e))??;
+                let last = page.events.last().map(|e| e.seq);
+                if page.full
+                    && let Some(last) = last
+                    && last < to_seq
+                {
+                    next = Some(read(last + 1, Some(last)));
+                }
+                if !page.events.is_empty() {
+                    yield page.events;
+                }
+                if let Some(e) = page.error {
+                    Err(e)?;
+                }
             }
-        });
-        Replay::from_receiver(rx)
+        })
     }
 
     async fn highest_seq(&self, id: &PersistenceId) -> Result<u64> {
