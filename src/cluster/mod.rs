@@ -1410,6 +1410,39 @@ mod tests {
         assert_eq!(decode::<Reply>("n", "reply", &b).unwrap(), reply);
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config { cases: 1_024, failure_persistence: None, ..Default::default() })]
+
+        /// Any bytes from a peer, and damaged real frames, decode to a
+        /// frame or a typed error naming the node, never a panic.
+        #[test]
+        fn arbitrary_frame_bytes_are_frames_or_typed_errors(
+            junk in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..1_024),
+            at in proptest::prelude::any::<usize>(),
+            x in 1u8..=255,
+        ) {
+            for bytes in [junk.clone(), {
+                let f = Frame::Entity {
+                    kind: "counter".into(),
+                    key: "k1".into(),
+                    body: serde_bytes::ByteBuf::from(junk.clone()),
+                    hops: 1,
+                    timeout_ms: 10,
+                };
+                let mut b = encode("n", "frame", &f).unwrap();
+                let i = at % b.len();
+                b[i] ^= x;
+                b
+            }] {
+                if let Err(e) = decode::<Frame>("peer", "frame", &bytes) {
+                    let named = matches!(e, ClusterError::Codec { ref node, .. } if node == "peer");
+                    proptest::prop_assert!(named, "{}", e);
+                }
+                let _ = decode::<Reply>("peer", "reply", &bytes);
+            }
+        }
+    }
+
     #[test]
     fn configuration_is_checked() {
         let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();

@@ -156,7 +156,7 @@ pub struct HttpSection {
 impl Default for HttpSection {
     fn default() -> Self {
         Self {
-            max_connections: 1_024,
+            max_connections: 4_096,
             header_read_timeout_ms: 10_000,
             write_timeout_ms: 30_000,
             max_requests: 512,

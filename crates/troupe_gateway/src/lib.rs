@@ -74,7 +74,7 @@ pub use config::{
 };
 pub use error::GatewayError;
 pub use layers::REQUEST_ID;
-pub use server::{MAX_HEADER_BYTES, ServeLimits, serve};
+pub use server::{MAX_HEADER_BYTES, ServeLimits, fit_open_files, serve};
 pub use tasks::{TaskKind, TaskState, TaskStatus, Tasks};
 
 /// Buckets of the `inference_latency_seconds` histogram.
@@ -520,6 +520,7 @@ impl Server {
         };
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
         let limits = ServeLimits::from(&gateway.state.0.config.http);
+        fit_open_files(limits.max_connections);
         let server = tokio::spawn(serve(listener, gateway.router(), limits, async move {
             let _ = stopped.wait_for(|s| *s).await;
         }));

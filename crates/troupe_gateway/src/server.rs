@@ -31,6 +31,47 @@ use crate::config::HttpSection;
 /// Largest request head (start line and headers) a client may send.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
+/// Raises this process's open-file limit (the soft one, up to the hard
+/// one) so that `connections` sockets fit beside the journal's files; a
+/// default soft limit of 1,024 would otherwise refuse connections well
+/// before `http.max_connections`. Returns the limit now in force.
+pub fn fit_open_files(connections: usize) -> Option<u64> {
+    #[cfg(unix)]
+    {
+        let want = connections as u64 + 1_024;
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit and setrlimit read and write the struct given.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+                return None;
+            }
+            if lim.rlim_cur < want {
+                let cur = lim.rlim_cur;
+                lim.rlim_cur = want.min(lim.rlim_max);
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                    lim.rlim_cur = cur;
+                }
+            }
+        }
+        if lim.rlim_cur < want {
+            tracing::warn!(
+                limit = lim.rlim_cur,
+                wanted = want,
+                "the open-file limit is below http.max_connections: raise it (ulimit -n) or lower the setting"
+            );
+        }
+        Some(lim.rlim_cur)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = connections;
+        None
+    }
+}
+
 /// The connection-level limits of [`serve`], from an [`HttpSection`].
 #[derive(Debug, Clone)]
 pub struct ServeLimits {

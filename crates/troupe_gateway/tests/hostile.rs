@@ -860,24 +860,9 @@ fn arbitrary_requests_never_panic_and_always_answer_in_the_documented_form() {
     });
 }
 
-/// Lets this process open `n` files (the slowloris test holds 1,000 sockets).
-fn raise_open_files(n: u64) {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit and setrlimit read and write the struct given.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < n {
-            lim.rlim_cur = n.min(lim.rlim_max);
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_connections_are_closed_at_the_header_time_out_while_healthz_answers() {
-    raise_open_files(4_096);
+    troupe_gateway::fit_open_files(3_000);
     let dir = tempfile::tempdir().unwrap();
     let mut c = config(dir.path());
     c.http.header_read_timeout_ms = 2_000;
@@ -945,7 +930,7 @@ async fn slowloris_connections_are_closed_at_the_header_time_out_while_healthz_a
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_stop_reading_are_cut_off_at_the_write_time_out() {
-    raise_open_files(4_096);
+    troupe_gateway::fit_open_files(3_000);
     // A route that streams forever, and counts the streams dropped.
     let dropped = Arc::new(AtomicUsize::new(0));
     struct Count(Arc<AtomicUsize>);

@@ -157,6 +157,7 @@ pub fn run(quick: bool) -> Result<(), BoxError> {
         config.quota.max_tasks = tasks * 2;
         config.quota.max_streams = STREAMS * 2;
         config.http.max_streams = STREAMS * 2;
+        config.http.max_connections = STREAMS * 4;
         let gw = Server::start(config).await?;
         let url = format!("http://{}", gw.addr());
         let mut sessions = Vec::with_capacity(STREAMS);

@@ -385,6 +385,43 @@ mod tests {
         assert!(decode(&other, &e, &bytes).unwrap_err().contains("chat/a"));
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config { cases: 512, failure_persistence: None, ..Default::default() })]
+
+        /// Arbitrary bytes, and valid segments with arbitrary damage, decode
+        /// to a typed error or to the right events, never a panic; the
+        /// same for manifests and single envelopes.
+        #[test]
+        fn damaged_segments_manifests_and_envelopes_are_errors_not_panics(
+            junk in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2_048),
+            flips in proptest::collection::vec((proptest::prelude::any::<usize>(), 1u8..=255), 0..8),
+            cut in proptest::prelude::any::<usize>(),
+        ) {
+            let id = PersistenceId::parse("chat/a").unwrap();
+            let (bytes, _) = encode(&id, 1, &envelopes(12), 3, 1).unwrap();
+            let mut bad = bytes.clone();
+            for (at, x) in &flips {
+                let i = at % bad.len();
+                bad[i] ^= x;
+            }
+            bad.truncate(bad.len() - cut % (bad.len() / 4 + 1));
+            let e = entry(&bytes, 1, 12);
+            match decode(&id, &e, &bad) {
+                Ok(events) => {
+                    proptest::prop_assert_eq!(&bad, &bytes);
+                    proptest::prop_assert_eq!(events.len(), 12);
+                }
+                Err(reason) => proptest::prop_assert!(!reason.is_empty()),
+            }
+            let _ = decode(&id, &entry(&junk, 1, 12), &junk);
+            let _ = decode_from(&id, &e, &bad, 7);
+            let _ = Manifest::decode(&id, &junk);
+            let mut types = crate::event::TypeNameCache::default();
+            let _ = PersistedEvent::from_envelope(&id, 1, &junk, &mut types);
+            let _ = crate::event::Snapshot::from_envelope(&id, &junk);
+        }
+    }
+
     #[test]
     fn odd_keys_get_hashed_paths() {
         let plain = PersistenceId::parse("session/abc-1").unwrap();
