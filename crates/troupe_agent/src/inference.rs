@@ -55,11 +55,16 @@ pub struct LeaseSpec {
     /// What kind of work it is, for the run times the supervisor learns
     /// (empty: the model's name is used).
     pub kind: String,
+    /// Longest the lease is held, renewals included: past it the
+    /// inference ends with [`AgentError::LeaseLost`] and the lease is
+    /// released (one stream that never ends cannot keep a GPU share for
+    /// good).
+    pub max_hold: Duration,
 }
 
 impl Default for LeaseSpec {
     /// 4 GiB, 25 % of a device, priority 1, wait up to 5 s, TTL 30 s,
-    /// expected 2 s.
+    /// expected 2 s, held at most 10 minutes.
     fn default() -> Self {
         Self {
             memory: 4 << 30,
@@ -69,6 +74,7 @@ impl Default for LeaseSpec {
             ttl: Duration::from_secs(30),
             expected: Duration::from_secs(2),
             kind: String::new(),
+            max_hold: Duration::from_secs(600),
         }
     }
 }
@@ -165,12 +171,15 @@ impl Inference {
             }
         };
         let latency = metrics::histogram!("inference_latency_seconds", &labels);
+        let max_hold = lease.max_hold;
+        let hold_until = tokio::time::Instant::now() + max_hold;
         Ok(async_stream::try_stream! {
             let mut guard = guard;
             let mut inner = inner;
             let mut grace: Option<tokio::time::Instant> = None;
             loop {
                 let lease_id = guard.as_ref().and_then(|g| g.lease.as_ref()).map_or(0, |l| l.id);
+                let holding = guard.is_some();
                 let notice = async {
                     match guard.as_mut() {
                         Some(g) => g.notices.recv().await,
@@ -183,10 +192,18 @@ impl Inference {
                         None => std::future::pending().await,
                     }
                 };
+                let held = async {
+                    if holding {
+                        tokio::time::sleep_until(hold_until).await
+                    } else {
+                        std::future::pending().await
+                    }
+                };
                 let step = tokio::select! {
                     biased;
                     n = notice => Step::Notice(n),
                     _ = deadline => Step::GraceOver,
+                    _ = held => Step::HoldOver,
                     chunk = inner.next() => Step::Chunk(chunk),
                 };
                 match step {
@@ -206,6 +223,15 @@ impl Inference {
                     }
                     Step::GraceOver => {
                         Err(AgentError::LeaseLost { lease: lease_id, reason: "preempted".into() })?;
+                    }
+                    Step::HoldOver => {
+                        if let Some(g) = guard.take() {
+                            g.release().await;
+                        }
+                        Err(AgentError::LeaseLost {
+                            lease: lease_id,
+                            reason: format!("held past its maximum of {max_hold:?}"),
+                        })?;
                     }
                     Step::Chunk(Some(Ok(c @ Chunk::Done { .. }))) => {
                         if let Some(g) = guard.take() {
@@ -227,6 +253,7 @@ impl Inference {
 enum Step {
     Notice(Option<LeaseNotice>),
     GraceOver,
+    HoldOver,
     Chunk(Option<Result<Chunk, AgentError>>),
 }
 

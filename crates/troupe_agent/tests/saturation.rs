@@ -95,6 +95,7 @@ async fn saturated_gpus_serve_high_priority_refuse_low_priority_and_leak_nothing
         ttl: Duration::from_secs(30),
         expected: Duration::from_secs(5),
         kind: String::new(),
+        max_hold: Duration::from_secs(600),
     };
     let hi = sys
         .register(
@@ -209,4 +210,50 @@ async fn saturated_gpus_serve_high_priority_refuse_low_priority_and_leak_nothing
     assert_eq!(hi.restarts(), 4);
     sys.stop().await;
     gpu.stop().await;
+}
+
+/// An inference that never ends does not keep its GPU share: past the
+/// lease's maximum hold it fails with `LeaseLost` and the lease is freed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_never_ends_loses_its_lease_at_the_maximum_hold() {
+    let journal = Arc::new(InMemoryJournal::new());
+    let gpu = GpuSupervisorHandle::spawn(
+        GpuArgs {
+            probe: Arc::new(SimulatedProbe::new(1, 16 * GIB)),
+            journal,
+            config: GpuConfig::default(),
+        },
+        None,
+    )
+    .await
+    .unwrap();
+    let (started, _started_rx) = mpsc::unbounded_channel();
+    // The gate never opens: the stream would hold its lease for good.
+    let backend = Gated {
+        started,
+        gate: Arc::new(Semaphore::new(0)),
+    };
+    let inference = Inference::new().with_backend(backend).with_gpu(gpu.clone());
+    let lease = LeaseSpec {
+        memory: 8 * GIB,
+        max_hold: Duration::from_millis(300),
+        ..LeaseSpec::default()
+    };
+    let holder = troupe_agent::Holder {
+        name: "forever".into(),
+        actor: None,
+    };
+    let mut stream = inference
+        .stream("gated", ChatRequest::new("m", vec![]), &lease, &holder)
+        .await
+        .unwrap();
+    assert!(matches!(stream.next().await, Some(Ok(Chunk::Text(_)))));
+    assert_eq!(leased(&gpu).await, 8 * GIB, "held while streaming");
+    match stream.next().await {
+        Some(Err(AgentError::LeaseLost { reason, .. })) => {
+            assert!(reason.contains("maximum"), "{reason}")
+        }
+        other => panic!("expected LeaseLost, got {other:?}"),
+    }
+    assert_eq!(leased(&gpu).await, 0, "released at the maximum hold");
 }

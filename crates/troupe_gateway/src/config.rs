@@ -89,17 +89,22 @@ pub struct Quota {
     pub max_tasks: usize,
     /// Event streams of the tenant open at once; 429 past it.
     pub max_streams: usize,
+    /// Longest one of its tasks may hold a GPU lease, in milliseconds;
+    /// past it the task fails and the lease is released.
+    pub max_lease_hold_ms: u64,
 }
 
 impl Default for Quota {
     /// Priorities up to 1 (sessions run at 2, the top is kept for the
-    /// operator), 4,096 tokens, 256 tasks, 256 streams.
+    /// operator), 4,096 tokens, 256 tasks, 256 streams, leases held at
+    /// most 5 minutes.
     fn default() -> Self {
         Self {
             max_priority: 1,
             max_tokens: 4_096,
             max_tasks: 256,
             max_streams: 256,
+            max_lease_hold_ms: 300_000,
         }
     }
 }
@@ -122,6 +127,12 @@ pub struct HttpSection {
     /// Longest a write to a client may wait for it to read (milliseconds):
     /// a client that stops reading an event stream is cut off past it.
     pub write_timeout_ms: u64,
+    /// Kernel send buffer of each connection, in bytes (`SO_SNDBUF`);
+    /// absent: the system's autotuning (up to 4 MiB per connection on
+    /// Linux by default). With thousands of event streams, a bound here
+    /// bounds the memory a slow reader can pin, and makes the write
+    /// time-out notice it sooner.
+    pub send_buffer_bytes: Option<usize>,
     /// Requests handled at once, event streams and blob transfers apart
     /// (429 past it).
     pub max_requests: usize,
@@ -159,6 +170,7 @@ impl Default for HttpSection {
             max_connections: 4_096,
             header_read_timeout_ms: 10_000,
             write_timeout_ms: 30_000,
+            send_buffer_bytes: None,
             max_requests: 512,
             request_timeout_ms: 30_000,
             max_transfers: 16,
@@ -243,6 +255,10 @@ pub struct GpuSection {
     pub lease_compute_pct: u32,
     /// Longest wait for a lease, in milliseconds, before 429.
     pub lease_wait_ms: u64,
+    /// Longest an inference may hold its lease, renewals included, in
+    /// milliseconds (session turns and workflow steps; a tenant's tasks
+    /// take the smaller of this and its `quota.max_lease_hold_ms`).
+    pub lease_max_hold_ms: u64,
 }
 
 impl Default for GpuSection {
@@ -254,6 +270,7 @@ impl Default for GpuSection {
             lease_memory_mib: 8 * 1024,
             lease_compute_pct: 25,
             lease_wait_ms: 5_000,
+            lease_max_hold_ms: 600_000,
         }
     }
 }
@@ -487,7 +504,11 @@ impl GatewayConfig {
                 ));
             }
             let q = &t.quota;
-            if q.max_tokens == 0 || q.max_tasks == 0 || q.max_streams == 0 {
+            if q.max_tokens == 0
+                || q.max_tasks == 0
+                || q.max_streams == 0
+                || q.max_lease_hold_ms == 0
+            {
                 return bad(format!(
                     "tenant `{}`: quota limits must be at least 1",
                     t.name

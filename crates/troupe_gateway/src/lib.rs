@@ -222,6 +222,7 @@ pub fn lease(config: &GatewayConfig) -> LeaseSpec {
         memory: config.gpus.lease_memory_mib << 20,
         compute: config.gpus.lease_compute_pct,
         wait: Duration::from_millis(config.gpus.lease_wait_ms),
+        max_hold: Duration::from_millis(config.gpus.lease_max_hold_ms.max(1)),
         ..LeaseSpec::default()
     }
 }
@@ -386,6 +387,15 @@ impl Gateway {
                 agents: troupe.agents().clone(),
                 backend: (backend, model),
                 lease: lease(&config),
+                holds: Arc::new(
+                    config
+                        .tenants
+                        .iter()
+                        .map(|t| (t.name.clone(), t.quota.max_lease_hold_ms))
+                        .chain([(ANONYMOUS_TENANT.to_owned(), config.quota.max_lease_hold_ms)])
+                        .map(|(t, ms)| (t, Duration::from_millis(ms)))
+                        .collect(),
+                ),
             },
         );
         let mut tenants = Vec::with_capacity(config.tenants.len());

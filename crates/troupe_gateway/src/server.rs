@@ -81,6 +81,8 @@ pub struct ServeLimits {
     pub header_read_timeout: Duration,
     /// Write time-out.
     pub write_timeout: Duration,
+    /// Kernel send buffer per connection (`None`: the system's).
+    pub send_buffer_bytes: Option<usize>,
 }
 
 impl From<&HttpSection> for ServeLimits {
@@ -89,6 +91,7 @@ impl From<&HttpSection> for ServeLimits {
             max_connections: h.max_connections.max(1),
             header_read_timeout: Duration::from_millis(h.header_read_timeout_ms.max(1)),
             write_timeout: Duration::from_millis(h.write_timeout_ms.max(1)),
+            send_buffer_bytes: h.send_buffer_bytes,
         }
     }
 }
@@ -144,6 +147,9 @@ pub async fn serve(
             _ = &mut stop => break,
         };
         let _ = tcp.set_nodelay(true);
+        if let Some(n) = limits.send_buffer_bytes {
+            let _ = socket2::SockRef::from(&tcp).set_send_buffer_size(n);
+        }
         let mut io = TimeoutStream::new(tcp);
         io.set_write_timeout(Some(limits.write_timeout));
         let io = TokioIo::new(Box::pin(io));

@@ -259,6 +259,8 @@ pub struct Runner {
     pub backend: (String, String),
     /// Lease of one inference (priority set per task).
     pub lease: LeaseSpec,
+    /// Longest lease hold of each tenant's tasks (`quota.max_lease_hold_ms`).
+    pub holds: Arc<HashMap<String, Duration>>,
 }
 
 impl Tasks {
@@ -574,7 +576,8 @@ impl Tasks {
         let work = {
             let runner = runner.clone();
             let holder = format!("task/{id}#{attempt}");
-            tokio::spawn(async move { execute(&runner, &holder, task).await })
+            let tenant = state.tenant.clone();
+            tokio::spawn(async move { execute(&runner, &holder, &tenant, task).await })
         };
         self.lock_running()
             .insert(id.to_owned(), work.abort_handle());
@@ -610,7 +613,12 @@ impl Tasks {
     }
 }
 
-async fn execute(runner: &Runner, holder: &str, task: TaskKind) -> Result<Value, AgentError> {
+async fn execute(
+    runner: &Runner,
+    holder: &str,
+    tenant: &str,
+    task: TaskKind,
+) -> Result<Value, AgentError> {
     match task {
         TaskKind::Inference {
             prompt,
@@ -620,8 +628,14 @@ async fn execute(runner: &Runner, holder: &str, task: TaskKind) -> Result<Value,
             let mut request =
                 ChatRequest::new(runner.backend.1.clone(), vec![ChatMessage::user(prompt)]);
             request.max_tokens = max_tokens;
+            let hold = runner
+                .holds
+                .get(tenant)
+                .copied()
+                .unwrap_or(runner.lease.max_hold);
             let lease = LeaseSpec {
                 priority,
+                max_hold: hold.min(runner.lease.max_hold),
                 ..runner.lease.clone()
             };
             let holder = Holder {

@@ -999,3 +999,115 @@ async fn clients_that_stop_reading_are_cut_off_at_the_write_time_out() {
     let _ = stop.send(());
     server.await.unwrap().unwrap();
 }
+
+/// Sessions with enough journaled text that a catch-up fills any socket
+/// buffer: `turns` messages of 30 KiB each.
+async fn long_session(http: &reqwest::Client, base: &str, turns: usize) -> String {
+    let s: Value = http
+        .post(format!("{base}/v1/sessions"))
+        .bearer_auth(ACME)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let sid = s["id"].as_str().unwrap().to_owned();
+    let text = "long history ".repeat(30 * 1024 / 13);
+    for _ in 0..turns {
+        // 409 while the previous turn is answered: wait for it.
+        for _ in 0..2_000 {
+            let r = http
+                .post(format!("{base}/v1/sessions/{sid}/messages"))
+                .bearer_auth(ACME)
+                .json(&json!({ "content": text }))
+                .send()
+                .await
+                .unwrap();
+            if r.status() == StatusCode::ACCEPTED {
+                break;
+            }
+            assert_eq!(r.status(), StatusCode::CONFLICT);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    sid
+}
+
+/// 200 event-stream clients that stop reading during their catch-up: the
+/// server keeps serving others, the journal's pool is not exhausted (on
+/// PostgreSQL), and every stalled stream is ended by the write time-out.
+async fn stalled_catch_up(mut c: GatewayConfig) {
+    troupe_gateway::fit_open_files(3_000);
+    c.http.write_timeout_ms = 500;
+    // Less than the catch-up (24 messages of 30 KiB), so writes block.
+    c.http.send_buffer_bytes = Some(64 * 1024);
+    c.tenants[0].quota.max_streams = 1_000;
+    c.http.streams_per_session = 1_000;
+    let server = Server::start(c).await.unwrap();
+    let base = format!("http://{}", server.addr());
+    let http = reqwest::Client::new();
+    let sid = long_session(&http, &base, 24).await;
+    let n = 200;
+    let mut stalled = Vec::with_capacity(n);
+    for _ in 0..n {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4 * 1024).unwrap();
+        let mut s = socket.connect(server.addr()).await.unwrap();
+        let req = format!(
+            "GET /v1/sessions/{sid}/events HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {ACME}\r\n\r\n"
+        );
+        tokio::io::AsyncWriteExt::write_all(&mut s, req.as_bytes())
+            .await
+            .unwrap();
+        stalled.push(s); // never read
+    }
+    // Others are served meanwhile, journal reads and writes included.
+    let other = long_session(&http, &base, 1).await;
+    let r = http
+        .get(format!("{base}/v1/sessions/{other}"))
+        .bearer_auth(ACME)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    // Every stalled stream ends (a liveness bound, not a timing one).
+    let subscribed = || server.troupe().sessions().subscribed_count();
+    for _ in 0..600 {
+        if subscribed() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        subscribed(),
+        0,
+        "stalled streams were cut by the write time-out"
+    );
+    drop(stalled);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_streams_stalled_in_catch_up_are_cut_on_rocksdb() {
+    let dir = tempfile::tempdir().unwrap();
+    stalled_catch_up(config(dir.path())).await;
+}
+
+/// Needs `TROUPE_PG_URL` (`make test` starts a throwaway PostgreSQL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_streams_stalled_in_catch_up_are_cut_on_postgres() {
+    let url = std::env::var("TROUPE_PG_URL").expect(
+        "TROUPE_PG_URL is not set: `make test` starts a throwaway PostgreSQL; \
+         by hand: TROUPE_PG_URL=$(scripts/pg.sh start) cargo test -p troupe_gateway",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.storage = None;
+    c.postgres = Some(troupe_gateway::PostgresSection {
+        url,
+        schema: format!("stall_{:016x}", rand::random::<u64>()),
+        pool_size: 4,
+    });
+    stalled_catch_up(c).await;
+}
