@@ -1256,8 +1256,14 @@ impl Sessions {
         .await
     }
 
-    /// The session's state.
+    /// The session's state. An id that was never created is refused from
+    /// the journal ([`AgentError::UnknownSession`]) without activating an
+    /// entity, so a flood of made-up ids cannot fill the entity table.
     pub async fn view(&self, id: &str) -> Result<SessionView, AgentError> {
+        let pid = session_pid(id)?;
+        if !self.entities.is_active(pid.key()) && self.journal.highest_seq(&pid).await? == 0 {
+            return Err(AgentError::UnknownSession(id.to_owned()));
+        }
         self.ask(id, |reply| SessionCommand::View { reply }).await
     }
 

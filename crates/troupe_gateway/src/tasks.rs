@@ -476,8 +476,9 @@ impl Tasks {
         let Ok(pid) = PersistenceId::new("task", id) else {
             return Err(not_found());
         };
-        // Unknown ids are answered from the journal, activating nothing.
-        if self.journal.highest_seq(&pid).await? == 0 {
+        // Unknown ids are answered from the journal, activating nothing
+        // (an active one is known: no read).
+        if !self.entities.is_active(id) && self.journal.highest_seq(&pid).await? == 0 {
             return Err(not_found());
         }
         let state = self.ask(id, TaskCommand::Get).await?;

@@ -38,6 +38,21 @@ async fn listen(app: axum::Router) -> (String, tokio::sync::oneshot::Sender<()>)
 }
 // ANCHOR_END: serve
 
+/// The gateway over `troupe`, served on 127.0.0.1.
+async fn served(
+    troupe: Troupe,
+) -> (
+    Arc<Troupe>,
+    Gateway,
+    String,
+    tokio::sync::oneshot::Sender<()>,
+) {
+    let troupe = Arc::new(troupe);
+    let gateway = Gateway::new(troupe.clone(), config()).await.unwrap();
+    let (base, stop) = listen(gateway.router()).await;
+    (troupe, gateway, base, stop)
+}
+
 async fn call(
     http: &reqwest::Client,
     method: &str,
@@ -133,9 +148,7 @@ async fn transient_journal_failures_answer_503_with_retry_after() {
         .build()
         .await
         .unwrap();
-    let troupe = Arc::new(troupe);
-    let gateway = Gateway::new(troupe.clone(), config()).await.unwrap();
-    let (base, stop) = listen(gateway.router()).await;
+    let (troupe, gateway, base, stop) = served(troupe).await;
     let http = reqwest::Client::new();
 
     faults.fail_appends(1);
@@ -196,9 +209,7 @@ async fn a_gpu_supervisor_whose_journal_fails_is_restarted_and_readyz_says_so_me
         .build()
         .await
         .unwrap();
-    let troupe = Arc::new(troupe);
-    let gateway = Gateway::new(troupe.clone(), config()).await.unwrap();
-    let (base, stop) = listen(gateway.router()).await;
+    let (troupe, gateway, base, stop) = served(troupe).await;
     let http = reqwest::Client::new();
     readyz_until(&http, &base, StatusCode::OK).await;
 
