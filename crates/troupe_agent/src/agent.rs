@@ -825,6 +825,7 @@ impl<A: Agent> Context<A> {
             session: &self.key,
             options,
             holder: self.holder(),
+            system: self.system.clone(),
         };
         let result = run.run().await;
         if let Some(t) = self.turn.as_mut() {

@@ -51,6 +51,15 @@ pub enum AgentError {
     /// The session is closed.
     #[error("session `{0}` is closed")]
     SessionClosed(String),
+    /// An idempotency key came back with another message than the one it
+    /// posted.
+    #[error("session `{session}`: this idempotency key posted turn {turn}, another message")]
+    KeyReused {
+        /// Session id.
+        session: String,
+        /// The turn the key posted.
+        turn: u32,
+    },
     /// The session already has a turn in progress.
     #[error("session `{session}` is busy with turn {turn}; wait for it to finish")]
     Busy {

@@ -52,10 +52,11 @@ pub use model::{
 };
 pub use openai::{OpenAiBackend, OpenAiConfig};
 pub use session::{
-    Dispatch, MAX_ATTACHMENTS, OpenCall, PendingTurn, Posted, SessionConfig, SessionEvent,
-    SessionItem, SessionRecord, SessionStream, SessionView, Sessions, TurnRef,
+    Dispatch, KeyedTurn, MAX_ATTACHMENTS, MAX_KEYED_TURNS, OpenCall, PendingTurn, Posted,
+    SessionConfig, SessionEvent, SessionItem, SessionRecord, SessionStream, SessionView, Sessions,
+    TurnRef,
 };
-pub use system::{AgentSystem, SystemConfig};
+pub use system::{AgentSystem, LeaseHoldLimit, SystemConfig};
 pub use tool::{Tool, ToolCallInfo, Tools};
 pub use topic::{Overflow, Published, Topics};
 pub use turn::INTERRUPTED;

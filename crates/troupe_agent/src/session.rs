@@ -72,6 +72,11 @@ pub enum SessionEvent {
         /// bytes live in the blob store).
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         attachments: Vec<troupe_journal::BlobRef>,
+        /// The idempotency key it was posted with, if any: the same
+        /// message posted again with this key gets this turn back instead
+        /// of a second one (see [`Sessions::post_keyed`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        key: Option<String>,
     },
     /// An attempt at answering a turn started (attempt > 1: the previous
     /// attempt was interrupted; the text it was streaming is void, the tool
@@ -151,6 +156,39 @@ pub enum SessionEvent {
 
 /// Most attachments on one user turn.
 pub const MAX_ATTACHMENTS: usize = 16;
+
+/// Keyed turns a session remembers (the latest ones): a retry with an
+/// older key posts a new turn.
+pub const MAX_KEYED_TURNS: usize = 1_024;
+
+/// A user turn posted with an idempotency key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyedTurn {
+    /// The key.
+    pub key: String,
+    /// Its turn.
+    pub turn: u32,
+    /// The sequence of its `UserTurn` event.
+    pub seq: u64,
+    /// SHA-256 (hex) of its text and attachments: a retry must send the
+    /// same message.
+    pub digest: String,
+}
+
+/// The digest [`KeyedTurn::digest`] keeps of a message.
+fn message_digest(text: &str, attachments: &[troupe_journal::BlobRef]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update((text.len() as u64).to_le_bytes());
+    h.update(text.as_bytes());
+    for a in attachments {
+        h.update(a.hash.0);
+        h.update(a.size.to_le_bytes());
+        h.update((a.media_type.len() as u64).to_le_bytes());
+        h.update(a.media_type.as_bytes());
+    }
+    hex::encode(h.finalize())
+}
 
 impl Schema for SessionEvent {
     const TYPE_NAME: &'static str = "agent.SessionEvent";
@@ -254,6 +292,10 @@ pub struct SessionState {
     pub messages: VecDeque<ChatMessage>,
     /// The turn in progress.
     pub pending: Option<Pending>,
+    /// The latest turns posted with an idempotency key (at most
+    /// [`MAX_KEYED_TURNS`]).
+    #[serde(default)]
+    pub keyed: VecDeque<KeyedTurn>,
 }
 
 impl Schema for SessionState {
@@ -261,6 +303,23 @@ impl Schema for SessionState {
 }
 
 impl SessionState {
+    /// The turn posted with `key`, if remembered: the same message
+    /// (`digest`) or [`AgentError::KeyReused`].
+    fn keyed_turn(&self, key: &str, digest: &str) -> Result<Option<Posted>, AgentError> {
+        match self.keyed.iter().rev().find(|k| k.key == key) {
+            None => Ok(None),
+            Some(k) if k.digest == digest => Ok(Some(Posted {
+                turn: k.turn,
+                seq: k.seq,
+                repeated: true,
+            })),
+            Some(k) => Err(AgentError::KeyReused {
+                session: self.id.clone(),
+                turn: k.turn,
+            }),
+        }
+    }
+
     /// The turn in progress and the agent it was handed to, if any.
     pub fn pending_turn(&self) -> Option<(u32, Option<String>)> {
         self.pending.as_ref().map(|p| (p.turn, p.handed_to.clone()))
@@ -347,6 +406,10 @@ pub struct Posted {
     pub turn: u32,
     /// Its sequence number.
     pub seq: u64,
+    /// Whether it was posted before, with the same idempotency key (and
+    /// nothing was posted now).
+    #[serde(default)]
+    pub repeated: bool,
 }
 
 /// A read of a session's state.
@@ -416,8 +479,21 @@ pub enum SessionCommand {
         text: String,
         /// Blobs sent with it.
         attachments: Vec<troupe_journal::BlobRef>,
+        /// Idempotency key: a turn posted with it before is answered
+        /// instead of posting another.
+        key: Option<String>,
         /// Answer: the turn, and the agent that answers the session.
         reply: Reply<(Posted, String)>,
+    },
+    /// The turn posted with idempotency key `key`, if the session
+    /// remembers one; [`AgentError::KeyReused`] if it was another message.
+    Keyed {
+        /// The key.
+        key: String,
+        /// The digest of the message a retry sends.
+        digest: String,
+        /// Answer.
+        reply: Reply<Option<Posted>>,
     },
     /// Start (or restart) an attempt at the pending turn.
     Begin {
@@ -671,10 +747,22 @@ impl EventSourced for SessionEntity {
             SessionCommand::Post {
                 text,
                 attachments,
+                key,
                 reply,
             } => {
                 if let Err(e) = Self::check_open(state) {
                     return fail(reply, e);
+                }
+                // A retry gets its first answer, even while its turn runs.
+                if let Some(key) = &key {
+                    match state.keyed_turn(key, &message_digest(&text, &attachments)) {
+                        Ok(Some(p)) => {
+                            let _ = reply.send(Ok((p, state.agent.clone())));
+                            return Effect::none();
+                        }
+                        Ok(None) => {}
+                        Err(e) => return fail(reply, e),
+                    }
                 }
                 if let Some(p) = &state.pending {
                     return fail(
@@ -708,10 +796,25 @@ impl EventSourced for SessionEntity {
                     turn,
                     text,
                     attachments,
+                    key,
                 };
                 self.persist(&state.id, vec![event], reply, move |st| {
-                    (Posted { turn, seq: st.seq }, st.agent.clone())
+                    (
+                        Posted {
+                            turn,
+                            seq: st.seq,
+                            repeated: false,
+                        },
+                        st.agent.clone(),
+                    )
                 })
+            }
+            SessionCommand::Keyed { key, digest, reply } => {
+                if !state.opened {
+                    return fail(reply, AgentError::UnknownSession(state.id.clone()));
+                }
+                let _ = reply.send(state.keyed_turn(&key, &digest));
+                Effect::none()
             }
             SessionCommand::Begin { model, reply } => {
                 if let Err(e) = Self::check_open(state) {
@@ -872,8 +975,20 @@ impl EventSourced for SessionEntity {
                 turn,
                 text,
                 attachments,
+                key,
             } => {
                 state.turns = *turn;
+                if let Some(key) = key {
+                    if state.keyed.len() >= MAX_KEYED_TURNS {
+                        state.keyed.pop_front();
+                    }
+                    state.keyed.push_back(KeyedTurn {
+                        key: key.clone(),
+                        turn: *turn,
+                        seq: state.seq,
+                        digest: message_digest(text, attachments),
+                    });
+                }
                 let mut content = text.clone();
                 // Text-only models see what was attached, by reference.
                 for a in attachments {
@@ -1172,15 +1287,34 @@ impl Sessions {
         attachments: Vec<troupe_journal::BlobRef>,
         dispatch: Dispatch,
     ) -> Result<Posted, AgentError> {
+        self.post_keyed(id, text, attachments, dispatch, None).await
+    }
+
+    /// Posts a user turn under an idempotency key: posted again with the
+    /// same key (among the session's latest [`MAX_KEYED_TURNS`] keyed
+    /// turns), the same message gets its first turn back
+    /// ([`Posted::repeated`], nothing posted or dispatched again) and
+    /// another message [`AgentError::KeyReused`]. The key is journaled in
+    /// the turn's own event, so a retry after a crash is recognized too.
+    pub async fn post_keyed(
+        &self,
+        id: &str,
+        text: &str,
+        attachments: Vec<troupe_journal::BlobRef>,
+        dispatch: Dispatch,
+        key: Option<String>,
+    ) -> Result<Posted, AgentError> {
         let text = text.to_owned();
         let (posted, agent) = self
             .ask(id, |reply| SessionCommand::Post {
                 text,
                 attachments,
+                key,
                 reply,
             })
             .await?;
         if dispatch == Dispatch::Now
+            && !posted.repeated
             && let Some(d) = self.dispatcher.get().and_then(|w| w.upgrade())
         {
             d.dispatch(id.to_owned(), agent, posted.turn).await;
@@ -1265,6 +1399,21 @@ impl Sessions {
             return Err(AgentError::UnknownSession(id.to_owned()));
         }
         self.ask(id, |reply| SessionCommand::View { reply }).await
+    }
+
+    /// The turn posted with idempotency key `key`, if the session
+    /// remembers one, without posting anything; [`AgentError::KeyReused`]
+    /// if that turn was another message than `text` and `attachments`.
+    pub async fn keyed_turn(
+        &self,
+        id: &str,
+        key: &str,
+        text: &str,
+        attachments: &[troupe_journal::BlobRef],
+    ) -> Result<Option<Posted>, AgentError> {
+        let (key, digest) = (key.to_owned(), message_digest(text, attachments));
+        self.ask(id, |reply| SessionCommand::Keyed { key, digest, reply })
+            .await
     }
 
     /// Closes the session (a turn in progress fails).

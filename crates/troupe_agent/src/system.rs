@@ -73,7 +73,13 @@ pub(crate) struct SystemInner {
     topics: Topics,
     timers: Option<Timers>,
     ask_timeout: Duration,
+    lease_hold: RwLock<Option<LeaseHoldLimit>>,
 }
+
+/// The longest a session's turn may hold a GPU lease, by the tenant that
+/// owns the session (`None`: no limit beyond the agent's own), as set with
+/// [`AgentSystem::set_tenant_lease_hold`].
+pub type LeaseHoldLimit = Arc<dyn Fn(&str) -> Option<Duration> + Send + Sync>;
 
 impl TurnDispatch for SystemInner {
     fn dispatch(&self, session: String, agent: String, turn: u32) -> BoxFuture<'static, ()> {
@@ -145,6 +151,7 @@ impl AgentSystem {
             topics: Topics::new(),
             timers: config.timers,
             ask_timeout: config.ask_timeout.unwrap_or(Duration::from_secs(30)),
+            lease_hold: RwLock::new(None),
         });
         let weak: Weak<dyn TurnDispatch> = Arc::downgrade(&inner) as Weak<dyn TurnDispatch>;
         inner.sessions.set_dispatcher(weak);
@@ -153,6 +160,40 @@ impl AgentSystem {
 
     pub(crate) fn from_inner(inner: Arc<SystemInner>) -> Self {
         Self { inner }
+    }
+
+    /// Caps the lease hold of the turns of each tenant's sessions: a turn
+    /// of a session owned by `t` holds its GPU lease at most `limit(t)`
+    /// (or its agent's [`crate::LeaseSpec::max_hold`], whichever is
+    /// shorter), then fails with `lease_lost` and frees it. A server with
+    /// per-tenant quotas sets it; turns that begin afterwards follow it.
+    pub fn set_tenant_lease_hold(
+        &self,
+        limit: impl Fn(&str) -> Option<Duration> + Send + Sync + 'static,
+    ) {
+        *self
+            .inner
+            .lease_hold
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(limit));
+    }
+
+    /// The lease a turn of a session owned by `tenant` takes: `lease`,
+    /// its hold capped by [`AgentSystem::set_tenant_lease_hold`].
+    pub fn lease_for(&self, tenant: Option<&str>, lease: &crate::LeaseSpec) -> crate::LeaseSpec {
+        let mut lease = lease.clone();
+        let limit = self
+            .inner
+            .lease_hold
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let (Some(limit), Some(tenant)) = (limit, tenant)
+            && let Some(max) = limit(tenant)
+        {
+            lease.max_hold = lease.max_hold.min(max);
+        }
+        lease
     }
 
     /// The default time-out of `send` and `ask`.

@@ -25,6 +25,7 @@ pub(crate) struct ReplyRun<'a> {
     pub session: &'a str,
     pub options: &'a AgentOptions,
     pub holder: Holder,
+    pub system: crate::AgentSystem,
 }
 
 /// The error journaled for a call that must not run twice.
@@ -147,12 +148,14 @@ impl ReplyRun<'_> {
             .collect();
         messages.extend(view.messages);
         let mut round = view.rounds;
+        // The session's tenant may hold a lease for less than the agent would.
+        let lease = self.system.lease_for(view.tenant.as_deref(), &opts.lease);
         loop {
             let mut request = ChatRequest::new(opts.model.clone(), messages.clone());
             request.tools = opts.tools.specs();
             let mut stream = self
                 .inference
-                .stream(&opts.backend, request, &opts.lease, &self.holder)
+                .stream(&opts.backend, request, &lease, &self.holder)
                 .await?;
             outcome.text.clear();
             let mut calls: Vec<ToolCall> = Vec::new();

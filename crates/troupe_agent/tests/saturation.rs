@@ -56,17 +56,22 @@ impl Agent for Worker {
 const HI: AgentKey<Worker> = AgentKey::new("hi");
 const LO: AgentKey<Worker> = AgentKey::new("lo");
 
-async fn leased(gpu: &GpuSupervisorHandle) -> u64 {
-    gpu.status().await.unwrap().iter().map(|s| s.leased.0).sum()
+/// `n` simulated 16 GiB GPUs under an agent system whose `gated` backend
+/// streams one chunk, then waits for a permit of `gate`.
+struct Gpus {
+    gpu: GpuSupervisorHandle,
+    sessions: Sessions,
+    sys: AgentSystem,
+    gate: Arc<Semaphore>,
+    /// One message per stream begun.
+    started: mpsc::UnboundedReceiver<()>,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn saturated_gpus_serve_high_priority_refuse_low_priority_and_leak_nothing() {
+async fn gated_system(n: u32) -> Gpus {
     let journal = Arc::new(InMemoryJournal::new());
-    // Two 16 GiB GPUs, 8 GiB per inference: four at a time.
     let gpu = GpuSupervisorHandle::spawn(
         GpuArgs {
-            probe: Arc::new(SimulatedProbe::new(2, 16 * GIB)),
+            probe: Arc::new(SimulatedProbe::new(n, 16 * GIB)),
             journal: journal.clone(),
             config: GpuConfig::default(),
         },
@@ -74,7 +79,7 @@ async fn saturated_gpus_serve_high_priority_refuse_low_priority_and_leak_nothing
     )
     .await
     .unwrap();
-    let (started_tx, mut started) = mpsc::unbounded_channel();
+    let (started_tx, started) = mpsc::unbounded_channel();
     let gate = Arc::new(Semaphore::new(0));
     let backend = Gated {
         started: started_tx,
@@ -85,6 +90,29 @@ async fn saturated_gpus_serve_high_priority_refuse_low_priority_and_leak_nothing
         sessions.clone(),
         Inference::new().with_backend(backend).with_gpu(gpu.clone()),
     );
+    Gpus {
+        gpu,
+        sessions,
+        sys,
+        gate,
+        started,
+    }
+}
+
+async fn leased(gpu: &GpuSupervisorHandle) -> u64 {
+    gpu.status().await.unwrap().iter().map(|s| s.leased.0).sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saturated_gpus_serve_high_priority_refuse_low_priority_and_leak_nothing() {
+    // Two 16 GiB GPUs, 8 GiB per inference: four at a time.
+    let Gpus {
+        gpu,
+        sessions,
+        sys,
+        gate,
+        mut started,
+    } = gated_system(2).await;
     let (results_tx, mut results) =
         mpsc::unbounded_channel::<(&'static str, Result<TurnOutcome, AgentError>)>();
     let lease = |priority, wait| LeaseSpec {
@@ -256,4 +284,75 @@ async fn a_stream_that_never_ends_loses_its_lease_at_the_maximum_hold() {
         other => panic!("expected LeaseLost, got {other:?}"),
     }
     assert_eq!(leased(&gpu).await, 0, "released at the maximum hold");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_lease_hold_caps_its_sessions_turns_and_no_one_elses() {
+    let Gpus {
+        gpu,
+        sessions,
+        sys,
+        gate,
+        mut started,
+    } = gated_system(1).await;
+    // The agent would hold a lease for ten minutes; tenant `brief` may
+    // hold one for 300 ms.
+    sys.register(
+        &HI,
+        Worker,
+        AgentOptions::default()
+            .model("gated", "m")
+            .lease(LeaseSpec {
+                memory: 4 * GIB,
+                max_hold: Duration::from_secs(600),
+                ..LeaseSpec::default()
+            }),
+    )
+    .await
+    .unwrap();
+    sys.set_tenant_lease_hold(|tenant| (tenant == "brief").then(|| Duration::from_millis(300)));
+    let turn = |tenant: &'static str| {
+        let sys = sys.clone();
+        async move {
+            let id = sys.sessions().create("hi", Some(tenant)).await.unwrap();
+            let posted = sys
+                .sessions()
+                .post_with(&id, "go", Vec::new(), Dispatch::Later)
+                .await
+                .unwrap();
+            let sys2 = sys.clone();
+            let id2 = id.clone();
+            (
+                id,
+                tokio::spawn(async move { sys2.answer(&id2, posted.turn).await }),
+            )
+        }
+    };
+    let (brief_id, brief) = turn("brief").await;
+    let (_, patient) = turn("patient").await;
+    started.recv().await.unwrap();
+    started.recv().await.unwrap();
+    // The gate is shut: only the tenant's maximum hold can end its turn.
+    // (Were the cap not applied, the turn would hang: bounded here so the
+    // failure says so.)
+    let brief = tokio::time::timeout(Duration::from_secs(60), brief)
+        .await
+        .expect("the tenant's lease hold did not end its turn");
+    match brief.unwrap() {
+        Err(AgentError::LeaseLost { reason, .. }) => {
+            assert!(reason.contains("maximum"), "{reason}")
+        }
+        other => panic!("expected LeaseLost, got {other:?}"),
+    }
+    let view = sessions.view(&brief_id).await.unwrap();
+    assert_eq!((view.failed, view.pending), (1, None));
+    assert_eq!(
+        leased(&gpu).await,
+        4 * GIB,
+        "only the other tenant's lease is held"
+    );
+    // The other tenant's turn is still streaming; it ends when let go.
+    gate.add_permits(1);
+    patient.await.unwrap().unwrap();
+    assert_eq!(leased(&gpu).await, 0);
 }

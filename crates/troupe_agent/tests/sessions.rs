@@ -209,6 +209,92 @@ async fn sessions_recover_from_rocksdb_after_passivation_and_reopen() {
     );
 }
 
+#[tokio::test]
+async fn a_keyed_post_sent_again_gets_its_first_turn_back_across_snapshots_and_restarts() {
+    use troupe_agent::{Dispatch, MAX_KEYED_TURNS};
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = SessionConfig::default();
+    config.entities.durable = config.entities.durable.snapshot_every(3);
+    let keyed = |s: &Sessions, id: &str, text: &str, key: &str| {
+        let (s, id, text, key) = (s.clone(), id.to_owned(), text.to_owned(), key.to_owned());
+        async move {
+            s.post_keyed(&id, &text, Vec::new(), Dispatch::Later, Some(key))
+                .await
+        }
+    };
+    let (id, first);
+    {
+        let j = Arc::new(RocksJournal::open(RocksConfig::new(dir.path())).unwrap());
+        let s = Sessions::new(j.clone(), config.clone());
+        id = s.create("bot", None).await.unwrap();
+        first = keyed(&s, &id, "refund order 17", "k1").await.unwrap();
+        assert!(!first.repeated);
+        // While its turn is pending: the first answer, not `Busy`.
+        let again = keyed(&s, &id, "refund order 17", "k1").await.unwrap();
+        assert_eq!(
+            (again.turn, again.seq, again.repeated),
+            (first.turn, first.seq, true)
+        );
+        // The same key with another message is refused, and posts nothing.
+        assert!(matches!(
+            keyed(&s, &id, "refund order 18", "k1").await,
+            Err(AgentError::KeyReused { turn: 1, .. })
+        ));
+        assert!(matches!(
+            s.keyed_turn(&id, "k1", "refund order 18", &[]).await,
+            Err(AgentError::KeyReused { .. })
+        ));
+        // Once the turn has ended, still the first answer; a new key is a
+        // new turn.
+        let r = s.begin(&id, "m").await.unwrap();
+        s.append(&id, r, vec![chunk(1, "done"), done(1)])
+            .await
+            .unwrap();
+        assert_eq!(
+            keyed(&s, &id, "refund order 17", "k1").await.unwrap().seq,
+            first.seq
+        );
+        let second = keyed(&s, &id, "and order 18", "k2").await.unwrap();
+        assert_eq!(second.turn, 2);
+        let r = s.begin(&id, "m").await.unwrap();
+        s.append(&id, r, vec![done(2)]).await.unwrap();
+        s.passivate_all().await;
+        j.close().await;
+    }
+    // Reopened from a snapshot and the journal: the keys are still known.
+    let j: Arc<dyn Journal> = Arc::new(RocksJournal::open(RocksConfig::new(dir.path())).unwrap());
+    let s = Sessions::new(j, config);
+    let again = s
+        .keyed_turn(&id, "k1", "refund order 17", &[])
+        .await
+        .unwrap()
+        .expect("k1 remembered");
+    assert_eq!((again.turn, again.seq), (first.turn, first.seq));
+    assert_eq!(s.keyed_turn(&id, "k3", "x", &[]).await.unwrap(), None);
+    assert_eq!(
+        s.view(&id).await.unwrap().turns,
+        2,
+        "retries posted nothing"
+    );
+    // Only the latest keys are kept: the oldest is forgotten first.
+    let s = Sessions::new(Arc::new(InMemoryJournal::new()), SessionConfig::default());
+    let id = s.create("bot", None).await.unwrap();
+    for n in 0..=MAX_KEYED_TURNS as u32 {
+        keyed(&s, &id, "q", &format!("key-{n}")).await.unwrap();
+        let r = s.begin(&id, "m").await.unwrap();
+        s.append(&id, r, vec![done(n + 1)]).await.unwrap();
+    }
+    assert_eq!(s.keyed_turn(&id, "key-0", "q", &[]).await.unwrap(), None);
+    let last = format!("key-{MAX_KEYED_TURNS}");
+    assert!(s.keyed_turn(&id, &last, "q", &[]).await.unwrap().is_some());
+    assert!(
+        s.keyed_turn(&id, "key-1", "q", &[])
+            .await
+            .unwrap()
+            .is_some()
+    );
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
 

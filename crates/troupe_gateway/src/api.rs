@@ -126,6 +126,7 @@ fn table() -> Vec<(Route, Class, MethodRouter<AppState>)> {
             get(download_blob),
         ),
         (r("GET", "/v1/gpus", Tenant), Ordinary, get(gpus)),
+        (r("GET", "/v1/usage", Tenant), Ordinary, get(usage)),
         (r("GET", "/metrics", Public), Ordinary, get(metrics)),
         (
             r("GET", "/healthz", Public),
@@ -197,6 +198,12 @@ impl Counts {
             counts: self.clone(),
             key: key.to_owned(),
         })
+    }
+
+    /// Counts held for `key` now.
+    pub fn get(&self, key: &str) -> usize {
+        let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(key).copied().unwrap_or(0)
     }
 
     fn give_back(&self, key: &str) {
@@ -517,13 +524,51 @@ struct NewMessage {
     attachments: Vec<troupe_journal::BlobRef>,
 }
 
+/// `POST /v1/sessions/{id}/messages`. With an `Idempotency-Key`, the task
+/// id derives from the key and the key is journaled in the turn's own
+/// event: the same message sent again gets the first answer (while its
+/// turn runs, after it ended, after a restart), another message 422.
 async fn post_message(
     State(st): State<AppState>,
     TenantName(tenant, quota): TenantName,
     Path(id): Path<String>,
+    headers: HeaderMap,
     ApiJson(body): ApiJson<NewMessage>,
 ) -> Result<Response, GatewayError> {
+    let key = idempotency_key(&headers)?.map(|k| keyed_id("message", &tenant, &k));
     let view = st.session(&tenant, &id).await?;
+    let answer = |task_id: &str, posted: troupe_agent::Posted| {
+        accepted(
+            format!("/v1/tasks/{task_id}"),
+            json!({ "task_id": task_id, "turn": posted.turn, "seq": posted.seq }),
+        )
+    };
+    // A retry: its task exists (the task is journaled before the turn).
+    if let Some(task_id) = &key
+        && let Some(task) = st.0.tasks.kind_of(&tenant, task_id).await?
+    {
+        let reused = || {
+            GatewayError::KeyReused(format!(
+                "this `Idempotency-Key` was used for another request (task `{task_id}`)"
+            ))
+        };
+        if !matches!(&task, TaskKind::SessionTurn { session, .. } if *session == id) {
+            return Err(reused());
+        }
+        return match st
+            .0
+            .troupe
+            .sessions()
+            .keyed_turn(&id, task_id, &body.content, &body.attachments)
+            .await?
+        {
+            Some(posted) => Ok(answer(task_id, posted)),
+            None => Err(GatewayError::Conflict(format!(
+                "the first request with this `Idempotency-Key` has not posted its turn: it is \
+                 still in flight, or it failed before (task `{task_id}` says which)"
+            ))),
+        };
+    }
     // A busy session refuses before any attachment is looked up.
     if let Some(p) = view.pending {
         return Err(GatewayError::Conflict(format!(
@@ -574,24 +619,31 @@ async fn post_message(
         session: id.clone(),
         turn: view.turns + 1,
     };
-    let task_id =
+    let (task_id, created) =
         st.0.tasks
-            .journal_new(&tenant, quota.max_tasks, task)
+            .journal_new(&tenant, quota.max_tasks, key.clone(), task)
             .await?;
+    if !created {
+        // The same request, concurrently: its first copy posts the turn.
+        return Err(GatewayError::Conflict(format!(
+            "a request with this `Idempotency-Key` is in flight (task `{task_id}`)"
+        )));
+    }
     // The task's worker hands the turn to the session's agent.
     let posted = match st
         .0
         .troupe
         .sessions()
-        .post_with(
+        .post_keyed(
             &id,
             &body.content,
             body.attachments,
             troupe_agent::Dispatch::Later,
+            key,
         )
         .await
     {
-        Ok(p) if p.turn == view.turns + 1 => p,
+        Ok(p) if p.turn == view.turns + 1 && !p.repeated => p,
         Ok(p) => {
             // Another request posted in between; this turn is not ours.
             st.0.tasks
@@ -610,10 +662,7 @@ async fn post_message(
         }
     };
     st.0.tasks.enqueue(permit, task_id.clone());
-    Ok(accepted(
-        format!("/v1/tasks/{task_id}"),
-        json!({ "task_id": task_id, "turn": posted.turn, "seq": posted.seq }),
-    ))
+    Ok(answer(&task_id, posted))
 }
 
 #[derive(Deserialize)]
@@ -862,7 +911,7 @@ struct NewWorkflow {
 
 async fn create_workflow(
     State(st): State<AppState>,
-    TenantName(tenant, _): TenantName,
+    TenantName(tenant, quota): TenantName,
     headers: HeaderMap,
     ApiJson(body): ApiJson<NewWorkflow>,
 ) -> Result<Response, GatewayError> {
@@ -890,7 +939,7 @@ async fn create_workflow(
         && let Some(first) = st.owner_record("workflow", &id).await?
     {
         return if first.tenant == tenant && first.request == request {
-            start_once(&st, &id, &body).await?;
+            start_once(&st, &tenant, quota.max_workflows, &id, &body).await?;
             Ok(answer(&id))
         } else {
             Err(GatewayError::KeyReused(format!(
@@ -900,20 +949,25 @@ async fn create_workflow(
     }
     // The draft step's inference runs at the default lease priority.
     st.admit(crate::lease(&st.0.config).priority).await?;
+    // Counted before its owner is written: a workflow refused by the
+    // quota leaves nothing behind.
+    take_workflow(&st, &tenant, quota.max_workflows, &id)?;
     // The owner first: a crash before the start leaves an owner whose
     // retry starts it; never a workflow nobody can see.
-    match st
-        .0
-        .journal()
-        .append(&pid, 0, vec![NewEvent::new(&owner)?])
-        .await
-    {
+    let written =
+        st.0.journal()
+            .append(&pid, 0, vec![NewEvent::new(&owner)?])
+            .await;
+    if written.is_err() {
+        st.0.workflows.forget(&tenant, &id);
+    }
+    match written {
         Ok(_) => {}
         // A concurrent retry with the same key wrote it first.
         Err(troupe_journal::JournalError::SeqConflict { .. }) if key.is_some() => {
             return match st.owner_record("workflow", &id).await? {
                 Some(first) if first.tenant == tenant && first.request == request => {
-                    start_once(&st, &id, &body).await?;
+                    start_once(&st, &tenant, quota.max_workflows, &id, &body).await?;
                     Ok(answer(&id))
                 }
                 _ => Err(GatewayError::KeyReused(format!(
@@ -923,31 +977,77 @@ async fn create_workflow(
         }
         Err(e) => return Err(e.into()),
     }
-    start_once(&st, &id, &body).await?;
+    start_once(&st, &tenant, quota.max_workflows, &id, &body).await?;
     Ok(answer(&id))
 }
 
-/// Starts workflow `id` unless it has started already.
-async fn start_once(st: &AppState, id: &str, body: &NewWorkflow) -> Result<(), GatewayError> {
+/// Starts workflow `id` unless it has started already, counted against
+/// `tenant`'s `quota.max_workflows` while it runs.
+async fn start_once(
+    st: &AppState,
+    tenant: &str,
+    max_workflows: usize,
+    id: &str,
+    body: &NewWorkflow,
+) -> Result<(), GatewayError> {
     let pid = PersistenceId::new("saga", id)?;
     if st.0.journal().highest_seq(&pid).await? > 0 {
         return Ok(());
     }
-    match st
-        .0
-        .troupe
-        .sagas()
-        .start_with_id(id, &body.definition, body.input.clone())
-        .await
-    {
-        Ok(()) => Ok(()),
+    take_workflow(st, tenant, max_workflows, id)?;
+    let started =
+        st.0.troupe
+            .sagas()
+            .start_with_id(id, &body.definition, body.input.clone())
+            .await;
+    match started {
+        Ok(()) => {}
         Err(troupe_saga::SagaError::Journal(e))
-            if matches!(*e, troupe_journal::JournalError::SeqConflict { .. }) =>
-        {
-            Ok(())
+            if matches!(*e, troupe_journal::JournalError::SeqConflict { .. }) => {}
+        Err(e) => {
+            st.0.workflows.forget(tenant, id);
+            return Err(e.into());
         }
-        Err(e) => Err(e.into()),
     }
+    st.0.workflows.started(tenant, id);
+    Ok(())
+}
+
+/// Counts workflow `id` against `tenant` (429 past `quota.max_workflows`).
+fn take_workflow(
+    st: &AppState,
+    tenant: &str,
+    max_workflows: usize,
+    id: &str,
+) -> Result<(), GatewayError> {
+    let sagas = st.0.troupe.sagas();
+    st.0.workflows
+        .take(tenant, id, max_workflows, |w| sagas.is_running(w))
+        .map_err(|n| {
+            metrics::counter!("troupe_gateway_refused_total", "reason" => "tenant_workflows")
+                .increment(1);
+            GatewayError::Overloaded {
+                reason: format!(
+                    "tenant `{tenant}` has {n} workflows running (quota.max_workflows)"
+                ),
+                retry_after: Duration::from_secs(1),
+            }
+        })
+}
+
+/// Counts the workflows a restart resumed against their tenants (read
+/// from their owner records; one without is nobody's).
+pub(crate) async fn count_resumed_workflows(st: &AppState) -> Result<usize, GatewayError> {
+    let mut n = 0;
+    for id in st.0.troupe.sagas().running_ids() {
+        if let Some(tenant) = st.owner("workflow", &id).await? {
+            // Accepted before the restart: counted past the quota if need be.
+            let _ = st.0.workflows.take(&tenant, &id, usize::MAX, |_| true);
+            st.0.workflows.started(&tenant, &id);
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 async fn check_workflow(st: &AppState, tenant: &str, id: &str) -> Result<(), GatewayError> {
@@ -1018,6 +1118,39 @@ async fn signal_workflow(
             "workflow `{id}` is not waiting for signal `{name}`"
         )))
     }
+}
+
+/// `GET /v1/usage`: the caller's share of each per-tenant quota, used and
+/// allowed.
+async fn usage(
+    State(st): State<AppState>,
+    TenantName(tenant, quota): TenantName,
+) -> Result<Json<Value>, GatewayError> {
+    let blob_bytes = match st.0.troupe.tiered().map(|t| t.blobs()) {
+        Some(blobs) => {
+            st.0.blob_usage
+                .tenant(&tenant, st.0.journal().as_ref(), blobs)
+                .await?
+                .used()
+        }
+        None => 0,
+    };
+    let sagas = st.0.troupe.sagas();
+    let share = |used: u64, max: u64| json!({ "used": used, "max": max });
+    Ok(Json(json!({
+        "tenant": tenant,
+        "tasks": share(st.0.tasks.tenant_count(&tenant) as u64, quota.max_tasks as u64),
+        "streams": share(st.0.tenant_streams.get(&tenant) as u64, quota.max_streams as u64),
+        "uploads": share(st.0.tenant_uploads.get(&tenant) as u64, quota.max_uploads as u64),
+        "blob_bytes": share(blob_bytes, quota.max_blob_bytes),
+        "workflows": share(
+            st.0.workflows.count(&tenant, |w| sagas.is_running(w)) as u64,
+            quota.max_workflows as u64,
+        ),
+        "max_priority": quota.max_priority,
+        "max_tokens": quota.max_tokens,
+        "max_lease_hold_ms": quota.max_lease_hold_ms,
+    })))
 }
 
 async fn gpus(State(st): State<AppState>, _t: TenantName) -> Result<Json<Value>, GatewayError> {
@@ -1103,10 +1236,11 @@ fn blob_error(e: troupe_journal::JournalError) -> GatewayError {
 /// `POST /v1/blobs`: the body is stored as it arrives (never held whole);
 /// its `Content-Type` is the media type. 201 with the reference. The
 /// bytes are stored once whoever uploads them; the reference is the
-/// uploading tenant's.
+/// uploading tenant's, and so is the charge against its
+/// `quota.max_blob_bytes` (413 past it) and `quota.max_uploads` (429).
 async fn upload_blob(
     State(st): State<AppState>,
-    TenantName(tenant, _): TenantName,
+    TenantName(tenant, quota): TenantName,
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Result<Response, GatewayError> {
@@ -1118,13 +1252,73 @@ async fn upload_blob(
         .map(str::trim)
         .unwrap_or("application/octet-stream")
         .to_owned();
-    let blob = blobs
-        .put_stream(&media_type, body.into_data_stream())
-        .await
-        .map_err(blob_error)?;
+    let _slot =
+        st.0.tenant_uploads
+            .take(&tenant, quota.max_uploads)
+            .ok_or_else(|| {
+                metrics::counter!("troupe_gateway_refused_total", "reason" => "tenant_uploads")
+                    .increment(1);
+                GatewayError::Overloaded {
+                    reason: format!(
+                        "tenant `{tenant}` has {} blob uploads in flight (quota.max_uploads)",
+                        quota.max_uploads
+                    ),
+                    retry_after: Duration::from_secs(1),
+                }
+            })?;
+    let ledger =
+        st.0.blob_usage
+            .tenant(&tenant, st.0.journal().as_ref(), blobs)
+            .await?;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    let over = |ledger: &crate::quota::TenantBlobs| {
+        ledger.used().saturating_add(declared.max(1)) > quota.max_blob_bytes
+    };
+    // Near the quota: blobs the collector removed count no more.
+    if over(&ledger) {
+        ledger.reconcile(blobs).await?;
+    }
+    let quota_error = |used: u64| {
+        metrics::counter!("troupe_gateway_refused_total", "reason" => "tenant_blob_bytes")
+            .increment(1);
+        GatewayError::Quota(format!(
+            "tenant `{tenant}` holds {used} bytes of blobs; this upload would pass its \
+             {} (quota.max_blob_bytes)",
+            quota.max_blob_bytes
+        ))
+    };
+    if over(&ledger) {
+        return Err(quota_error(ledger.used()));
+    }
+    // Every part is charged as it arrives: uploads in flight together
+    // cannot pass the quota.
+    let charge = Arc::new(crate::quota::Charge::new(
+        ledger.clone(),
+        quota.max_blob_bytes,
+    ));
+    let charged = {
+        let charge = charge.clone();
+        body.into_data_stream().map(move |part| {
+            let part = part.map_err(|e| e.to_string())?;
+            if charge.add(part.len() as u64) {
+                Ok(part)
+            } else {
+                Err("over the tenant's blob quota".to_owned())
+            }
+        })
+    };
+    let blob = match blobs.put_stream(&media_type, charged).await {
+        Ok(blob) => blob,
+        Err(_) if charge.exceeded() => return Err(quota_error(ledger.used())),
+        Err(e) => return Err(blob_error(e)),
+    };
     let pid = PersistenceId::new("owner", &format!("blob.{tenant}.{}", blob.hash))?;
     let owner = Owner {
-        tenant,
+        tenant: tenant.clone(),
         request: None,
     };
     match st
@@ -1137,6 +1331,7 @@ async fn upload_blob(
         Ok(_) | Err(troupe_journal::JournalError::SeqConflict { .. }) => {}
         Err(e) => return Err(e.into()),
     }
+    charge.keep(blob.hash, blob.size);
     let location = format!("/v1/blobs/{}", blob.hash);
     Ok((
         StatusCode::CREATED,

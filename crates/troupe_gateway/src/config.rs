@@ -89,15 +89,26 @@ pub struct Quota {
     pub max_tasks: usize,
     /// Event streams of the tenant open at once; 429 past it.
     pub max_streams: usize,
-    /// Longest one of its tasks may hold a GPU lease, in milliseconds;
-    /// past it the task fails and the lease is released.
+    /// Longest one of its tasks or session turns may hold a GPU lease, in
+    /// milliseconds; past it the task or turn fails and the lease is
+    /// released.
     pub max_lease_hold_ms: u64,
+    /// Bytes of blobs the tenant may hold (the sizes of the blobs it has
+    /// uploaded and that are still stored; bytes another tenant uploaded
+    /// too count for both, though they are stored once). An upload past
+    /// it is refused with 413; blobs the collector removes count no more.
+    pub max_blob_bytes: u64,
+    /// Blob uploads of the tenant in flight at once; 429 past it.
+    pub max_uploads: usize,
+    /// Workflows of the tenant started and not yet ended (waiting for a
+    /// signal counts); 429 past it.
+    pub max_workflows: usize,
 }
 
 impl Default for Quota {
     /// Priorities up to 1 (sessions run at 2, the top is kept for the
     /// operator), 4,096 tokens, 256 tasks, 256 streams, leases held at
-    /// most 5 minutes.
+    /// most 5 minutes, 1 GiB of blobs, 4 uploads at once, 256 workflows.
     fn default() -> Self {
         Self {
             max_priority: 1,
@@ -105,6 +116,9 @@ impl Default for Quota {
             max_tasks: 256,
             max_streams: 256,
             max_lease_hold_ms: 300_000,
+            max_blob_bytes: 1 << 30,
+            max_uploads: 4,
+            max_workflows: 256,
         }
     }
 }
@@ -508,6 +522,8 @@ impl GatewayConfig {
                 || q.max_tasks == 0
                 || q.max_streams == 0
                 || q.max_lease_hold_ms == 0
+                || q.max_uploads == 0
+                || q.max_workflows == 0
             {
                 return bad(format!(
                     "tenant `{}`: quota limits must be at least 1",

@@ -7,7 +7,7 @@
 //! | an `Origin` or `Host` this server does not serve | 403 |
 //! | unknown id, or another tenant's | 404 |
 //! | conflicts with the current state (a busy session) | 409 |
-//! | a body over the limit | 413 |
+//! | a body over the limit, an upload past the tenant's blob quota | 413 |
 //! | an `Idempotency-Key` reused with another request | 422 |
 //! | an overload: a lease refused, a queue at its bound, the degrade policy | 429 with `Retry-After` |
 //! | a transient failure: the journal failing for now, an actor restarting, a model server down | 503 with `Retry-After` |
@@ -72,6 +72,10 @@ pub enum GatewayError {
     /// The request conflicts with the current state (409).
     #[error("{0}")]
     Conflict(String),
+    /// A tenant's stored share is used up (blob bytes): retrying does not
+    /// help until some of it is freed (413).
+    #[error("{0}")]
+    Quota(String),
     /// The body is over the configured limit (413).
     #[error("body over the limit of {limit} bytes")]
     TooLarge {
@@ -128,7 +132,7 @@ impl GatewayError {
             }
             GatewayError::NotFound { .. } => StatusCode::NOT_FOUND,
             GatewayError::Conflict(_) => StatusCode::CONFLICT,
-            GatewayError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::TooLarge { .. } | GatewayError::Quota(_) => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::Internal { .. } | GatewayError::Config(_) => {
@@ -161,6 +165,7 @@ impl GatewayError {
             GatewayError::NotFound { .. } => "not_found",
             GatewayError::Conflict(_) => "conflict",
             GatewayError::TooLarge { .. } => "too_large",
+            GatewayError::Quota(_) => "quota_exceeded",
             GatewayError::Overloaded { .. } => "overloaded",
             GatewayError::Unavailable { .. } => "unavailable",
             GatewayError::Internal { .. } => "internal",
@@ -292,6 +297,7 @@ impl From<AgentError> for GatewayError {
                 kind: "session",
                 id,
             },
+            AgentError::KeyReused { .. } => GatewayError::KeyReused(e.to_string()),
             AgentError::Busy { .. } | AgentError::SessionClosed(_) => {
                 GatewayError::Conflict(e.to_string())
             }

@@ -48,9 +48,11 @@ mod catalogue;
 mod config;
 mod error;
 mod layers;
+mod quota;
 mod server;
 pub mod tasks;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -135,6 +137,12 @@ pub(crate) struct Shared {
     pub downloads: Arc<tokio::sync::Semaphore>,
     /// Stream tickets for browsers' `EventSource`.
     pub tickets: api::Tickets,
+    /// Blob uploads in flight per tenant.
+    pub tenant_uploads: api::Counts,
+    /// Blob bytes per tenant.
+    pub blob_usage: quota::BlobUsage,
+    /// Workflows running per tenant.
+    pub workflows: quota::Workflows,
     pub troupe: Arc<Troupe>,
     pub tasks: Tasks,
     pub metrics: PrometheusHandle,
@@ -378,6 +386,23 @@ impl Gateway {
         config.validate()?;
         let metrics = metrics_handle();
         let (backend, model) = backend_names(&config.model);
+        // Each tenant's longest lease hold, for its tasks and its sessions'
+        // turns alike (`quota.max_lease_hold_ms`).
+        let holds: Arc<HashMap<String, Duration>> = Arc::new(
+            config
+                .tenants
+                .iter()
+                .map(|t| (t.name.clone(), t.quota.max_lease_hold_ms))
+                .chain([(ANONYMOUS_TENANT.to_owned(), config.quota.max_lease_hold_ms)])
+                .map(|(t, ms)| (t, Duration::from_millis(ms)))
+                .collect(),
+        );
+        {
+            let holds = holds.clone();
+            troupe
+                .agents()
+                .set_tenant_lease_hold(move |tenant| holds.get(tenant).copied());
+        }
         let tasks = Tasks::start(
             troupe.journal(),
             config.task_queue,
@@ -387,15 +412,7 @@ impl Gateway {
                 agents: troupe.agents().clone(),
                 backend: (backend, model),
                 lease: lease(&config),
-                holds: Arc::new(
-                    config
-                        .tenants
-                        .iter()
-                        .map(|t| (t.name.clone(), t.quota.max_lease_hold_ms))
-                        .chain([(ANONYMOUS_TENANT.to_owned(), config.quota.max_lease_hold_ms)])
-                        .map(|(t, ms)| (t, Duration::from_millis(ms)))
-                        .collect(),
-                ),
+                holds: holds.clone(),
             },
         );
         let mut tenants = Vec::with_capacity(config.tenants.len());
@@ -420,6 +437,9 @@ impl Gateway {
             tenant_streams: api::Counts::default(),
             downloads: Arc::new(tokio::sync::Semaphore::new(h.max_transfers)),
             tickets: api::Tickets::default(),
+            tenant_uploads: api::Counts::default(),
+            blob_usage: quota::BlobUsage::default(),
+            workflows: quota::Workflows::default(),
             tenants,
             config,
             troupe: troupe.clone(),
@@ -448,6 +468,7 @@ impl Gateway {
         let resumed = async {
             let tasks = tasks.resume(troupe.journal().as_ref()).await?;
             let sagas = troupe.sagas().resume_all().await?;
+            api::count_resumed_workflows(&state).await?;
             Ok::<_, GatewayError>((tasks, sagas))
         }
         .await;

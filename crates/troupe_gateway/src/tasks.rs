@@ -365,15 +365,16 @@ impl Tasks {
     /// Journals a new task without queueing it: for work that must be
     /// journaled before something else is (see [`Tasks::enqueue`],
     /// [`Tasks::abandon`]).
+    /// `id` names it (a fresh id when `None`); returns the id and whether
+    /// it was journaled now (false: task `id` exists as this same request).
     pub async fn journal_new(
         &self,
         tenant: &str,
         max_tasks: usize,
+        id: Option<String>,
         task: TaskKind,
-    ) -> Result<String, GatewayError> {
-        self.journal_with(tenant, max_tasks, None, task)
-            .await
-            .map(|(id, _)| id)
+    ) -> Result<(String, bool), GatewayError> {
+        self.journal_with(tenant, max_tasks, id, task).await
     }
 
     async fn journal_with(
@@ -486,6 +487,21 @@ impl Tasks {
             return Err(not_found());
         }
         Ok(state)
+    }
+
+    /// Tasks of `tenant` accepted and not yet ended.
+    pub fn tenant_count(&self, tenant: &str) -> usize {
+        self.per_tenant.get(tenant)
+    }
+
+    /// What task `id` of `tenant` does, if it exists (read from the
+    /// journal for an id not active: nothing is activated for an unknown one).
+    pub async fn kind_of(&self, tenant: &str, id: &str) -> Result<Option<TaskKind>, GatewayError> {
+        match self.get(tenant, id).await {
+            Ok(state) => Ok(state.task),
+            Err(GatewayError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Cancels a task of `tenant`: journaled, then its run (and lease) is

@@ -225,6 +225,7 @@ fn matrix() -> HashMap<(&'static str, &'static str), Expect> {
         ),
         (("GET", "/v1/blobs/{hash}"), e(200, 404, none)),
         (("GET", "/v1/gpus"), e(200, 200, none)),
+        (("GET", "/v1/usage"), e(200, 200, none)),
         (("GET", "/metrics"), e(200, 200, none)),
         (("GET", "/healthz"), e(200, 200, none)),
         (("GET", "/readyz"), e(200, 200, none)),
@@ -660,6 +661,303 @@ async fn one_idempotency_key_makes_one_task_and_one_workflow_with_the_first_answ
     )
     .await;
     assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    gw.shutdown();
+    gw.troupe().shutdown().await.unwrap();
+}
+
+/// `GET /v1/usage` of `token`.
+async fn usage(router: &Router, token: &str) -> Value {
+    let r = call(router, "GET", "/v1/usage", Some(token), &[], None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    r.body
+}
+
+/// Polls `GET /v1/usage` until `what.used` is `n` (each poll waits 5 ms;
+/// at most 4,000 polls).
+async fn wait_usage(router: &Router, token: &str, what: &str, n: u64) {
+    for _ in 0..4_000 {
+        if usage(router, token).await[what]["used"] == n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("{what} never reached {n}: {}", usage(router, token).await);
+}
+
+/// Starts a `review` workflow for `token`'s tenant.
+async fn start_review(router: &Router, token: &str) -> Reply {
+    call(
+        router,
+        "POST",
+        "/v1/workflows",
+        Some(token),
+        &[JSON],
+        json_body(json!({"definition": "review", "input": {"topic": "t"}})),
+    )
+    .await
+}
+
+async fn upload(router: &Router, token: &str, body: Body) -> Reply {
+    call(
+        router,
+        "POST",
+        "/v1/blobs",
+        Some(token),
+        &[("content-type", "application/octet-stream")],
+        Some(body),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_tenant_has_its_own_share_of_blob_bytes_uploads_and_workflows() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.tenants[0].quota.max_blob_bytes = 100;
+    c.tenants[0].quota.max_uploads = 1;
+    c.tenants[0].quota.max_workflows = 2;
+    if let Some(s) = c.storage.as_mut() {
+        s.blobs.gc_grace_s = 0;
+    }
+    let gw = gateway(&c).await;
+    let router = gw.router();
+
+    // One upload in flight at a time: the second waits for none, it is refused.
+    let (tx, rx) = futures::channel::mpsc::unbounded::<Result<Vec<u8>, std::io::Error>>();
+    tx.unbounded_send(Ok(vec![1u8; 10])).unwrap();
+    let slow = {
+        let router = router.clone();
+        tokio::spawn(async move { upload(&router, ACME, Body::from_stream(rx)).await })
+    };
+    wait_usage(&router, ACME, "uploads", 1).await;
+    let refused = upload(&router, ACME, Body::from("x")).await;
+    assert_eq!(
+        refused.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{}",
+        refused.body
+    );
+    assert!(
+        refused.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("quota.max_uploads")
+    );
+    assert_error_form(&refused, "a second upload");
+    // Another tenant is not held up by it.
+    let other = upload(&router, GLOBEX, Body::from("globex")).await;
+    assert_eq!(other.status, StatusCode::CREATED, "{}", other.body);
+    drop(tx);
+    let slow = slow.await.unwrap();
+    assert_eq!(slow.status, StatusCode::CREATED, "{}", slow.body);
+    assert_eq!(usage(&router, ACME).await["blob_bytes"]["used"], 10);
+
+    // Bytes: 100 for acme. The same bytes again are counted once (an
+    // upload needs room for its bytes while they stream, whatever they
+    // turn out to be).
+    let thirty = upload(&router, ACME, Body::from(vec![3u8; 30])).await;
+    assert_eq!(thirty.status, StatusCode::CREATED, "{}", thirty.body);
+    let again = upload(&router, ACME, Body::from(vec![3u8; 30])).await;
+    assert_eq!(again.status, StatusCode::CREATED, "{}", again.body);
+    assert_eq!(usage(&router, ACME).await["blob_bytes"]["used"], 40);
+    // Streamed without a length past the quota: cut as it passes, and
+    // nothing is charged.
+    let streamed = Body::from_stream(futures::stream::iter(
+        (0..4).map(|_| Ok::<_, std::io::Error>(vec![2u8; 20])),
+    ));
+    let r = upload(&router, ACME, streamed).await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", r.body);
+    assert_eq!(r.body["error"]["code"], "quota_exceeded");
+    assert_error_form(&r, "a streamed upload past the quota");
+    assert_eq!(usage(&router, ACME).await["blob_bytes"]["used"], 40);
+    let sixty = vec![7u8; 60];
+    let a = upload(&router, ACME, Body::from(sixty.clone())).await;
+    assert_eq!(a.status, StatusCode::CREATED, "{}", a.body);
+    assert_eq!(usage(&router, ACME).await["blob_bytes"]["used"], 100);
+    // Full: refused before a byte is read.
+    let r = upload(&router, ACME, Body::from(vec![1u8; 1])).await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", r.body);
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("quota.max_blob_bytes")
+    );
+    assert_eq!(usage(&router, ACME).await["blob_bytes"]["used"], 100);
+    // Another tenant storing the same bytes is charged for them too; the
+    // bytes are stored once.
+    let theirs = upload(&router, GLOBEX, Body::from(sixty)).await;
+    assert_eq!(theirs.status, StatusCode::CREATED);
+    assert_eq!(theirs.body["hash"], a.body["hash"]);
+    assert_eq!(usage(&router, GLOBEX).await["blob_bytes"]["used"], 66);
+    // Blobs nothing refers to are collected (grace 0 here): acme's share
+    // is free again, found out at its next upload.
+    let tiers = gw.troupe().tiered().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let report = tiers.collect_blobs(now + 1_000).await.unwrap();
+    assert!(report.collected >= 4, "{report:?}");
+    let after = upload(&router, ACME, Body::from(vec![4u8; 90])).await;
+    assert_eq!(after.status, StatusCode::CREATED, "{}", after.body);
+    assert_eq!(usage(&router, ACME).await["blob_bytes"]["used"], 90);
+
+    // Workflows: two running for acme (each waits for its approval).
+    let w1 = start_review(&router, ACME).await;
+    assert_eq!(w1.status, StatusCode::ACCEPTED, "{}", w1.body);
+    assert_eq!(
+        start_review(&router, ACME).await.status,
+        StatusCode::ACCEPTED
+    );
+    let third = start_review(&router, ACME).await;
+    assert_eq!(
+        third.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{}",
+        third.body
+    );
+    assert!(
+        third.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("quota.max_workflows")
+    );
+    assert_eq!(
+        start_review(&router, GLOBEX).await.status,
+        StatusCode::ACCEPTED,
+        "globex has its own"
+    );
+    // One ends: its place is free.
+    let id = w1.body["workflow_id"].as_str().unwrap().to_owned();
+    let signal = format!("/v1/workflows/{id}/signals/approve");
+    let mut r = call(&router, "POST", &signal, Some(ACME), &[], None).await;
+    for _ in 0..4_000 {
+        if r.status != StatusCode::CONFLICT {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        r = call(&router, "POST", &signal, Some(ACME), &[], None).await;
+    }
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    wait_usage(&router, ACME, "workflows", 1).await;
+    assert_eq!(
+        start_review(&router, ACME).await.status,
+        StatusCode::ACCEPTED
+    );
+    let u = usage(&router, ACME).await;
+    assert_eq!(u["workflows"], json!({"used": 2, "max": 2}), "{u}");
+    assert_eq!(u["tenant"], "acme");
+    gw.shutdown();
+    gw.troupe().shutdown().await.unwrap();
+    drop((router, gw));
+    // After a restart, the workflows it resumed count against their tenant.
+    let gw = gateway(&c).await;
+    let router = gw.router();
+    assert_eq!(usage(&router, ACME).await["workflows"]["used"], 2);
+    assert_eq!(usage(&router, GLOBEX).await["workflows"]["used"], 1);
+    assert_eq!(
+        start_review(&router, ACME).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // The blobs' shares are read back from the owner records.
+    assert_eq!(usage(&router, ACME).await["blob_bytes"]["used"], 90);
+    gw.shutdown();
+    gw.troupe().shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_sent_again_with_its_idempotency_key_posts_one_turn_even_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = config(dir.path());
+    let send = |router: Router, session: String, key: &'static str, content: &'static str| async move {
+        call(
+            &router,
+            "POST",
+            &format!("/v1/sessions/{session}/messages"),
+            Some(ACME),
+            &[JSON, ("idempotency-key", key)],
+            json_body(json!({ "content": content })),
+        )
+        .await
+    };
+    let (session, first) = {
+        let gw = gateway(&c).await;
+        let router = gw.router();
+        let s = call(&router, "POST", "/v1/sessions", Some(ACME), &[], None).await;
+        let session = s.body["id"].as_str().unwrap().to_owned();
+        let first = send(router.clone(), session.clone(), "m-1", "where is order 17?").await;
+        assert_eq!(first.status, StatusCode::ACCEPTED, "{}", first.body);
+        // At once (the turn may still run), and concurrently: the first answer.
+        let again = futures::future::join_all(
+            (0..4).map(|_| send(router.clone(), session.clone(), "m-1", "where is order 17?")),
+        )
+        .await;
+        for r in &again {
+            assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+            assert_eq!(r.body, first.body);
+        }
+        // The same key with another message.
+        let other = send(router.clone(), session.clone(), "m-1", "and order 18?").await;
+        assert_eq!(
+            other.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{}",
+            other.body
+        );
+        // After the turn has ended: still the first answer.
+        let task = first.body["task_id"].as_str().unwrap();
+        for _ in 0..4_000 {
+            let t = call(
+                &router,
+                "GET",
+                &format!("/v1/tasks/{task}"),
+                Some(ACME),
+                &[],
+                None,
+            )
+            .await;
+            if t.body["state"]["status"] == "succeeded" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let late = send(router.clone(), session.clone(), "m-1", "where is order 17?").await;
+        assert_eq!(late.body, first.body);
+        // Another tenant's key of the same name does not reach this session.
+        let globex = call(
+            &router,
+            "POST",
+            &format!("/v1/sessions/{session}/messages"),
+            Some(GLOBEX),
+            &[JSON, ("idempotency-key", "m-1")],
+            json_body(json!({ "content": "where is order 17?" })),
+        )
+        .await;
+        assert_eq!(globex.status, StatusCode::NOT_FOUND);
+        gw.shutdown();
+        gw.troupe().shutdown().await.unwrap();
+        (session, first)
+    };
+    // A restart: the key is in the journal.
+    let gw = gateway(&c).await;
+    let router = gw.router();
+    let r = send(router.clone(), session.clone(), "m-1", "where is order 17?").await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    assert_eq!(r.body, first.body);
+    let next = send(router.clone(), session.clone(), "m-2", "thanks").await;
+    assert_eq!(next.status, StatusCode::ACCEPTED, "{}", next.body);
+    assert_eq!(next.body["turn"], 2);
+    let view = call(
+        &router,
+        "GET",
+        &format!("/v1/sessions/{session}"),
+        Some(ACME),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(view.body["turns"], 2, "{}", view.body);
     gw.shutdown();
     gw.troupe().shutdown().await.unwrap();
 }

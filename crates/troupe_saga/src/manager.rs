@@ -227,8 +227,9 @@ impl Sagas {
         self.start(&req.definition, req.input).await
     }
 
-    /// Whether saga `id` runs (or is being started) here.
-    fn is_running(&self, id: &str) -> bool {
+    /// Whether saga `id` runs (or is being started) here. A saga waiting
+    /// for a signal runs; one that has ended (or was stopped) does not.
+    pub fn is_running(&self, id: &str) -> bool {
         // Lock order: `starting`, then `running` (as in `spawn`).
         let starting = self
             .inner
@@ -471,6 +472,17 @@ impl Sagas {
                 Ok(_) => {}
             }
         }
+    }
+
+    /// The ids of the sagas running now, in no order.
+    pub fn running_ids(&self) -> Vec<String> {
+        self.inner
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect()
     }
 
     /// Sagas running now.

@@ -273,6 +273,7 @@ async fn raw_turns(
                         turn: t,
                         text: format!("question {t} about my order"),
                         attachments: Vec::new(),
+                        key: None,
                     }],
                     vec![SessionEvent::TurnStarted {
                         turn: t,

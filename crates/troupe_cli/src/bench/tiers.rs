@@ -225,6 +225,7 @@ fn session_events(rng: &mut StdRng, session: usize, turns: u32) -> Vec<SessionEv
             turn,
             text: sentence(rng, n),
             attachments: Vec::new(),
+            key: None,
         });
         out.push(SessionEvent::TurnStarted {
             turn,
