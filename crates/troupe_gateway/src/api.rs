@@ -458,12 +458,16 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, GatewayError> 
 
 /// A stable id for what `tenant` created under `key` (`what` apart).
 fn keyed_id(what: &str, tenant: &str, key: &str) -> String {
+    hex24(&keyed_digest(what, tenant, key))
+}
+
+fn keyed_digest(what: &str, tenant: &str, key: &str) -> [u8; 32] {
     let mut h = Sha256::new();
     for part in [what, tenant, key] {
         h.update((part.len() as u64).to_le_bytes());
         h.update(part.as_bytes());
     }
-    hex24(&h.finalize())
+    h.finalize().into()
 }
 
 fn hex24(bytes: &[u8]) -> String {
@@ -481,11 +485,16 @@ struct NewSession {
     agent: Option<String>,
 }
 
+/// `POST /v1/sessions`. With an `Idempotency-Key`, the session id derives
+/// from the tenant and the key: a retry opens the same session (201 with
+/// the same id); the same key for another agent is 422.
 async fn create_session(
     State(st): State<AppState>,
     TenantName(tenant, _): TenantName,
+    headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, GatewayError> {
+    let key = idempotency_key(&headers)?;
     let body: NewSession = if body.iter().all(u8::is_ascii_whitespace) {
         NewSession::default()
     } else {
@@ -499,7 +508,26 @@ async fn create_session(
             "no agent named `{agent}` answers sessions here"
         )));
     }
-    let id = st.0.troupe.sessions().create(&agent, Some(&tenant)).await?;
+    let sessions = st.0.troupe.sessions();
+    let id = match key {
+        None => sessions.create(&agent, Some(&tenant)).await?,
+        Some(k) => {
+            // 32 hex digits, as a fresh id has.
+            let id: String = keyed_digest("session", &tenant, &k)[..16]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            match sessions.open(&id, &agent, Some(&tenant)).await {
+                Ok(()) => id,
+                Err(troupe_agent::AgentError::Invalid { .. }) => {
+                    return Err(GatewayError::KeyReused(format!(
+                        "this `Idempotency-Key` opened session `{id}` for another agent"
+                    )));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    };
     Ok((
         StatusCode::CREATED,
         [(header::LOCATION, format!("/v1/sessions/{id}"))],

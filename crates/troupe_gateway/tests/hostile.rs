@@ -884,8 +884,27 @@ async fn a_message_sent_again_with_its_idempotency_key_posts_one_turn_even_after
     let (session, first) = {
         let gw = gateway(&c).await;
         let router = gw.router();
-        let s = call(&router, "POST", "/v1/sessions", Some(ACME), &[], None).await;
+        // A session opened with a key: a retry opens the same one.
+        let open = |token| {
+            let router = router.clone();
+            async move {
+                call(
+                    &router,
+                    "POST",
+                    "/v1/sessions",
+                    Some(token),
+                    &[("idempotency-key", "s-1")],
+                    None,
+                )
+                .await
+            }
+        };
+        let s = open(ACME).await;
+        assert_eq!(s.status, StatusCode::CREATED, "{}", s.body);
         let session = s.body["id"].as_str().unwrap().to_owned();
+        assert_eq!(session.len(), 32);
+        assert_eq!(open(ACME).await.body, s.body);
+        assert_ne!(open(GLOBEX).await.body["id"], s.body["id"]);
         let first = send(router.clone(), session.clone(), "m-1", "where is order 17?").await;
         assert_eq!(first.status, StatusCode::ACCEPTED, "{}", first.body);
         // At once (the turn may still run), and concurrently: the first answer.
