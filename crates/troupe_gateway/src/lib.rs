@@ -404,7 +404,7 @@ impl Gateway {
                 .set_tenant_lease_hold(move |tenant| holds.get(tenant).copied());
         }
         let tasks = Tasks::start(
-            troupe.journal(),
+            &troupe,
             config.task_queue,
             config.task_workers,
             tasks::Runner {

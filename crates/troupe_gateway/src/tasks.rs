@@ -22,6 +22,7 @@ use troupe_agent::{
     AgentError, AgentSystem, ChatMessage, ChatRequest, Chunk, Holder, Inference, LeaseSpec,
 };
 use troupe_journal::{Journal, PersistenceId, Schema, now_ms};
+use troupe_runtime::Troupe;
 
 use crate::error::GatewayError;
 
@@ -264,16 +265,18 @@ pub struct Runner {
 }
 
 impl Tasks {
-    /// Tasks journaled in `journal`, queue of `queue` slots, `workers` at once.
-    pub fn start(journal: Arc<dyn Journal>, queue: usize, workers: usize, runner: Runner) -> Self {
+    /// Tasks journaled in `troupe`'s journal, queue of `queue` slots,
+    /// `workers` at once. Their entities are the system's: its shutdown
+    /// passivates them, so none holds the journal after it.
+    pub fn start(troupe: &Troupe, queue: usize, workers: usize, runner: Runner) -> Self {
         let config = EntityConfig {
             idle_timeout: Some(Duration::from_secs(30)),
             ..EntityConfig::default()
         };
         let (tx, rx) = mpsc::channel(queue);
         let tasks = Self {
-            entities: Entities::new(TaskEntity, journal.clone(), config),
-            journal,
+            entities: troupe.entities(TaskEntity, config),
+            journal: troupe.journal(),
             queue: tx,
             per_tenant: crate::api::Counts::default(),
             held: Arc::new(Mutex::new(HashMap::new())),

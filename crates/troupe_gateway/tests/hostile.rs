@@ -954,8 +954,12 @@ async fn a_message_sent_again_with_its_idempotency_key_posts_one_turn_even_after
         )
         .await;
         assert_eq!(globex.status, StatusCode::NOT_FOUND);
+        assert!(gw.tasks().active_count() > 0);
         gw.shutdown();
         gw.troupe().shutdown().await.unwrap();
+        // The system's shutdown passivated the task entities too: none
+        // holds the journal, which the restart below opens again.
+        assert_eq!(gw.tasks().active_count(), 0);
         (session, first)
     };
     // A restart: the key is in the journal.
