@@ -1212,12 +1212,24 @@ async fn gpus(State(st): State<AppState>, _t: TenantName) -> Result<Json<Value>,
     Ok(Json(json!({ "devices": devices })))
 }
 
-async fn metrics(State(st): State<AppState>) -> Response {
-    (
+/// `GET /metrics`: Prometheus text; with `http.metrics_token` set, only
+/// for a request bearing that token (a tenant's token is not enough).
+async fn metrics(State(st): State<AppState>, headers: HeaderMap) -> Result<Response, GatewayError> {
+    if let Some(want) = &st.0.metrics_token {
+        let value = headers
+            .get(header::AUTHORIZATION)
+            .ok_or(GatewayError::Unauthorized)?;
+        let got = digest(bearer(value.as_bytes())?);
+        if !bool::from(want.ct_eq(&got)) {
+            metrics::counter!("troupe_gateway_refused_total", "reason" => "bad_token").increment(1);
+            return Err(GatewayError::BadToken);
+        }
+    }
+    Ok((
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         st.0.metrics.render(),
     )
-        .into_response()
+        .into_response())
 }
 
 async fn readyz(State(st): State<AppState>) -> Response {

@@ -47,29 +47,56 @@ impl Tenant {
 
     /// The token: `token`, or the value of `token_env`.
     pub fn resolve_token(&self) -> Result<String, GatewayError> {
-        let token = match &self.token_env {
-            Some(var) => std::env::var(var).map_err(|_| {
-                GatewayError::Config(format!(
-                    "tenant `{}`: environment variable `{var}` (token_env) is not set",
-                    self.name
-                ))
-            })?,
-            None => self.token.clone(),
-        };
-        if token.trim().len() < MIN_TOKEN_LEN || token.trim() != token {
-            return Err(GatewayError::Config(format!(
-                "tenant `{}`: its token must be at least {MIN_TOKEN_LEN} characters, \
-                 with no surrounding spaces (for example `openssl rand -hex 24`)",
-                self.name
-            )));
+        resolve_token(
+            &format!("tenant `{}`", self.name),
+            &self.token,
+            self.token_env.as_deref(),
+        )
+    }
+}
+
+/// The token `token_env` names (or `token`), checked: at least
+/// [`MIN_TOKEN_LEN`] visible ASCII characters. `whose` names it in errors.
+fn resolve_token(
+    whose: &str,
+    token: &str,
+    token_env: Option<&str>,
+) -> Result<String, GatewayError> {
+    let token = match token_env {
+        Some(var) => std::env::var(var).map_err(|_| {
+            GatewayError::Config(format!(
+                "{whose}: environment variable `{var}` (token_env) is not set"
+            ))
+        })?,
+        None => token.to_owned(),
+    };
+    if token.trim().len() < MIN_TOKEN_LEN || token.trim() != token {
+        return Err(GatewayError::Config(format!(
+            "{whose}: its token must be at least {MIN_TOKEN_LEN} characters, \
+             with no surrounding spaces (for example `openssl rand -hex 24`)"
+        )));
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(GatewayError::Config(format!(
+            "{whose}: a token is visible ASCII characters only"
+        )));
+    }
+    Ok(token)
+}
+
+impl HttpSection {
+    /// The bearer token `/metrics` requires, if one is configured
+    /// (`metrics_token_env` first, then `metrics_token`).
+    pub fn resolve_metrics_token(&self) -> Result<Option<String>, GatewayError> {
+        match (&self.metrics_token_env, &self.metrics_token) {
+            (None, None) => Ok(None),
+            (env, token) => resolve_token(
+                "http.metrics_token",
+                token.as_deref().unwrap_or(""),
+                env.as_deref(),
+            )
+            .map(Some),
         }
-        if !token.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(GatewayError::Config(format!(
-                "tenant `{}`: a token is visible ASCII characters only",
-                self.name
-            )));
-        }
-        Ok(token)
     }
 }
 
@@ -176,6 +203,14 @@ pub struct HttpSection {
     /// browser's `EventSource`, which cannot send a bearer token) stays
     /// valid, in milliseconds. It opens one stream of one session, once.
     pub ticket_ttl_ms: u64,
+    /// A bearer token `GET /metrics` requires (at least 32 characters;
+    /// Prometheus sends one with `authorization: {credentials_file: ...}`
+    /// in its scrape config). Unset, with `metrics_token_env` unset too:
+    /// `/metrics` needs no token, as scrapers expect by default.
+    pub metrics_token: Option<String>,
+    /// The environment variable holding that token (read at start-up;
+    /// keeps it out of the file).
+    pub metrics_token_env: Option<String>,
 }
 
 impl Default for HttpSection {
@@ -195,6 +230,8 @@ impl Default for HttpSection {
             cors_origins: Vec::new(),
             anonymous: false,
             ticket_ttl_ms: 60_000,
+            metrics_token: None,
+            metrics_token_env: None,
         }
     }
 }
@@ -424,6 +461,9 @@ impl GatewayConfig {
         }
         if self.body_limit_bytes < 256 {
             return bad("body_limit_bytes must be at least 256".into());
+        }
+        if self.http.metrics_token_env.is_none() {
+            self.http.resolve_metrics_token()?;
         }
         if self.session_priority as usize >= troupe_gpu::scheduler::PRIORITIES {
             return bad(format!(

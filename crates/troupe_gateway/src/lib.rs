@@ -143,6 +143,8 @@ pub(crate) struct Shared {
     pub blob_usage: quota::BlobUsage,
     /// Workflows running per tenant.
     pub workflows: quota::Workflows,
+    /// SHA-256 of the token `/metrics` requires, if any.
+    pub metrics_token: Option<[u8; 32]>,
     pub troupe: Arc<Troupe>,
     pub tasks: Tasks,
     pub metrics: PrometheusHandle,
@@ -431,6 +433,13 @@ impl Gateway {
             });
         }
         let h = &config.http;
+        let metrics_token = match h.resolve_metrics_token() {
+            Ok(t) => t.as_deref().map(api::digest),
+            Err(e) => {
+                tasks.stop();
+                return Err(e);
+            }
+        };
         let state = AppState(Arc::new(Shared {
             hosts: layers::allowed_hosts(h, config.listen),
             streams: Arc::new(tokio::sync::Semaphore::new(h.max_streams)),
@@ -440,6 +449,7 @@ impl Gateway {
             tenant_uploads: api::Counts::default(),
             blob_usage: quota::BlobUsage::default(),
             workflows: quota::Workflows::default(),
+            metrics_token,
             tenants,
             config,
             troupe: troupe.clone(),

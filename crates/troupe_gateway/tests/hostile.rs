@@ -986,6 +986,42 @@ async fn a_message_sent_again_with_its_idempotency_key_posts_one_turn_even_after
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_with_a_token_are_only_for_its_bearer() {
+    const SCRAPER: &str = "scraper-token-0123456789abcdef-0123";
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.http.metrics_token = Some("too-short".into());
+    assert!(matches!(
+        c.validate(),
+        Err(troupe_gateway::GatewayError::Config(m)) if m.contains("http.metrics_token")
+    ));
+    c.http.metrics_token = Some(SCRAPER.into());
+    let gw = gateway(&c).await;
+    let router = gw.router();
+    let r = call(&router, "GET", "/metrics", None, &[], None).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(r.headers["www-authenticate"], r#"Bearer realm="troupe""#);
+    assert_error_form(&r, "/metrics without a token");
+    // A tenant's token does not open it.
+    let r = call(&router, "GET", "/metrics", Some(ACME), &[], None).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert!(
+        r.headers["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .contains("invalid_token")
+    );
+    let r = call(&router, "GET", "/metrics", Some(SCRAPER), &[], None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.body.as_str().unwrap().contains("# HELP troupe_gateway"));
+    // The scraper's token is nobody's tenant token.
+    let r = call(&router, "GET", "/v1/usage", Some(SCRAPER), &[], None).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    gw.shutdown();
+    gw.troupe().shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn of_two_concurrent_signals_one_is_delivered_and_the_other_refused() {
     let dir = tempfile::tempdir().unwrap();
     let gw = gateway(&config(dir.path())).await;
