@@ -9,7 +9,8 @@
 //! uploads after a start, then kept in memory; uploads in flight reserve
 //! their bytes as they arrive, so concurrent uploads cannot overshoot
 //! together. Blobs the collector removed are noticed when a tenant reaches
-//! its quota (each owned blob is looked up again), so they count no more.
+//! its quota (each owned blob is looked up again, only if the store has
+//! deleted any blob since the last look), so they count no more.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -34,6 +35,8 @@ pub(crate) struct TenantBlobs {
     /// Bytes of the owned blobs plus the reservations of uploads in flight.
     used: AtomicU64,
     owned: Mutex<HashMap<BlobHash, u64>>,
+    /// [`BlobStore::deletions`] when the owned blobs were last looked up.
+    looked_at: AtomicU64,
 }
 
 impl BlobUsage {
@@ -54,6 +57,7 @@ impl BlobUsage {
                     loaded: tokio::sync::OnceCell::new(),
                     used: AtomicU64::new(0),
                     owned: Mutex::default(),
+                    looked_at: AtomicU64::new(0),
                 })
             })
             .clone();
@@ -75,6 +79,7 @@ impl TenantBlobs {
         journal: &dyn Journal,
         blobs: &BlobStore,
     ) -> Result<(), GatewayError> {
+        self.looked_at.store(blobs.deletions(), Ordering::Relaxed);
         let prefix = format!("blob.{tenant}.");
         let mut after = PersistenceId::new("owner", &prefix)?;
         loop {
@@ -113,8 +118,14 @@ impl TenantBlobs {
     }
 
     /// Drops the blobs whose bytes the collector has removed; returns the
-    /// bytes given back.
+    /// bytes given back. Looks nothing up when the store has deleted no
+    /// blob since the last look (a tenant at its quota retrying costs no
+    /// I/O).
     pub async fn reconcile(&self, blobs: &BlobStore) -> Result<u64, GatewayError> {
+        let deletions = blobs.deletions();
+        if self.looked_at.swap(deletions, Ordering::Relaxed) == deletions {
+            return Ok(0);
+        }
         let owned: Vec<BlobHash> = self.lock().keys().copied().collect();
         let mut freed = 0;
         for hash in owned {
@@ -308,6 +319,7 @@ mod tests {
             loaded: tokio::sync::OnceCell::new(),
             used: AtomicU64::new(0),
             owned: Mutex::default(),
+            looked_at: AtomicU64::new(0),
         })
     }
 

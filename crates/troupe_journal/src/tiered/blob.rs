@@ -165,6 +165,8 @@ pub struct BlobStore {
     store: Arc<dyn ObjectStore>,
     objects: super::Objects,
     config: BlobConfig,
+    /// Blobs this store has deleted since it was opened (shared by clones).
+    deleted: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl fmt::Debug for BlobStore {
@@ -183,6 +185,7 @@ impl BlobStore {
             store: objects.store.clone(),
             objects,
             config,
+            deleted: Arc::default(),
         }
     }
 
@@ -424,10 +427,19 @@ impl BlobStore {
     }
 
     pub(crate) async fn delete(&self, hash: &BlobHash) -> Result<()> {
-        match self.store.delete(&hash.object_path()).await {
+        let r = match self.store.delete(&hash.object_path()).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(store_err("deleting a blob")(e)),
-        }
+        };
+        self.deleted
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+        r
+    }
+
+    /// How many blobs this store (this process) has deleted since it was
+    /// opened: while it stays the same, no blob looked up before has gone.
+    pub fn deletions(&self) -> u64 {
+        self.deleted.load(std::sync::atomic::Ordering::Acquire)
     }
 }
 
