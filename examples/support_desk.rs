@@ -10,8 +10,8 @@
 //! `run_diagnostics`) are journaled call by call. Every model call holds a
 //! lease on a simulated GPU (two of them; one with `--quick`). Refunds
 //! outrank billing, which outranks technical questions, so in the rush
-//! some technical turns are refused at once with a retry hint, and their
-//! customers ask again after it. Each desk tells the `wallboard` agent how
+//! some technical turns are refused at once with a retry hint (they queue
+//! only briefly), and their customers ask again after it. Each desk tells the `wallboard` agent how
 //! each turn ended; the wallboard's tallies are its journaled state.
 //!
 //! Midway, the billing instance of one customer is killed while it streams
@@ -48,6 +48,9 @@ const GB: u64 = 1 << 30;
 const TURN_TIMEOUT: Duration = Duration::from_secs(60);
 
 static START: LazyLock<Instant> = LazyLock::new(Instant::now);
+/// Refusals of one question after which its customer gives up.
+const MAX_REFUSALS: u32 = 40;
+
 /// Whether a refused customer is already followed in the account.
 static REFUSAL_FOLLOWED: AtomicBool = AtomicBool::new(false);
 
@@ -111,13 +114,17 @@ impl Handles<Answered> for Desk {
 
 /// The options of each desk: its tool, and its place in the GPU queue.
 /// Refunds outrank billing, which queue for a GPU if they must; technical
-/// questions come last and do not queue: when no GPU has room now, they
-/// are refused at once, with a hint of when to ask again.
+/// questions come last and queue only briefly (half a reply's time): when
+/// the work ahead of them is longer, they are refused at once, with a hint
+/// of when to ask again. The GPU supervisor admits against the run times it
+/// learns, not against `hold` itself: a budget of `hold` alone, with no
+/// room for a reply that runs a little longer than guessed, would have
+/// every technical question refused once it has learned that.
 fn desk_options(desk: &AgentKey<Desk>, hold: Duration) -> AgentOptions {
     let (priority, wait, tool) = match desk.name() {
         "refunds" => (2, Duration::from_secs(5), refund_status()),
         "billing" => (1, Duration::from_secs(5), lookup_invoice()),
-        _ => (0, Duration::from_millis(10), run_diagnostics()),
+        _ => (0, hold / 2, run_diagnostics()),
     };
     let lease = LeaseSpec {
         memory: 24 * GB,
@@ -548,6 +555,7 @@ async fn converse(
     scale: Scale,
 ) -> troupe::Result<Client> {
     for (q, question) in questions.into_iter().enumerate() {
+        let mut refusals = 0;
         loop {
             if client.spotlight {
                 log(&client.name, format!("asks \"{question}\""));
@@ -557,6 +565,16 @@ async fn converse(
             match client.follow(&troupe, q, posted.turn, &scale).await? {
                 TurnEnd::Answered => break,
                 TurnEnd::Failed { retry_after } => {
+                    // A customer is patient, not endlessly so: the run then
+                    // ends reporting the question unanswered.
+                    refusals += 1;
+                    if refusals == MAX_REFUSALS {
+                        log(
+                            &client.name,
+                            format!("gives up on \"{question}\" after {refusals} refusals"),
+                        );
+                        break;
+                    }
                     let wait = retry_after.unwrap_or(Duration::from_millis(200));
                     if retry_after.is_some() && !REFUSAL_FOLLOWED.swap(true, SeqCst) {
                         client.spotlight = true;
