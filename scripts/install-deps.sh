@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what building and testing Troupe needs, when it is missing:
 # clang + libclang-dev (the rocksdb crate's bindgen and C++ build),
-# postgresql (a throwaway server for the PostgreSQL journal's tests) and mdbook.
+# postgresql (a throwaway server for the PostgreSQL journal's tests), mdbook,
+# Node.js and the MCP servers the MCP client is tested against (tests/mcp,
+# pinned with their hashes in package-lock.json).
 set -euo pipefail
 
 MDBOOK_VERSION="0.5.4"
@@ -53,4 +55,25 @@ done
 if ! command -v mdbook >/dev/null 2>&1; then
     echo "installing mdbook ${MDBOOK_VERSION} (builds the guide)"
     cargo install --locked mdbook --version "${MDBOOK_VERSION}" --no-default-features --features search
+fi
+
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+        echo "installing nodejs and npm (the MCP reference servers the tests run)"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
+    else
+        echo "The MCP tests need Node.js and npm. Install them with:" >&2
+        echo "    sudo apt-get install -y nodejs npm" >&2
+        exit 1
+    fi
+fi
+
+# The reference MCP server, exactly as package-lock.json pins it; again only
+# when the lock changed since the last install.
+mcp_dir="$(dirname "$0")/../tests/mcp"
+if ! cmp -s "$mcp_dir/package-lock.json" "$mcp_dir/node_modules/.installed-lock.json" 2>/dev/null; then
+    echo "installing the MCP reference server (npm ci in tests/mcp)"
+    npm ci --prefix "$mcp_dir" --no-audit --no-fund --loglevel=error >/dev/null
+    cp "$mcp_dir/package-lock.json" "$mcp_dir/node_modules/.installed-lock.json"
 fi

@@ -47,6 +47,7 @@ pub use troupe_agent as agent;
 pub use troupe_gateway as gateway;
 pub use troupe_gpu as gpu;
 pub use troupe_journal as journal;
+pub use troupe_mcp as mcp;
 pub use troupe_postgres as postgres;
 pub use troupe_runtime::{Readiness, RuntimeError, Troupe, TroupeBuilder};
 pub use troupe_saga as saga;
@@ -77,6 +78,9 @@ pub enum Error {
     /// The HTTP gateway.
     #[error(transparent)]
     Gateway(#[from] gateway::GatewayError),
+    /// MCP servers and their tools.
+    #[error(transparent)]
+    Mcp(#[from] mcp::McpError),
     /// Files and sockets of the program itself.
     #[error(transparent)]
     Io(#[from] std::io::Error),
@@ -99,6 +103,7 @@ impl Error {
             Error::Actor(e) => e.is_transient(),
             Error::Journal(e) => e.is_transient(),
             Error::Gateway(e) => e.is_transient(),
+            Error::Mcp(e) => e.is_transient(),
             Error::Io(_) | Error::Json(_) | Error::Other(_) => false,
         }
     }
@@ -149,7 +154,8 @@ pub mod prelude {
     pub use troupe_agent::{
         Agent, AgentError, AgentKey, AgentKind, AgentOptions, AgentRef, AgentSystem, Context,
         Handles, Inference, LeaseSpec, LocalBackend, OpenAiBackend, OpenAiConfig, SessionConfig,
-        SessionEvent, SessionItem, Sessions, TimerFired, Tool, ToolCallInfo, Tools, TurnOutcome,
+        SessionEvent, SessionItem, Sessions, TimerFired, Tool, ToolCallInfo, ToolSource, Tools,
+        TurnOutcome,
     };
     pub use troupe_journal::{
         AppendOutcome, BlobRef, BlobStore, Durability, InMemoryJournal, Journal, JournalConfig,

@@ -57,6 +57,6 @@ pub use session::{
     TurnRef,
 };
 pub use system::{AgentSystem, LeaseHoldLimit, SystemConfig};
-pub use tool::{Tool, ToolCallInfo, Tools};
+pub use tool::{Tool, ToolCallInfo, ToolSource, Tools};
 pub use topic::{Overflow, Published, Topics};
 pub use turn::INTERRUPTED;

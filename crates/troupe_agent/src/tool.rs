@@ -39,6 +39,18 @@
 //! The key is `session/turn/round/index`, taken from the journal (the
 //! round of the turn and the call's place in it), never from the model's
 //! own call id. [`Tool::keyed`] gives the handler the key.
+//!
+//! ## Tools that come and go
+//!
+//! A [`ToolSource`] is a set of tools whose list changes while the system
+//! runs: the tools of an MCP server (crate `troupe_mcp`), which appear when
+//! it connects, change when it says so, and are not offered while it is
+//! down. [`Tools::with_source`] adds one to an agent's tools; each request
+//! to the model lists what the sources offer at that moment, and a call is
+//! looked up when it runs ([`Tools::find`]). A tool of the agent's own wins
+//! over a source's tool of the same name, and an earlier source over a
+//! later one. Calls of a source's tools are bounded, checked and journaled
+//! like any other.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -156,6 +168,26 @@ impl Tool {
         }
     }
 
+    /// A tool described by `spec` (its name, description and JSON schema,
+    /// given as they are) whose handler takes the arguments as JSON. This
+    /// is how tools that are not Rust types come in: an MCP server's, say
+    /// (see [`ToolSource`]). The handler checks the arguments itself; an
+    /// `Err` starting with ``bad arguments for `name`: `` is reported as
+    /// [`AgentError::ToolArguments`], any other as [`AgentError::Tool`].
+    pub fn from_spec<F, Fut>(spec: ToolSpec, handler: F) -> Self
+    where
+        F: Fn(serde_json::Value, ToolCallInfo) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<String, String>> + Send + 'static,
+    {
+        let handler: Handler = Arc::new(move |value, call| handler(value, call).boxed());
+        Self {
+            spec,
+            handler,
+            timeout: DEFAULT_TOOL_TIMEOUT,
+            repeatable: true,
+        }
+    }
+
     /// Changes the time-out of one call.
     pub fn timeout(mut self, t: Duration) -> Self {
         self.timeout = t;
@@ -240,10 +272,36 @@ impl Tool {
     }
 }
 
-/// The tools of one agent, by name.
-#[derive(Clone, Debug, Default)]
+/// Tools whose list changes while the system runs: an MCP server's, say.
+/// See the [module docs](self#tools-that-come-and-go).
+pub trait ToolSource: Send + Sync + 'static {
+    /// What a model may call now, in a stable order (nothing while the
+    /// source is down).
+    fn list(&self) -> Vec<Tool>;
+
+    /// The tool named `name`, when the source has it. A source that is
+    /// down may still give the tools it last listed here, whose calls fail
+    /// saying why, so that a call the model made just before it went down
+    /// gets a clear error rather than "unknown tool".
+    fn find(&self, name: &str) -> Option<Tool> {
+        self.list().into_iter().find(|t| t.spec.name == name)
+    }
+}
+
+/// The tools of one agent, by name, and the [`ToolSource`]s it draws on.
+#[derive(Clone, Default)]
 pub struct Tools {
     tools: BTreeMap<String, Tool>,
+    sources: Vec<Arc<dyn ToolSource>>,
+}
+
+impl std::fmt::Debug for Tools {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tools")
+            .field("tools", &self.tools.keys().collect::<Vec<_>>())
+            .field("sources", &self.sources.len())
+            .finish()
+    }
 }
 
 impl Tools {
@@ -258,19 +316,47 @@ impl Tools {
         self
     }
 
-    /// The tool named `name`.
+    /// Adds a source of tools whose list changes while the system runs
+    /// (see [`ToolSource`]).
+    pub fn with_source(mut self, source: Arc<dyn ToolSource>) -> Self {
+        self.sources.push(source);
+        self
+    }
+
+    /// The agent's own tool named `name` (not a source's: see [`Tools::find`]).
     pub fn get(&self, name: &str) -> Option<&Tool> {
         self.tools.get(name)
     }
 
-    /// What the model sees, in name order.
-    pub fn specs(&self) -> Vec<ToolSpec> {
-        self.tools.values().map(|t| t.spec.clone()).collect()
+    /// The tool named `name`: the agent's own, or else the first source's
+    /// that has one.
+    pub fn find(&self, name: &str) -> Option<Tool> {
+        if let Some(t) = self.tools.get(name) {
+            return Some(t.clone());
+        }
+        self.sources.iter().find_map(|s| s.find(name))
     }
 
-    /// Whether there are none.
+    /// What the model sees: the agent's own tools in name order, then what
+    /// each source offers now (a name already listed is left out).
+    pub fn specs(&self) -> Vec<ToolSpec> {
+        let mut specs: Vec<ToolSpec> = self.tools.values().map(|t| t.spec.clone()).collect();
+        if !self.sources.is_empty() {
+            let mut seen: std::collections::BTreeSet<String> = self.tools.keys().cloned().collect();
+            for source in &self.sources {
+                for t in source.list() {
+                    if seen.insert(t.spec.name.clone()) {
+                        specs.push(t.spec);
+                    }
+                }
+            }
+        }
+        specs
+    }
+
+    /// Whether there are none, and no source that could offer some.
     pub fn is_empty(&self) -> bool {
-        self.tools.is_empty()
+        self.tools.is_empty() && self.sources.is_empty()
     }
 
     /// Calls the tool named `name`.
@@ -286,7 +372,7 @@ impl Tools {
         arguments: &str,
         call: ToolCallInfo,
     ) -> Result<String, AgentError> {
-        match self.tools.get(name) {
+        match self.find(name) {
             Some(t) => t.call_with(arguments, call).await,
             None => Err(AgentError::UnknownTool(name.to_owned())),
         }
@@ -363,5 +449,58 @@ mod tests {
             t.call("lookup", &big).await,
             Err(AgentError::TooLarge { .. })
         ));
+    }
+
+    /// A source whose list the test changes.
+    #[derive(Default)]
+    struct Changing(std::sync::Mutex<Vec<Tool>>);
+
+    impl ToolSource for Changing {
+        fn list(&self) -> Vec<Tool> {
+            self.0.lock().unwrap().clone()
+        }
+    }
+
+    fn echo(name: &str, reply: &'static str) -> Tool {
+        let spec = ToolSpec {
+            name: name.to_owned(),
+            description: "answers".to_owned(),
+            parameters: serde_json::json!({"type": "object"}),
+        };
+        Tool::from_spec(
+            spec,
+            move |_args, _call| async move { Ok(reply.to_owned()) },
+        )
+    }
+
+    #[tokio::test]
+    async fn a_sources_tools_are_listed_and_called_as_they_are_now() {
+        let source = Arc::new(Changing::default());
+        let t = tools().with_source(source.clone());
+        assert!(!t.is_empty());
+        let names = |t: &Tools| t.specs().into_iter().map(|s| s.name).collect::<Vec<_>>();
+        assert_eq!(names(&t), ["lookup", "slow"]);
+        assert!(matches!(
+            t.call("remote", "{}").await,
+            Err(AgentError::UnknownTool(_))
+        ));
+        // The source comes up with two tools, one of them named like the
+        // agent's own: the agent's own wins, the other is listed after.
+        *source.0.lock().unwrap() = vec![
+            echo("remote", "from the source"),
+            echo("lookup", "shadowed"),
+        ];
+        assert_eq!(names(&t), ["lookup", "slow", "remote"]);
+        assert_eq!(t.call("remote", "").await.unwrap(), "from the source");
+        assert!(
+            t.call("lookup", r#"{"invoice": 7}"#)
+                .await
+                .unwrap()
+                .contains("paid")
+        );
+        // It goes down: nothing of it is offered any more.
+        source.0.lock().unwrap().clear();
+        assert_eq!(names(&t), ["lookup", "slow"]);
+        assert!(t.find("remote").is_none());
     }
 }

@@ -87,7 +87,7 @@ impl ReplyRun<'_> {
         let results = futures::future::join_all(calls.iter().map(|c| {
             let info = self.info(turn, c.round, c.index);
             async move {
-                match tools.get(&c.call.name) {
+                match tools.find(&c.call.name) {
                     Some(t) if left_open && !t.is_repeatable() => Err(INTERRUPTED.to_owned()),
                     Some(t) => t
                         .call_with(&c.call.arguments, info)

@@ -306,6 +306,21 @@ const METRICS: &[(&str, Kind, &str)] = &[
         "Tells refused by a full mailbox, by actor.",
     ),
     (
+        "troupe_mcp_calls_total",
+        Counter,
+        "Calls sent to an MCP server's tools, by server and outcome (ok, failed).",
+    ),
+    (
+        "troupe_mcp_restarts_total",
+        Counter,
+        "Connections to an MCP server that ended or failed to start, by server.",
+    ),
+    (
+        "troupe_mcp_up",
+        Gauge,
+        "1 while the connection to an MCP server is up, by server.",
+    ),
+    (
         "troupe_model_retries_total",
         Counter,
         "Retries of a model server's 429 or 5xx answers, by backend.",
