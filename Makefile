@@ -3,7 +3,7 @@
 #
 # Everything builds in one cargo profile (release): each profile has a
 # target directory of its own, so a second one would compile RocksDB (about
-# 12 minutes on 2 cores) a second time. scripts/one-rocksdb.py checks that
+# 30 minutes on 2 cores) a second time. scripts/one-rocksdb.py checks that
 # every command below shares one RocksDB build.
 
 SHELL := /bin/bash
@@ -31,7 +31,7 @@ deps:
 first-build-note:
 	@if ! ls "$(CARGO_TARGET_DIR)"/release/build/librocksdb-sys-*/out >/dev/null 2>&1; then \
 		echo "First build: compiling RocksDB (C++) and about 400 Rust crates in release."; \
-		echo "On 2 cores this takes about 12 minutes, once; later runs start in seconds."; \
+		echo "On 2 cores this takes 30 to 40 minutes (RocksDB alone about 30), once; later runs start in seconds."; \
 	fi
 
 demo: deps first-build-note

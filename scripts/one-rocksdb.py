@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Checks that every cargo command `make demo`, `make test` and `make bench`
-run shares one RocksDB build (12 minutes on 2 cores each).
+run shares one RocksDB build (about 30 minutes on 2 cores each).
 
 RocksDB's build script output depends on the cargo profile, on the
 features of librocksdb-sys and of everything its build script is built
