@@ -14,7 +14,14 @@ Tools:
 """
 
 import json
+import os
 import sys
+
+# MOCK_ENDLESS=1: tools/list pages on forever, one tool a page.
+ENDLESS = os.environ.get("MOCK_ENDLESS") == "1"
+# MOCK_DIE=1: writes 1 MiB to standard error without a newline, then a last
+# line, and exits before the handshake.
+DIE = os.environ.get("MOCK_DIE") == "1"
 
 TOOLS = ["big", "hang", "cancelled", "fail", "garbage", "exit", "bad.name"]
 cancellations = 0
@@ -58,6 +65,12 @@ def call(id_, name):
         send({"jsonrpc": "2.0", "id": id_, "error": {"code": -32602, "message": f"no tool {name}"}})
 
 
+if DIE:
+    sys.stderr.write("e" * (1024 * 1024))
+    sys.stderr.write("\nlast line\n")
+    sys.stderr.flush()
+    sys.exit(1)
+
 for line in sys.stdin:
     line = line.strip()
     if not line:
@@ -70,6 +83,12 @@ for line in sys.stdin:
             "protocolVersion": msg["params"]["protocolVersion"],
             "capabilities": {"tools": {"listChanged": False}},
             "serverInfo": {"name": "troupe-mock", "version": "1"},
+        })
+    elif method == "tools/list" and ENDLESS:
+        page = int((msg.get("params") or {}).get("cursor") or "0")
+        result(id_, {
+            "tools": [{"name": f"t{page}", "inputSchema": {"type": "object"}}],
+            "nextCursor": str(page + 1),
         })
     elif method == "tools/list":
         result(id_, {"tools": [

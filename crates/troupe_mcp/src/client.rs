@@ -11,14 +11,14 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use rmcp::model::{
     CallToolRequestParams, ClientCapabilities, ClientConfig, ClientRequest, Implementation,
-    MetaObject, PingRequest, ProtocolVersion, RequestMetaObject, ServerResult,
+    MetaObject, PaginatedRequestParams, PingRequest, ProtocolVersion, RequestMetaObject,
+    ServerResult,
 };
 use rmcp::service::{NotificationContext, RunningService};
 use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
 use rmcp::transport::{StreamableHttpClientTransport, TokioChildProcess};
 use rmcp::{ClientHandler, Peer, RoleClient, ServiceError, ServiceExt};
 use serde_json::Value;
-use tokio::io::AsyncBufReadExt;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use troupe_agent::{Tool, ToolCallInfo, ToolSource, ToolSpec};
@@ -83,8 +83,9 @@ pub struct McpStats {
 #[derive(Default)]
 struct Shared {
     peer: Option<Peer<RoleClient>>,
-    /// What the last listing offers, in the server's order.
-    offered: Vec<Tool>,
+    /// What the last listing offers (the server's name, the tool), in the
+    /// server's order.
+    offered: Vec<(String, Tool)>,
     /// The same, by offered name; kept while the server is down, so that
     /// a call made just before gets "down" rather than "unknown".
     by_name: BTreeMap<String, (String, Tool)>,
@@ -323,12 +324,8 @@ impl ToolSource for McpTools {
         shared
             .offered
             .iter()
-            .filter(|t| {
-                let offered = &t.spec().name;
-                let remote = shared.by_name.get(offered).map_or("", |(r, _)| r.as_str());
-                self.allowed(offered, remote)
-            })
-            .cloned()
+            .filter(|(remote, t)| self.allowed(&t.spec().name, remote))
+            .map(|(_, t)| t.clone())
             .collect()
     }
 
@@ -450,20 +447,37 @@ impl Inner {
         out
     }
 
-    /// Reads the whole tool list (every page) and builds the tools to offer.
+    /// Reads the tool list page by page (stopping once past `max_tools`:
+    /// a server cannot make the client hold more) and builds the tools to
+    /// offer.
     async fn list(self: &Arc<Self>, peer: &Peer<RoleClient>) -> Result<Listing, McpError> {
-        let listed = tokio::time::timeout(self.config.call_timeout, peer.list_all_tools())
+        let timed_out = || McpError::Timeout {
+            server: self.name().to_owned(),
+            what: "tools/list".to_owned(),
+            after: self.config.call_timeout,
+        };
+        let failed = |e| McpError::Request {
+            server: self.name().to_owned(),
+            what: "tools/list".to_owned(),
+            source: Box::new(e),
+        };
+        let pages = async {
+            let mut listed = Vec::new();
+            let mut cursor = None;
+            loop {
+                let params = PaginatedRequestParams::default().with_cursor(cursor);
+                let page = peer.list_tools(Some(params)).await.map_err(failed)?;
+                listed.extend(page.tools);
+                cursor = page.next_cursor;
+                // One past the limit is enough to say some were left out.
+                if cursor.is_none() || listed.len() > self.config.max_tools {
+                    return Ok::<_, McpError>((listed, cursor.is_some()));
+                }
+            }
+        };
+        let (listed, more) = tokio::time::timeout(self.config.call_timeout, pages)
             .await
-            .map_err(|_| McpError::Timeout {
-                server: self.name().to_owned(),
-                what: "tools/list".to_owned(),
-                after: self.config.call_timeout,
-            })?
-            .map_err(|e| McpError::Request {
-                server: self.name().to_owned(),
-                what: "tools/list".to_owned(),
-                source: Box::new(e),
-            })?;
+            .map_err(|_| timed_out())??;
         self.listings.fetch_add(1, Ordering::Relaxed);
         let mut listing = Listing::default();
         let mut seen = BTreeSet::new();
@@ -485,6 +499,12 @@ impl Inner {
                     listing.offered.push((remote, t));
                 }
             }
+        }
+        if more {
+            listing.left_out.push(format!(
+                "further pages of tools/list not read: past the limit of {} tools",
+                self.config.max_tools
+            ));
         }
         if !listing.left_out.is_empty() {
             tracing::warn!(server = %self.name(), left_out = ?listing.left_out, "MCP tools left out");
@@ -547,7 +567,7 @@ impl Inner {
             .iter()
             .map(|(remote, t)| (t.spec().name.clone(), (remote.clone(), t.clone())))
             .collect();
-        shared.offered = listing.offered.into_iter().map(|(_, t)| t).collect();
+        shared.offered = listing.offered;
         shared.left_out = listing.left_out;
         (shared.offered.len(), shared.generation)
     }
@@ -867,21 +887,42 @@ async fn ping(peer: &Peer<RoleClient>, within: Duration) -> Result<(), String> {
     }
 }
 
-/// Logs a child's standard error and keeps its last lines.
+/// Logs a child's standard error and keeps its last lines. A line is cut
+/// at [`STDERR_LINE`] bytes as it is read (the rest, up to its newline, is
+/// skipped), so a child that writes without newlines costs nothing more.
 async fn read_stderr(
     server: String,
     err: tokio::process::ChildStderr,
     tail: Arc<Mutex<VecDeque<String>>>,
 ) {
-    let mut lines = tokio::io::BufReader::new(err).lines();
-    while let Ok(Some(mut line)) = lines.next_line().await {
-        truncate(&mut line, STDERR_LINE);
-        tracing::debug!(server = %server, "{line}");
-        let mut t = tail.lock().unwrap();
-        if t.len() == STDERR_TAIL_LINES {
-            t.pop_front();
+    use tokio::io::AsyncBufReadExt;
+    let mut reader = tokio::io::BufReader::new(err);
+    let mut line: Vec<u8> = Vec::with_capacity(STDERR_LINE);
+    loop {
+        let (used, ended) = match reader.fill_buf().await {
+            Ok([]) | Err(_) => break,
+            Ok(buf) => match buf.iter().position(|b| *b == b'\n') {
+                Some(i) => (i + 1, true),
+                None => (buf.len(), false),
+            },
+        };
+        {
+            let buf = reader.buffer();
+            let text = &buf[..if ended { used - 1 } else { used }];
+            let room = STDERR_LINE.saturating_sub(line.len());
+            line.extend_from_slice(&text[..text.len().min(room)]);
         }
-        t.push_back(line);
+        reader.consume(used);
+        if ended {
+            let text = String::from_utf8_lossy(&line).trim_end().to_owned();
+            line.clear();
+            tracing::debug!(server = %server, "{text}");
+            let mut t = tail.lock().unwrap();
+            if t.len() == STDERR_TAIL_LINES {
+                t.pop_front();
+            }
+            t.push_back(text);
+        }
     }
 }
 

@@ -418,6 +418,37 @@ async fn malformed_servers_get_typed_errors_and_bounded_results() {
     server.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_lists_without_end_or_floods_stderr_is_bounded() {
+    let server = McpServer::start(mock("endless").env("MOCK_ENDLESS", "1").max_tools(5)).unwrap();
+    server.wait_up(PATIENCE).await.unwrap();
+    assert_eq!(names(&*server.tools()), ["t0", "t1", "t2", "t3", "t4"]);
+    let left_out = server.stats().left_out;
+    assert!(
+        left_out.iter().any(|w| w.contains("further pages")),
+        "{left_out:?}"
+    );
+    server.shutdown().await;
+    // One that floods its standard error and dies before the handshake:
+    // the reason carries its last lines, each cut to 512 bytes.
+    let dying = McpServer::start(mock("dying").env("MOCK_DIE", "1").max_failures(1)).unwrap();
+    let reason = match dying.wait_up(PATIENCE).await {
+        Err(McpError::Down { reason, .. }) => reason,
+        other => panic!("{other:?}"),
+    };
+    assert!(
+        reason.contains("; its last words: "),
+        "{}",
+        &reason[..reason.len().min(2000)]
+    );
+    assert!(
+        reason.ends_with("last line"),
+        "{}",
+        &reason[reason.len().saturating_sub(200)..]
+    );
+    assert!(reason.len() < 2 * 1024, "{} bytes of reason", reason.len());
+}
+
 #[tokio::test]
 async fn a_server_that_cannot_start_is_given_up_with_the_reason() {
     let server = McpServer::start(
