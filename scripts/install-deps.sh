@@ -3,7 +3,9 @@
 # clang + libclang-dev (the rocksdb crate's bindgen and C++ build),
 # postgresql (a throwaway server for the PostgreSQL journal's tests), mdbook,
 # Node.js and the MCP servers the MCP client is tested against (tests/mcp,
-# pinned with their hashes in package-lock.json).
+# pinned with their hashes in package-lock.json), and the LiteLLM proxy the
+# structured-output tests run against (tests/litellm, pinned with hashes in
+# requirements.txt).
 set -euo pipefail
 
 MDBOOK_VERSION="0.5.4"
@@ -76,4 +78,29 @@ if ! cmp -s "$mcp_dir/package-lock.json" "$mcp_dir/node_modules/.installed-lock.
     echo "installing the MCP reference server (npm ci in tests/mcp)"
     npm ci --prefix "$mcp_dir" --no-audit --no-fund --loglevel=error >/dev/null
     cp "$mcp_dir/package-lock.json" "$mcp_dir/node_modules/.installed-lock.json"
+fi
+
+if ! command -v python3 >/dev/null 2>&1 || ! python3 -m venv --help >/dev/null 2>&1; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+        echo "installing python3 and python3-venv (the LiteLLM proxy the tests run)"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv >/dev/null
+    else
+        echo "The structured-output tests need Python 3 with venv. Install them with:" >&2
+        echo "    sudo apt-get install -y python3 python3-venv" >&2
+        exit 1
+    fi
+fi
+
+# The LiteLLM proxy, exactly as requirements.txt pins it (every package with
+# its hashes), in a virtual environment of its own; again only when the pins
+# changed since the last install.
+llm_dir="$(dirname "$0")/../tests/litellm"
+if ! cmp -s "$llm_dir/requirements.txt" "$llm_dir/.venv/.installed-requirements.txt" 2>/dev/null; then
+    echo "installing the LiteLLM proxy (pip in tests/litellm/.venv; a minute or two)"
+    rm -rf "$llm_dir/.venv"
+    python3 -m venv "$llm_dir/.venv"
+    "$llm_dir/.venv/bin/pip" install -q --disable-pip-version-check --no-input \
+        --require-hashes -r "$llm_dir/requirements.txt"
+    cp "$llm_dir/requirements.txt" "$llm_dir/.venv/.installed-requirements.txt"
 fi

@@ -68,6 +68,7 @@ fn request(body: &Value) -> ChatRequest {
                         content: m["content"].as_str().unwrap_or_default().into(),
                         tool_calls,
                         tool_call_id: m["tool_call_id"].as_str().map(str::to_owned),
+                        attachments: Vec::new(),
                     }
                 })
                 .collect()

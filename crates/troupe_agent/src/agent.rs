@@ -237,13 +237,26 @@ pub struct AgentOptions {
     pub idle_timeout: Option<Duration>,
     /// Most instances in memory at once.
     pub max_instances: usize,
+    /// The schema a turn's answer must fit ([`Context::reply_as`] sets it
+    /// for its turn); `None`: free text.
+    pub output: Option<crate::OutputSchema>,
+    /// Most times one turn's typed answer is sent back to the model to be
+    /// repaired (every attempt of the turn counted) before the turn fails
+    /// with [`AgentError::InvalidAnswer`].
+    pub max_repairs: u32,
+    /// Most attachment bytes sent to the model in one call, for backends
+    /// that take attachments as content parts; a conversation past it
+    /// fails the turn with [`AgentError::TooLarge`].
+    pub max_attachment_bytes: u64,
 }
 
 impl Default for AgentOptions {
     /// No tools, the `local` backend, default lease, 4 tool rounds of at
     /// most 16 calls, 64 chunks per append, 256 turns at once (a turn waits
     /// up to 10 s for a slot), mailboxes of 64, passivation after 60 s
-    /// idle, at most 100,000 instances in memory.
+    /// idle, at most 100,000 instances in memory, free-text answers (a
+    /// typed one repaired at most twice), 20 MiB of attachments per model
+    /// call.
     fn default() -> Self {
         Self {
             tools: Tools::new(),
@@ -259,6 +272,9 @@ impl Default for AgentOptions {
             mailbox: 64,
             idle_timeout: Some(Duration::from_secs(60)),
             max_instances: 100_000,
+            output: None,
+            max_repairs: 2,
+            max_attachment_bytes: 20 << 20,
         }
     }
 }
@@ -310,6 +326,10 @@ pub struct TurnOutcome {
     pub chunks: u32,
     /// Sequence of the `turn_completed` event.
     pub seq: u64,
+    /// Tokens of every model call of this attempt together (tool rounds
+    /// and repairs included), as the server counted them; `None` when it
+    /// did not say.
+    pub usage: Option<crate::Usage>,
 }
 
 type Done = oneshot::Sender<Result<TurnOutcome, AgentError>>;
@@ -835,6 +855,25 @@ impl<A: Agent> Context<A> {
             }
         }
         result
+    }
+
+    /// [`Context::reply`] with a typed answer: the model is asked for JSON
+    /// that fits `T`'s schema (derived with `schemars`; see
+    /// [`crate::structured`]), an answer that does not fit is sent back to
+    /// be repaired at most [`AgentOptions::max_repairs`] times, and the
+    /// turn completes only with one that reads into `T`. Past the last
+    /// repair the turn fails with [`AgentError::InvalidAnswer`], naming
+    /// the field.
+    pub async fn reply_as<T>(&mut self) -> Result<crate::Typed<T>, AgentError>
+    where
+        T: serde::de::DeserializeOwned + schemars::JsonSchema + 'static,
+    {
+        let mut options = AgentOptions::clone(&self.core.options);
+        let schema = crate::OutputSchema::of::<T>();
+        options.output = Some(schema.clone());
+        let outcome = self.reply_with(&options).await?;
+        let value = crate::structured::read(&schema, &outcome, self.key())?;
+        Ok(crate::Typed { value, outcome })
     }
 
     /// Hands the pending turn to agent `to`, whose instance for this

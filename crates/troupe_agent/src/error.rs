@@ -126,6 +126,26 @@ pub enum AgentError {
         /// The chunk (cut to 200 bytes).
         chunk: String,
     },
+    /// A typed answer (see [`crate::OutputSchema`]) still did not fit its
+    /// schema after the last repair attempt.
+    #[error(
+        "session `{session}`: the answer to turn {turn} does not fit schema `{schema}` at `{field}` \
+         after {attempts} attempt(s): {message}"
+    )]
+    InvalidAnswer {
+        /// Session id.
+        session: String,
+        /// The turn.
+        turn: u32,
+        /// The schema's name.
+        schema: String,
+        /// Path of the field that does not fit (`.` for the whole answer).
+        field: String,
+        /// What is wrong with it.
+        message: String,
+        /// Answers the model gave (the first and every repair).
+        attempts: u32,
+    },
     /// The stream ended before the model said it was done.
     #[error("model backend `{backend}` closed the stream after {chunks} chunks without finishing")]
     StreamClosed {

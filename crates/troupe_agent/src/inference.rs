@@ -151,6 +151,11 @@ impl Inference {
         let backend = self.backend(model)?;
         let started = Instant::now();
         let labels = [("model", model.to_owned())];
+        let mut request = request;
+        if request.priority.is_none() {
+            request.priority = Some(lease.priority);
+        }
+        let mut gen_ai = GenAiMetrics::new(model, &request.model);
         let guard = match &self.gpu {
             Some(gpu) => match LeaseGuard::acquire(gpu, lease, holder, model).await {
                 Ok(g) => Some(g),
@@ -164,6 +169,7 @@ impl Inference {
         let inner = match backend.stream(request).await {
             Ok(s) => s,
             Err(e) => {
+                gen_ai.failed(&e);
                 if let Some(g) = guard {
                     g.release().await;
                 }
@@ -213,7 +219,9 @@ impl Inference {
                         grace = Some(tokio::time::Instant::now() + Duration::from_millis(left));
                     }
                     Step::Notice(Some(LeaseNotice::Ended { reason, .. })) => {
-                        Err(AgentError::LeaseLost { lease: lease_id, reason: format!("{reason:?}") })?;
+                        let e = AgentError::LeaseLost { lease: lease_id, reason: format!("{reason:?}") };
+                        gen_ai.failed(&e);
+                        Err(e)?;
                     }
                     // The supervisor dropped our notice channel: no more notices.
                     Step::Notice(None) => {
@@ -222,31 +230,154 @@ impl Inference {
                         }
                     }
                     Step::GraceOver => {
-                        Err(AgentError::LeaseLost { lease: lease_id, reason: "preempted".into() })?;
+                        let e = AgentError::LeaseLost { lease: lease_id, reason: "preempted".into() };
+                        gen_ai.failed(&e);
+                        Err(e)?;
                     }
                     Step::HoldOver => {
                         if let Some(g) = guard.take() {
                             g.release().await;
                         }
-                        Err(AgentError::LeaseLost {
+                        let e = AgentError::LeaseLost {
                             lease: lease_id,
                             reason: format!("held past its maximum of {max_hold:?}"),
-                        })?;
+                        };
+                        gen_ai.failed(&e);
+                        Err(e)?;
                     }
                     Step::Chunk(Some(Ok(c @ Chunk::Done { .. }))) => {
                         if let Some(g) = guard.take() {
                             g.release().await;
                         }
                         latency.record(started.elapsed().as_secs_f64());
+                        if let Chunk::Done { usage, .. } = &c {
+                            gen_ai.done(*usage);
+                        }
                         yield c;
                         break;
                     }
-                    Step::Chunk(Some(c)) => yield c?,
+                    Step::Chunk(Some(Ok(c))) => {
+                        gen_ai.chunk(&c);
+                        yield c;
+                    }
+                    Step::Chunk(Some(Err(e))) => {
+                        gen_ai.failed(&e);
+                        Err(e)?;
+                    }
                     Step::Chunk(None) => break,
                 }
             }
         }
         .boxed())
+    }
+}
+
+/// The OpenTelemetry GenAI client metrics of one model call, under their
+/// Prometheus names: `gen_ai_client_operation_duration_seconds`,
+/// `gen_ai_client_operation_time_to_first_chunk_seconds` and
+/// `gen_ai_client_token_usage` (by `gen_ai_token_type`, `input` or
+/// `output`). Timed from the request to the backend, after the lease.
+///
+/// Token counts are the server's `usage`; a server that reports none gets
+/// its output counted as one token per streamed text chunk (what servers
+/// that stream token by token send; `source="chunks"`), and no input count
+/// (none can be had without the model's tokenizer).
+struct GenAiMetrics {
+    labels: [(&'static str, String); 3],
+    asked: Instant,
+    first: bool,
+    chunks: u64,
+    recorded: bool,
+}
+
+impl GenAiMetrics {
+    fn new(backend: &str, model: &str) -> Self {
+        Self {
+            labels: [
+                ("gen_ai_operation_name", "chat".to_owned()),
+                ("gen_ai_provider_name", backend.to_owned()),
+                ("gen_ai_request_model", model.to_owned()),
+            ],
+            asked: Instant::now(),
+            first: true,
+            chunks: 0,
+            recorded: false,
+        }
+    }
+
+    fn chunk(&mut self, chunk: &Chunk) {
+        if self.first {
+            self.first = false;
+            metrics::histogram!(
+                "gen_ai_client_operation_time_to_first_chunk_seconds",
+                &self.labels
+            )
+            .record(self.asked.elapsed().as_secs_f64());
+        }
+        if matches!(chunk, Chunk::Text(_)) {
+            self.chunks += 1;
+        }
+    }
+
+    fn done(&mut self, usage: Option<crate::Usage>) {
+        if std::mem::replace(&mut self.recorded, true) {
+            return;
+        }
+        metrics::histogram!("gen_ai_client_operation_duration_seconds", &self.labels)
+            .record(self.asked.elapsed().as_secs_f64());
+        let [op, provider, model] = self.labels.clone();
+        let tokens = |kind: &'static str, source: &'static str, n: u64| {
+            metrics::histogram!(
+                "gen_ai_client_token_usage",
+                &[
+                    op.clone(),
+                    provider.clone(),
+                    model.clone(),
+                    ("gen_ai_token_type", kind.to_owned()),
+                    ("source", source.to_owned()),
+                ]
+            )
+            .record(n as f64);
+        };
+        match usage {
+            Some(u) => {
+                tokens("input", "server", u64::from(u.prompt_tokens));
+                tokens("output", "server", u64::from(u.completion_tokens));
+            }
+            None => tokens("output", "chunks", self.chunks),
+        }
+    }
+
+    fn failed(&mut self, error: &AgentError) {
+        if std::mem::replace(&mut self.recorded, true) {
+            return;
+        }
+        let [op, provider, model] = self.labels.clone();
+        metrics::histogram!(
+            "gen_ai_client_operation_duration_seconds",
+            &[
+                op,
+                provider,
+                model,
+                ("error_type", error_type(error).to_owned())
+            ]
+        )
+        .record(self.asked.elapsed().as_secs_f64());
+    }
+}
+
+/// The `error.type` of a failed model call: a low-cardinality class.
+fn error_type(error: &AgentError) -> &'static str {
+    match error {
+        AgentError::Overloaded { .. } => "overloaded",
+        AgentError::Backend { .. } => "http_error",
+        AgentError::Transport { .. } => "transport",
+        AgentError::MalformedChunk { .. } => "malformed_chunk",
+        AgentError::StreamClosed { .. } => "stream_closed",
+        AgentError::Timeout { .. } => "timeout",
+        AgentError::TooLarge { .. } => "too_large",
+        AgentError::LeaseLost { .. } => "lease_lost",
+        _ => "_OTHER",
     }
 }
 

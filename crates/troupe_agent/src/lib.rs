@@ -8,6 +8,7 @@
 //! | to reach an instance | [`AgentSystem::agent`] then [`AgentKind::get`]: an [`AgentRef`] with `tell`, `send`, `ask` |
 //! | a conversation that survives crashes, and clients that resume from the last event they saw | [`Sessions`] ([`Sessions::post`] dispatches the turn; [`Sessions::subscribe`] follows it) |
 //! | one full turn: stream the model's reply into the session, run its tool calls, each at most once per journaled result | [`Context::reply`] |
+//! | a typed answer (a Rust type the model's JSON must fit, repaired a bounded number of times) | [`Context::reply_as`] with [`OutputSchema`] |
 //! | a message for later that survives restarts | [`Context::schedule_at`] |
 //! | a model server | [`OpenAiBackend`] (any OpenAI-compatible server), [`LocalBackend`] (deterministic, for examples and tests), or your own [`ModelBackend`] |
 //! | inference that never piles onto saturated GPUs | [`Inference`] with a GPU supervisor: every call holds a lease |
@@ -32,6 +33,7 @@ pub mod local;
 pub mod model;
 pub mod openai;
 pub mod session;
+pub mod structured;
 mod system;
 pub mod tool;
 pub mod topic;
@@ -48,7 +50,8 @@ pub use error::AgentError;
 pub use inference::{Holder, Inference, InferenceStream, LeaseSpec};
 pub use local::LocalBackend;
 pub use model::{
-    ChatMessage, ChatRequest, Chunk, ChunkStream, ModelBackend, Role, ToolCall, ToolSpec, Usage,
+    ChatMessage, ChatRequest, Chunk, ChunkStream, ModelBackend, ResponseFormat, Role, ToolCall,
+    ToolSpec, Usage,
 };
 pub use openai::{OpenAiBackend, OpenAiConfig};
 pub use session::{
@@ -56,6 +59,7 @@ pub use session::{
     SessionConfig, SessionEvent, SessionItem, SessionRecord, SessionStream, SessionView, Sessions,
     TurnRef,
 };
+pub use structured::{Mismatch, OutputSchema, Typed};
 pub use system::{AgentSystem, LeaseHoldLimit, SystemConfig};
 pub use tool::{Tool, ToolCallInfo, ToolSource, Tools};
 pub use topic::{Overflow, Published, Topics};

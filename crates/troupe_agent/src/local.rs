@@ -9,7 +9,9 @@
 //! connections, orders), and a closing line. Latency is configurable (time
 //! to the first chunk, time between chunks; zero for benchmarks that
 //! measure the framework). Tool calls are triggered by keywords:
-//! [`LocalBackend::call_tool_when`].
+//! [`LocalBackend::call_tool_when`]. Asked for a typed answer (a request
+//! with a `response_format`), it answers JSON that fits the schema, its
+//! strings filled with the same sentences.
 
 use std::time::Duration;
 
@@ -92,6 +94,83 @@ const TOPICS: &[(&[&str], &[&str])] = &[
         ],
     ),
 ];
+
+/// What each of [`TOPICS`] is called, for typed answers that choose among
+/// names (a `desk` enum of `Billing`, `Technical`, `Shipping`...).
+const TOPIC_NAMES: &[&[&str]] = &[
+    &["billing", "refund", "payment"],
+    &["billing", "invoice", "payment"],
+    &["technical", "support", "network"],
+    &["shipping", "delivery", "order"],
+    &["weather"],
+    &["thanks", "general"],
+];
+
+/// Fills a typed answer from the question and the reply's sentences.
+struct LocalFill {
+    question: String,
+    sentences: Vec<String>,
+    next: usize,
+    topic: Option<usize>,
+}
+
+impl crate::structured::Fill for LocalFill {
+    fn string(&mut self, property: &str, nullable: bool) -> serde_json::Value {
+        let p = property.to_lowercase();
+        let id_like = ["order", "invoice", "ticket", "sku", "number"]
+            .iter()
+            .any(|k| p.contains(k))
+            || p == "id"
+            || p.ends_with("_id");
+        if id_like {
+            // A word of the question with a digit in it: `A-1042`.
+            let id = self
+                .question
+                .split_whitespace()
+                .map(|w| w.trim_matches(|c: char| !c.is_ascii_alphanumeric()))
+                .find(|w| w.chars().any(|c| c.is_ascii_digit()));
+            return match id {
+                Some(id) => serde_json::Value::String(id.to_owned()),
+                None if nullable => serde_json::Value::Null,
+                None => serde_json::Value::String("unknown".into()),
+            };
+        }
+        if ["summary", "question", "request", "issue", "problem"]
+            .iter()
+            .any(|k| p.contains(k))
+            && !self.question.is_empty()
+        {
+            let first = self
+                .question
+                .split_inclusive(['.', '!', '?'])
+                .next()
+                .unwrap_or(&self.question);
+            return serde_json::Value::String(format!("Customer: {}", first.trim()));
+        }
+        if self.sentences.is_empty() {
+            return serde_json::Value::String("Done.".into());
+        }
+        let s = self.sentences[self.next % self.sentences.len()].clone();
+        self.next += 1;
+        serde_json::Value::String(s)
+    }
+
+    fn choice(&mut self, values: &[serde_json::Value]) -> serde_json::Value {
+        let names = self.topic.map_or(&[][..], |t| TOPIC_NAMES[t]);
+        let question = self.question.to_lowercase();
+        values
+            .iter()
+            .find(|v| {
+                let v = v.as_str().unwrap_or_default().to_lowercase();
+                !v.is_empty()
+                    && (names.iter().any(|n| v.starts_with(n) || n.starts_with(&v))
+                        || question.contains(&v))
+            })
+            .or(values.first())
+            .cloned()
+            .unwrap_or(serde_json::Value::Null)
+    }
+}
 
 const GENERAL: &[&str] = &[
     "I have looked into it for you.",
@@ -220,6 +299,9 @@ impl LocalBackend {
             seed = fnv1a_continue(seed, m.content.as_bytes());
         }
         let words = self.prose(request, seed);
+        if let Some(format) = &request.response_format {
+            return Self::typed(request, &format.schema, &words, prompt_tokens);
+        }
         let count = words.len();
         let mut chunks: Vec<Chunk> = words
             .chunks(self.words_per_chunk)
@@ -234,6 +316,67 @@ impl LocalBackend {
             usage: Some(Usage {
                 prompt_tokens,
                 completion_tokens: count as u32,
+            }),
+        });
+        chunks
+    }
+
+    /// A JSON answer that fits `schema`, filled from the question (ids,
+    /// the topic for enum choices, the question itself for a summary) and
+    /// the reply's sentences, streamed 32 bytes at a time.
+    fn typed(
+        request: &ChatRequest,
+        schema: &serde_json::Value,
+        words: &[String],
+        prompt_tokens: u32,
+    ) -> Vec<Chunk> {
+        let prose = words.join(" ");
+        let sentences: Vec<String> = prose
+            .split_inclusive(['.', '!', '?'])
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect();
+        let question = request
+            .messages
+            .iter()
+            .rev()
+            .find(|m| {
+                m.role == Role::User && !m.content.starts_with(crate::structured::REPAIR_PREFIX)
+            })
+            .map(|m| m.content.clone())
+            .unwrap_or_default();
+        let lower = question.to_lowercase();
+        let topic = TOPICS
+            .iter()
+            .position(|(keys, _)| keys.iter().any(|k| lower.contains(k)));
+        let defs = schema
+            .get("$defs")
+            .and_then(serde_json::Value::as_object)
+            .cloned()
+            .unwrap_or_default();
+        let mut fill = LocalFill {
+            question,
+            sentences,
+            next: 0,
+            topic,
+        };
+        let json = crate::structured::example_value(schema, &defs, &mut fill, "", 0).to_string();
+        let mut chunks = Vec::new();
+        let mut rest = json.as_str();
+        while !rest.is_empty() {
+            let mut end = rest.len().min(32);
+            while !rest.is_char_boundary(end) {
+                end += 1;
+            }
+            chunks.push(Chunk::Text(rest[..end].to_owned()));
+            rest = &rest[end..];
+        }
+        let completion_tokens = chunks.len() as u32;
+        chunks.push(Chunk::Done {
+            finish_reason: "stop".into(),
+            usage: Some(Usage {
+                prompt_tokens,
+                completion_tokens,
             }),
         });
         chunks
@@ -433,12 +576,14 @@ mod tests {
                 arguments: "{}".into(),
             }],
             tool_call_id: None,
+            attachments: Vec::new(),
         });
         after_tool.messages.push(ChatMessage {
             role: Role::Tool,
             content: r#"{"order":"A-1042","refund":"sent","days":3}"#.into(),
             tool_calls: Vec::new(),
             tool_call_id: Some("c1".into()),
+            attachments: Vec::new(),
         });
         let reply = text(&b.reply(&after_tool));
         assert!(

@@ -55,6 +55,29 @@ pub struct ChatMessage {
     /// For a tool message: the call it answers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_call_id: Option<String>,
+    /// Files sent with a user message (images, documents, audio). The
+    /// text names each one too, for backends that take text only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attachments: Vec<Attachment>,
+}
+
+/// A file sent with a message: its blob, and its bytes once loaded for a
+/// backend that takes this media type as a content part
+/// ([`ModelBackend::accepts`]). Only the reference is journaled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    /// The blob (hash, size, media type).
+    pub blob: troupe_journal::BlobRef,
+    /// Its bytes, when loaded for the model call.
+    #[serde(skip)]
+    pub data: Option<std::sync::Arc<[u8]>>,
+}
+
+impl Attachment {
+    /// An attachment not loaded yet.
+    pub fn reference(blob: troupe_journal::BlobRef) -> Self {
+        Self { blob, data: None }
+    }
 }
 
 impl ChatMessage {
@@ -65,6 +88,7 @@ impl ChatMessage {
             content: content.into(),
             tool_calls: Vec::new(),
             tool_call_id: None,
+            attachments: Vec::new(),
         }
     }
 
@@ -110,6 +134,30 @@ pub struct ChatRequest {
     pub max_tokens: Option<u32>,
     /// Sampling temperature.
     pub temperature: Option<f32>,
+    /// The answer must be JSON that fits this schema (see
+    /// [`crate::OutputSchema`]); sent as `response_format` to
+    /// OpenAI-compatible servers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_format: Option<ResponseFormat>,
+    /// The GPU lease's priority (0 lowest), for servers that schedule by a
+    /// request field (vLLM's `priority`: see
+    /// [`crate::OpenAiConfig::priority_field`]). [`crate::Inference`] sets it
+    /// from the lease when it is not set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u8>,
+}
+
+/// A JSON schema the answer must fit (`response_format` of type
+/// `json_schema`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResponseFormat {
+    /// Name of the schema (letters, digits, `_` and `-`, at most 64).
+    pub name: String,
+    /// The JSON schema.
+    pub schema: serde_json::Value,
+    /// Whether the server is asked to hold to it strictly (OpenAI's
+    /// `strict`: every object closed, every property required).
+    pub strict: bool,
 }
 
 impl ChatRequest {
@@ -121,6 +169,8 @@ impl ChatRequest {
             tools: Vec::new(),
             max_tokens: None,
             temperature: None,
+            response_format: None,
+            priority: None,
         }
     }
 }
@@ -132,6 +182,20 @@ pub struct Usage {
     pub prompt_tokens: u32,
     /// Generated tokens.
     pub completion_tokens: u32,
+}
+
+impl std::ops::Add for Usage {
+    type Output = Usage;
+
+    /// The counts of two model calls together (saturating).
+    fn add(self, other: Usage) -> Usage {
+        Usage {
+            prompt_tokens: self.prompt_tokens.saturating_add(other.prompt_tokens),
+            completion_tokens: self
+                .completion_tokens
+                .saturating_add(other.completion_tokens),
+        }
+    }
 }
 
 /// One piece of a streamed answer.
@@ -163,4 +227,13 @@ pub trait ModelBackend: Send + Sync + 'static {
     /// unreachable, rate-limited past the retry budget) are returned here;
     /// errors after it end the stream.
     async fn stream(&self, request: ChatRequest) -> Result<ChunkStream, AgentError>;
+
+    /// Whether attachments of this media type (`image/png`,
+    /// `application/pdf`...) are sent to the model as content parts, their
+    /// bytes loaded from the blob store. Default: none (text only: the
+    /// model reads the line that names the attachment).
+    fn accepts(&self, media_type: &str) -> bool {
+        let _ = media_type;
+        false
+    }
 }

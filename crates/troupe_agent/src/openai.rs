@@ -14,6 +14,14 @@
 //! | the connection closes before the model finished | [`AgentError::StreamClosed`] |
 //! | a response larger than [`OpenAiConfig::max_response_bytes`] | [`AgentError::TooLarge`] |
 //!
+//! A request with a [`crate::ResponseFormat`] (a typed answer, see
+//! [`crate::structured`]) is sent with `response_format` of type
+//! `json_schema`; the lease priority goes in
+//! [`OpenAiConfig::priority_field`] when one is set (vLLM's `priority`);
+//! attachments of the media types in [`OpenAiConfig::media`] go as content
+//! parts with their bytes in data URLs (a fetchable URL would have to be
+//! signed and expiring to keep blobs per tenant; data URLs need neither).
+//!
 //! Nothing is retried once a chunk was delivered: the caller has already
 //! journaled it, and a retry would journal the same text twice.
 
@@ -53,6 +61,19 @@ pub struct OpenAiConfig {
     pub max_retry_after: Duration,
     /// Largest streamed response, in bytes.
     pub max_response_bytes: usize,
+    /// The request field that carries the lease priority, for servers that
+    /// schedule by one (vLLM's `priority`, with `--scheduling-policy
+    /// priority`); `None`: not sent.
+    pub priority_field: Option<String>,
+    /// Whether the server runs lower values first (vLLM does): Troupe's
+    /// priority `p` (0 lowest) is then sent as `PRIORITIES - 1 - p`.
+    pub priority_lower_first: bool,
+    /// Media types the model takes as content parts, by prefix (`image/`,
+    /// `application/pdf`, `audio/wav`): attachments of these types are sent
+    /// as data URLs (images as `image_url` parts, WAV and MP3 as
+    /// `input_audio`, anything else as a `file` part). Empty (the default):
+    /// a text-only model, which reads the line naming each attachment.
+    pub media: Vec<String>,
 }
 
 impl OpenAiConfig {
@@ -72,7 +93,28 @@ impl OpenAiConfig {
             max_backoff: Duration::from_secs(10),
             max_retry_after: Duration::from_secs(60),
             max_response_bytes: 8 << 20,
+            priority_field: None,
+            priority_lower_first: true,
+            media: Vec::new(),
         }
+    }
+
+    /// Sends attachments of these media types (prefixes such as `image/`)
+    /// as content parts.
+    pub fn accepts<I, S>(mut self, media: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.media = media.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Sends the lease priority in request field `field`, lower values
+    /// first (vLLM's convention).
+    pub fn priority_field(mut self, field: impl Into<String>) -> Self {
+        self.priority_field = Some(field.into());
+        self
     }
 
     /// Sets the bearer token.
@@ -116,12 +158,24 @@ impl OpenAiBackend {
         })
     }
 
-    fn body(request: &ChatRequest) -> serde_json::Value {
+    fn body(&self, request: &ChatRequest) -> serde_json::Value {
         let messages: Vec<serde_json::Value> = request
             .messages
             .iter()
             .map(|m| {
-                let mut v = json!({ "role": m.role, "content": m.content });
+                let parts: Vec<serde_json::Value> = m
+                    .attachments
+                    .iter()
+                    .filter_map(|a| Some(content_part(&a.blob, a.data.as_deref()?)))
+                    .collect();
+                let content = if parts.is_empty() {
+                    json!(m.content)
+                } else {
+                    let mut all = vec![json!({ "type": "text", "text": m.content })];
+                    all.extend(parts);
+                    json!(all)
+                };
+                let mut v = json!({ "role": m.role, "content": content });
                 if !m.tool_calls.is_empty() {
                     v["tool_calls"] = m
                         .tool_calls
@@ -167,6 +221,21 @@ impl OpenAiBackend {
         }
         if let Some(t) = request.temperature {
             body["temperature"] = json!(t);
+        }
+        if let Some(f) = &request.response_format {
+            body["response_format"] = json!({
+                "type": "json_schema",
+                "json_schema": { "name": f.name, "schema": f.schema, "strict": f.strict },
+            });
+        }
+        if let (Some(field), Some(p)) = (&self.config.priority_field, request.priority) {
+            let top = troupe_gpu::scheduler::PRIORITIES.saturating_sub(1) as u8;
+            let p = p.min(top);
+            body[field.as_str()] = json!(if self.config.priority_lower_first {
+                top - p
+            } else {
+                p
+            });
         }
         body
     }
@@ -252,6 +321,29 @@ impl OpenAiBackend {
             tokio::time::sleep(wait).await;
             attempt += 1;
         }
+    }
+}
+
+/// One attachment as an OpenAI content part, its bytes as a data URL.
+fn content_part(blob: &troupe_journal::BlobRef, data: &[u8]) -> serde_json::Value {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(data);
+    let mt = blob.media_type.as_str();
+    let audio = match mt {
+        "audio/wav" | "audio/x-wav" | "audio/wave" => Some("wav"),
+        "audio/mpeg" | "audio/mp3" => Some("mp3"),
+        _ => None,
+    };
+    if mt.starts_with("image/") {
+        json!({ "type": "image_url", "image_url": { "url": format!("data:{mt};base64,{b64}") } })
+    } else if let Some(format) = audio {
+        json!({ "type": "input_audio", "input_audio": { "data": b64, "format": format } })
+    } else {
+        let ext = mt.rsplit('/').next().unwrap_or("bin");
+        json!({ "type": "file", "file": {
+            "filename": format!("{}.{ext}", blob.hash.hex()),
+            "file_data": format!("data:{mt};base64,{b64}"),
+        } })
     }
 }
 
@@ -345,8 +437,15 @@ impl ModelBackend for OpenAiBackend {
         &self.config.name
     }
 
+    fn accepts(&self, media_type: &str) -> bool {
+        self.config
+            .media
+            .iter()
+            .any(|m| !m.is_empty() && media_type.starts_with(m.as_str()))
+    }
+
     async fn stream(&self, request: ChatRequest) -> Result<ChunkStream, AgentError> {
-        let resp = self.send(&Self::body(&request)).await?;
+        let resp = self.send(&self.body(&request)).await?;
         let name = self.config.name.clone();
         let idle = self.config.idle_timeout;
         let cap = self.config.max_response_bytes;

@@ -129,6 +129,20 @@ pub enum SessionEvent {
         /// Result (JSON text) or error message.
         output: String,
     },
+    /// A typed answer did not fit its schema (see
+    /// [`crate::structured`]): the text streamed since the last tool round
+    /// becomes an assistant message, `repair` a user message after it, and
+    /// the model is asked again.
+    AnswerRejected {
+        /// Turn number.
+        turn: u32,
+        /// Path of the field that does not fit.
+        field: String,
+        /// What is wrong with it.
+        error: String,
+        /// What the model is told.
+        repair: String,
+    },
     /// The turn's reply is complete.
     TurnCompleted {
         /// Turn number.
@@ -204,6 +218,7 @@ impl SessionEvent {
             | SessionEvent::ModelChunk { turn, .. }
             | SessionEvent::ToolCalled { turn, .. }
             | SessionEvent::ToolResult { turn, .. }
+            | SessionEvent::AnswerRejected { turn, .. }
             | SessionEvent::TurnCompleted { turn, .. }
             | SessionEvent::TurnFailed { turn, .. } => Some(*turn),
             SessionEvent::Opened { .. } | SessionEvent::Closed { .. } => None,
@@ -263,6 +278,9 @@ pub struct Pending {
     /// The agent the turn was handed to, if any.
     #[serde(default)]
     handed_to: Option<String>,
+    /// Typed answers of this turn rejected so far (every attempt).
+    #[serde(default)]
+    repairs: u32,
 }
 
 /// What a session's events fold into (also its snapshot).
@@ -337,6 +355,7 @@ impl SessionState {
                     content: p.text.clone(),
                     tool_calls: p.calls.clone(),
                     tool_call_id: None,
+                    attachments: Vec::new(),
                 });
                 (p.text.clone(), p.open.clone())
             }
@@ -361,6 +380,7 @@ impl SessionState {
             open_calls,
             round_text,
             handed_to: pending.and_then(|p| p.handed_to.clone()),
+            repairs: pending.map_or(0, |p| p.repairs),
         }
     }
 
@@ -448,6 +468,10 @@ pub struct SessionView {
     /// The agent the turn in progress was handed to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handed_to: Option<String>,
+    /// Typed answers of the turn in progress rejected so far (see
+    /// [`crate::structured`]), every attempt counted.
+    #[serde(default)]
+    pub repairs: u32,
 }
 
 impl SessionView {
@@ -882,6 +906,7 @@ impl EventSourced for SessionEntity {
                         SessionEvent::ModelChunk { .. }
                             | SessionEvent::ToolCalled { .. }
                             | SessionEvent::ToolResult { .. }
+                            | SessionEvent::AnswerRejected { .. }
                             | SessionEvent::TurnCompleted { .. }
                             | SessionEvent::TurnFailed { .. }
                     );
@@ -990,14 +1015,21 @@ impl EventSourced for SessionEntity {
                     });
                 }
                 let mut content = text.clone();
-                // Text-only models see what was attached, by reference.
+                // Every model sees what was attached, by reference.
                 for a in attachments {
                     content.push_str(&format!(
                         "\n[attachment: {} {}, {} bytes]",
                         a.media_type, a.hash, a.size
                     ));
                 }
-                state.messages.push_back(ChatMessage::user(content));
+                let mut message = ChatMessage::user(content);
+                // Backends that take the media type get the bytes as well.
+                message.attachments = attachments
+                    .iter()
+                    .cloned()
+                    .map(crate::model::Attachment::reference)
+                    .collect();
+                state.messages.push_back(message);
                 state.pending = Some(Pending {
                     turn: *turn,
                     base: state.messages.len(),
@@ -1066,6 +1098,7 @@ impl EventSourced for SessionEntity {
                             content: std::mem::take(&mut p.text),
                             tool_calls: std::mem::take(&mut p.calls),
                             tool_call_id: None,
+                            attachments: Vec::new(),
                         });
                     }
                     let content = if *ok {
@@ -1078,7 +1111,17 @@ impl EventSourced for SessionEntity {
                         content,
                         tool_calls: Vec::new(),
                         tool_call_id: Some(call_id.clone()),
+                        attachments: Vec::new(),
                     });
+                }
+            }
+            SessionEvent::AnswerRejected { repair, .. } => {
+                if let Some(p) = &mut state.pending {
+                    p.repairs += 1;
+                    state
+                        .messages
+                        .push_back(ChatMessage::assistant(std::mem::take(&mut p.text)));
+                    state.messages.push_back(ChatMessage::user(repair.clone()));
                 }
             }
             SessionEvent::TurnCompleted { .. } => {

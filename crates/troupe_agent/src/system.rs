@@ -74,6 +74,7 @@ pub(crate) struct SystemInner {
     timers: Option<Timers>,
     ask_timeout: Duration,
     lease_hold: RwLock<Option<LeaseHoldLimit>>,
+    blobs: Option<troupe_journal::BlobStore>,
 }
 
 /// The longest a session's turn may hold a GPU lease, by the tenant that
@@ -117,6 +118,9 @@ pub struct SystemConfig {
     /// Default time-out of `send` and `ask` on agent handles (30 s if
     /// unset).
     pub ask_timeout: Option<Duration>,
+    /// Where attachments' bytes are read from, for backends that take them
+    /// as content parts ([`crate::ModelBackend::accepts`]).
+    pub blobs: Option<troupe_journal::BlobStore>,
 }
 
 /// Agent kinds by name, with the sessions, models, topics and timers they
@@ -152,6 +156,7 @@ impl AgentSystem {
             timers: config.timers,
             ask_timeout: config.ask_timeout.unwrap_or(Duration::from_secs(30)),
             lease_hold: RwLock::new(None),
+            blobs: config.blobs,
         });
         let weak: Weak<dyn TurnDispatch> = Arc::downgrade(&inner) as Weak<dyn TurnDispatch>;
         inner.sessions.set_dispatcher(weak);
@@ -204,6 +209,11 @@ impl AgentSystem {
     /// The sessions.
     pub fn sessions(&self) -> &Sessions {
         &self.inner.sessions
+    }
+
+    /// The blob store attachments are read from, if any.
+    pub fn blobs(&self) -> Option<&troupe_journal::BlobStore> {
+        self.inner.blobs.as_ref()
     }
 
     /// The topics.
@@ -348,6 +358,7 @@ impl AgentSystem {
             tool_calls: 0,
             chunks: 0,
             seq: 0,
+            usage: None,
         };
         while let Some(item) = events.next().await {
             let SessionItem::Event(rec) = item? else {
@@ -369,8 +380,12 @@ impl AgentSystem {
                     outcome.text.clear();
                     outcome.tool_calls += 1;
                 }
-                SessionEvent::TurnCompleted { turn: t, .. } if *t == turn => {
+                SessionEvent::AnswerRejected { turn: t, .. } if *t == turn => {
+                    outcome.text.clear();
+                }
+                SessionEvent::TurnCompleted { turn: t, usage, .. } if *t == turn => {
                     outcome.seq = rec.seq;
+                    outcome.usage = *usage;
                     return Ok(outcome);
                 }
                 SessionEvent::TurnFailed {

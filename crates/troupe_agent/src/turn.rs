@@ -121,6 +121,43 @@ impl ReplyRun<'_> {
         Ok((events, seq))
     }
 
+    /// Reads the bytes of the attachments the backend takes as content
+    /// parts (at most [`AgentOptions::max_attachment_bytes`] in all); the
+    /// others stay references in the text.
+    async fn load_attachments(&self, messages: &mut [ChatMessage]) -> Result<(), AgentError> {
+        let opts = self.options;
+        let backend = self.inference.backend(&opts.backend)?;
+        let mut total = 0u64;
+        for m in messages.iter_mut() {
+            for a in m.attachments.iter_mut() {
+                if a.data.is_some() || !backend.accepts(&a.blob.media_type) {
+                    continue;
+                }
+                total = total.saturating_add(a.blob.size);
+                if total > opts.max_attachment_bytes {
+                    return Err(AgentError::TooLarge {
+                        what: format!(
+                            "attachment bytes sent to `{}` in one call (session `{}`)",
+                            opts.backend, self.session
+                        ),
+                        limit: opts.max_attachment_bytes as usize,
+                    });
+                }
+                let blobs = self.system.blobs().ok_or_else(|| AgentError::Invalid {
+                    what: "attachment".into(),
+                    message: format!(
+                        "backend `{}` takes {} as content, but this system has no blob \
+                         store to read {} from",
+                        opts.backend, a.blob.media_type, a.blob.hash
+                    ),
+                })?;
+                let bytes = blobs.get_bytes(&a.blob, a.blob.size).await?;
+                a.data = Some(bytes.into());
+            }
+        }
+        Ok(())
+    }
+
     async fn answer(&self, turn: TurnRef, view: SessionView) -> Result<TurnOutcome, AgentError> {
         let opts = self.options;
         let session = self.session;
@@ -131,7 +168,10 @@ impl ReplyRun<'_> {
             tool_calls: 0,
             chunks: 0,
             seq: view.seq,
+            usage: None,
         };
+        // Typed answers rejected so far in this turn (earlier attempts too).
+        let mut repairs = view.repairs;
         // Settle what an interrupted attempt left open, then read the
         // context again with those results in it.
         if !view.open_calls.is_empty() {
@@ -147,12 +187,15 @@ impl ReplyRun<'_> {
             .map(|p| ChatMessage::system(p.clone()))
             .collect();
         messages.extend(view.messages);
+        self.load_attachments(&mut messages).await?;
         let mut round = view.rounds;
         // The session's tenant may hold a lease for less than the agent would.
         let lease = self.system.lease_for(view.tenant.as_deref(), &opts.lease);
         loop {
             let mut request = ChatRequest::new(opts.model.clone(), messages.clone());
             request.tools = opts.tools.specs();
+            request.response_format = opts.output.as_ref().map(|o| o.response_format());
+            let mut repair: Option<String> = None;
             let mut stream = self
                 .inference
                 .stream(&opts.backend, request, &lease, &self.holder)
@@ -187,10 +230,14 @@ impl ReplyRun<'_> {
                             finish_reason,
                             usage,
                         }) => {
+                            outcome.usage = match (outcome.usage, usage) {
+                                (Some(a), Some(b)) => Some(a + b),
+                                (a, b) => a.or(b),
+                            };
                             finished = Some(SessionEvent::TurnCompleted {
                                 turn: turn.turn,
                                 finish_reason,
-                                usage,
+                                usage: outcome.usage,
                             });
                         }
                         Err(e) => {
@@ -228,14 +275,49 @@ impl ReplyRun<'_> {
                         turn: turn.turn,
                         call: c.clone(),
                     }));
-                } else if finished.is_some() {
-                    batch.extend(finished.clone());
+                } else if let Some(done) = finished.clone() {
+                    // A typed answer is checked before the turn may end.
+                    match opts.output.as_ref().map(|o| (o, o.validate(&outcome.text))) {
+                        Some((schema, Err(m))) if repairs >= opts.max_repairs => {
+                            if !batch.is_empty() {
+                                self.sessions.append(session, turn, batch).await?;
+                            }
+                            return Err(AgentError::InvalidAnswer {
+                                session: session.to_owned(),
+                                turn: turn.turn,
+                                schema: schema.name().to_owned(),
+                                field: m.field,
+                                message: m.message,
+                                attempts: repairs + 1,
+                            });
+                        }
+                        Some((schema, Err(m))) => {
+                            let prompt = schema.repair_prompt(&m);
+                            batch.push(SessionEvent::AnswerRejected {
+                                turn: turn.turn,
+                                field: m.field,
+                                error: m.message,
+                                repair: prompt.clone(),
+                            });
+                            repair = Some(prompt);
+                        }
+                        _ => batch.push(done),
+                    }
                 }
                 if !batch.is_empty() {
                     outcome.seq = self.sessions.append(session, turn, batch).await?;
                 }
             }
             drop(stream);
+            if let Some(prompt) = repair.take() {
+                // As the session's own fold does with `answer_rejected`.
+                messages.push(ChatMessage::assistant(std::mem::take(&mut outcome.text)));
+                messages.push(ChatMessage::user(prompt));
+                repairs += 1;
+                metrics::counter!("troupe_answers_rejected_total", "backend" => opts.backend.clone())
+                    .increment(1);
+                continue;
+            }
             if calls.is_empty() {
                 return Ok(outcome);
             }
@@ -257,6 +339,7 @@ impl ReplyRun<'_> {
                 content: std::mem::take(&mut outcome.text),
                 tool_calls: calls.clone(),
                 tool_call_id: None,
+                attachments: Vec::new(),
             });
             for e in events {
                 if let SessionEvent::ToolResult {
@@ -275,6 +358,7 @@ impl ReplyRun<'_> {
                         },
                         tool_calls: Vec::new(),
                         tool_call_id: Some(call_id),
+                        attachments: Vec::new(),
                     });
                 }
             }

@@ -94,6 +94,7 @@ async fn completions(
             Json(json!({"error": {"message": "max_tokens is too large: 99999", "type": "invalid_request_error"}})),
         )
             .into_response(),
+        "vision" => sse(&[delta("a cat"), finish("stop"), "[DONE]".into()]),
         "malformed" => sse(&[delta("two "), delta("chunks"), "{not json".into()]),
         "cut" => sse(&[delta("half "), delta("a reply")]),
         "tools" => {
@@ -399,4 +400,150 @@ async fn tool_calls_streamed_in_fragments_are_assembled_run_and_journaled() {
         evs.last(),
         Some(SessionEvent::TurnCompleted { .. })
     ));
+}
+
+/// The data URL's bytes, decoded.
+fn data_url(url: &str, media_type: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    let b64 = url
+        .strip_prefix(&format!("data:{media_type};base64,"))
+        .unwrap_or_else(|| panic!("not a {media_type} data URL: {}", &url[..url.len().min(60)]));
+    base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap()
+}
+
+#[tokio::test]
+async fn attachments_reach_models_that_take_them_as_content_parts() {
+    use sha2::Digest as _;
+    let (url, server) = serve().await;
+    let dir = tempfile::tempdir().unwrap();
+    let objects = troupe_journal::tiered::open_object_store(
+        &troupe_journal::ColdConfig::default(),
+        dir.path(),
+    )
+    .unwrap();
+    let blobs = troupe_journal::BlobStore::new(objects, troupe_journal::BlobConfig::default());
+    let png: Vec<u8> = (0..5_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let pdf = b"%PDF-1.7 a small document".to_vec();
+    let image = blobs.put("image/png", png.clone()).await.unwrap();
+    let doc = blobs.put("application/pdf", pdf.clone()).await.unwrap();
+
+    let vision = OpenAiBackend::new(
+        OpenAiConfig::new(&url)
+            .name("vision")
+            .accepts(["image/", "application/pdf"]),
+    )
+    .unwrap();
+    let text_only = OpenAiBackend::new(OpenAiConfig::new(&url).name("text")).unwrap();
+    let sessions = Sessions::new(Arc::new(InMemoryJournal::new()), SessionConfig::default());
+    let sys = AgentSystem::with_config(
+        sessions,
+        Inference::new()
+            .with_backend(vision)
+            .with_backend(text_only),
+        troupe_agent::SystemConfig {
+            blobs: Some(blobs),
+            ..Default::default()
+        },
+    );
+    let agent = sys
+        .register(
+            &ANSWER,
+            Answer,
+            AgentOptions::default().model("vision", "vision"),
+        )
+        .await
+        .unwrap();
+    let id = sys.sessions().create("answer", None).await.unwrap();
+    let posted = sys
+        .sessions()
+        .post_with(
+            &id,
+            "what is in the picture?",
+            vec![image.clone(), doc.clone()],
+            troupe_agent::Dispatch::Later,
+        )
+        .await
+        .unwrap();
+    agent.get(&id).answer(posted.turn).await.unwrap();
+    let body = server.last_body.lock().unwrap().clone();
+    let parts = body["messages"][0]["content"]
+        .as_array()
+        .expect("content parts");
+    assert_eq!(parts.len(), 3, "{parts:?}");
+    assert_eq!(parts[0]["type"], "text");
+    assert!(
+        parts[0]["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("what is in the picture?")
+    );
+    assert_eq!(parts[1]["type"], "image_url");
+    let got = data_url(parts[1]["image_url"]["url"].as_str().unwrap(), "image/png");
+    assert_eq!(hex::encode(sha2::Sha256::digest(&got)), image.hash.hex());
+    assert_eq!(parts[2]["type"], "file");
+    let got = data_url(
+        parts[2]["file"]["file_data"].as_str().unwrap(),
+        "application/pdf",
+    );
+    assert_eq!(got, pdf);
+
+    // A text-only backend reads the line that names each attachment.
+    let options = AgentOptions::default().model("text", "vision");
+    let plain = sys
+        .register(
+            &troupe_agent::AgentKey::<Answer>::new("plain"),
+            Answer,
+            options,
+        )
+        .await
+        .unwrap();
+    let id2 = sys.sessions().create("plain", None).await.unwrap();
+    let posted = sys
+        .sessions()
+        .post_with(
+            &id2,
+            "and this one?",
+            vec![image.clone()],
+            troupe_agent::Dispatch::Later,
+        )
+        .await
+        .unwrap();
+    plain.get(&id2).answer(posted.turn).await.unwrap();
+    let body = server.last_body.lock().unwrap().clone();
+    let text = body["messages"][0]["content"].as_str().expect("plain text");
+    assert!(
+        text.contains(&format!("[attachment: image/png {}", image.hash)),
+        "{text}"
+    );
+
+    // Past the bound on attachment bytes per call: a clear error, no request.
+    let small = AgentOptions {
+        max_attachment_bytes: 1_000,
+        ..AgentOptions::default().model("vision", "vision")
+    };
+    let tight = sys
+        .register(
+            &troupe_agent::AgentKey::<Answer>::new("tight"),
+            Answer,
+            small,
+        )
+        .await
+        .unwrap();
+    let id3 = sys.sessions().create("tight", None).await.unwrap();
+    let posted = sys
+        .sessions()
+        .post_with(&id3, "too big", vec![image], troupe_agent::Dispatch::Later)
+        .await
+        .unwrap();
+    let before = server.requests.load(Ordering::SeqCst);
+    match tight.get(&id3).answer(posted.turn).await {
+        Err(AgentError::TooLarge { limit, what }) => {
+            assert_eq!(limit, 1_000);
+            assert!(what.contains("attachment"), "{what}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(server.requests.load(Ordering::SeqCst), before);
 }

@@ -15,6 +15,21 @@ use Kind::{Counter, Gauge, Histogram};
 
 const METRICS: &[(&str, Kind, &str)] = &[
     (
+        "gen_ai_client_operation_duration_seconds",
+        Histogram,
+        "GenAI operation duration (OpenTelemetry gen_ai.client.operation.duration): one model call, from the request to its last chunk.",
+    ),
+    (
+        "gen_ai_client_operation_time_to_first_chunk_seconds",
+        Histogram,
+        "Time to the first streamed chunk of a model call (OpenTelemetry gen_ai.client.operation.time_to_first_chunk).",
+    ),
+    (
+        "gen_ai_client_token_usage",
+        Histogram,
+        "Input and output tokens of one model call (OpenTelemetry gen_ai.client.token.usage), by gen_ai_token_type; source=server when the server counted them.",
+    ),
+    (
         "inference_latency_seconds",
         Histogram,
         "From asking for a GPU lease to the model's last chunk, per model.",
@@ -319,6 +334,11 @@ const METRICS: &[(&str, Kind, &str)] = &[
         "troupe_mcp_up",
         Gauge,
         "1 while the connection to an MCP server is up, by server.",
+    ),
+    (
+        "troupe_answers_rejected_total",
+        Counter,
+        "Typed answers that did not fit their schema and were sent back to be repaired, by backend.",
     ),
     (
         "troupe_model_retries_total",

@@ -258,6 +258,11 @@ pub enum ModelConfig {
         /// Environment variable holding the API key, if any.
         #[serde(default)]
         api_key_env: Option<String>,
+        /// Request field that carries the lease priority, lower values
+        /// first (`priority` for vLLM started with `--scheduling-policy
+        /// priority`); not sent when absent.
+        #[serde(default)]
+        priority_field: Option<String>,
     },
 }
 

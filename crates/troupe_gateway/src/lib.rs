@@ -82,6 +82,25 @@ pub use tasks::{TaskKind, TaskState, TaskStatus, Tasks};
 /// Buckets of the `inference_latency_seconds` histogram.
 pub const INFERENCE_BUCKETS: [f64; 6] = [0.1, 0.5, 1.0, 2.0, 5.0, 10.0];
 
+/// Buckets of `gen_ai_client_token_usage`, as the OpenTelemetry GenAI
+/// conventions advise.
+pub const GEN_AI_TOKEN_BUCKETS: [f64; 14] = [
+    1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0,
+    16777216.0, 67108864.0,
+];
+
+/// Buckets of `gen_ai_client_operation_duration_seconds` (the GenAI
+/// conventions' advice).
+pub const GEN_AI_DURATION_BUCKETS: [f64; 14] = [
+    0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
+];
+
+/// Buckets of `gen_ai_client_operation_time_to_first_chunk_seconds` (the
+/// GenAI conventions' advice for time to first token).
+pub const GEN_AI_FIRST_CHUNK_BUCKETS: [f64; 16] = [
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+];
+
 /// The Prometheus recorder (installed once per process).
 pub fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -92,6 +111,24 @@ pub fn metrics_handle() -> PrometheusHandle {
                     Matcher::Full("inference_latency_seconds".into()),
                     &INFERENCE_BUCKETS,
                 )
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full("gen_ai_client_token_usage".into()),
+                        &GEN_AI_TOKEN_BUCKETS,
+                    )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full("gen_ai_client_operation_duration_seconds".into()),
+                        &GEN_AI_DURATION_BUCKETS,
+                    )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full("gen_ai_client_operation_time_to_first_chunk_seconds".into()),
+                        &GEN_AI_FIRST_CHUNK_BUCKETS,
+                    )
+                })
                 .and_then(|b| {
                     b.set_buckets_for_metric(
                         Matcher::Suffix("_seconds".into()),
@@ -212,9 +249,11 @@ fn backend(config: &GatewayConfig) -> Result<Arc<dyn ModelBackend>, GatewayError
         ModelConfig::Openai {
             base_url,
             api_key_env,
+            priority_field,
             ..
         } => {
             let mut c = OpenAiConfig::new(base_url);
+            c.priority_field = priority_field.clone();
             if let Some(var) = api_key_env {
                 let key = std::env::var(var).map_err(|_| {
                     GatewayError::Config(format!("environment variable `{var}` is not set"))

@@ -400,8 +400,32 @@ async fn every_error_status_has_a_json_message_and_metrics_parse() {
             })
             .next()
             .unwrap_or_default();
-        if !buckets.is_empty() {
+        // The GenAI client metrics (with the buckets their conventions
+        // advise) appear once a model call has ended; the local model
+        // reports usage, so input tokens are counted.
+        let histogram = |name: &str, token_type: Option<&str>| -> Vec<f64> {
+            scrape
+                .samples
+                .iter()
+                .filter(|s| s.metric == name)
+                .filter(|s| token_type.is_none_or(|t| s.labels.get("gen_ai_token_type") == Some(t)))
+                .find_map(|s| match &s.value {
+                    prometheus_parse::Value::Histogram(h) => {
+                        Some(h.iter().map(|b| b.less_than).collect())
+                    }
+                    _ => None,
+                })
+                .unwrap_or_default()
+        };
+        let tokens = histogram("gen_ai_client_token_usage", Some("input"));
+        if !buckets.is_empty() && !tokens.is_empty() {
             assert_eq!(&buckets[..6], &[0.1, 0.5, 1.0, 2.0, 5.0, 10.0]);
+            assert_eq!(&tokens[..4], &[1.0, 4.0, 16.0, 64.0], "input token usage");
+            assert!(!histogram("gen_ai_client_token_usage", Some("output")).is_empty());
+            let first = histogram("gen_ai_client_operation_time_to_first_chunk_seconds", None);
+            assert_eq!(&first[..3], &[0.001, 0.005, 0.01]);
+            let duration = histogram("gen_ai_client_operation_duration_seconds", None);
+            assert_eq!(&duration[..3], &[0.01, 0.02, 0.04]);
             // Every metric has HELP text (a new one without it fails here).
             for sample in &scrape.samples {
                 let family = ["_sum", "_count", "_bucket"]
@@ -432,7 +456,10 @@ async fn every_error_status_has_a_json_message_and_metrics_parse() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(finished, "no inference latency histogram in /metrics");
+    assert!(
+        finished,
+        "no inference latency or GenAI token histogram in /metrics"
+    );
     let (s, _, _) = api.call("GET", "/readyz", None, None).await;
     assert_eq!(s, StatusCode::OK);
     gw.shutdown().await.unwrap();

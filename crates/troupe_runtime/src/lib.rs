@@ -367,6 +367,7 @@ impl TroupeBuilder {
             SystemConfig {
                 timers: Some(timers.clone()),
                 ask_timeout: Some(self.ask_timeout),
+                blobs: tiered.as_ref().map(|t| t.blobs().clone()),
             },
         );
         let mut sagas = Sagas::new(journal.clone(), self.handlers).with_timers(timers.clone());
