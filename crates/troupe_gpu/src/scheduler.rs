@@ -19,7 +19,7 @@
 //!
 //! | situation | decision |
 //! |---|---|
-//! | the high quantile alone ends after the deadline | refused at once |
+//! | the high quantile alone ends after the deadline | refused at once: `Overloaded` with the time until what was learned is forgotten, or `Invalid` when the caller's own estimate is too long for its own deadline |
 //! | a healthy device has room and nobody of equal or higher priority waits | granted at once, on the device it fits best (least memory left over) |
 //! | the predicted start plus the high quantile meets the deadline, queue below its bound | queued |
 //! | it does not, but preempting lower-ranked leases would, and the gain outweighs the loss | those leases get a preempt notice and `grace_ms`; the request waits |
@@ -35,6 +35,11 @@
 //! that do (backfill), except that past a head that waits, lower priorities
 //! are backfilled only with work predicted to end before the head could
 //! start (and its own level too once the head is near its latest start).
+//!
+//! What is learned of a kind is forgotten after
+//! [`SchedulerConfig::forget_ms`] without a finished lease of it, so a kind
+//! refused on what it learned is tried on the cold rule again rather than
+//! refused forever.
 //!
 //! ## Preemption
 //!
@@ -241,13 +246,20 @@ pub struct SchedulerConfig {
     /// Preemption happens only when the request's weight is more than this
     /// many times the weight of the work it throws away.
     pub preempt_gain: u64,
+    /// What was learned of a kind is forgotten once none of its leases has
+    /// finished for this long: its requests are admitted on the cold rule
+    /// again. Without it, a kind whose learned run time is longer than its
+    /// callers' deadlines would be refused forever, and nothing it could
+    /// learn would ever change that (a faster model server, a lighter load).
+    pub forget_ms: Ms,
 }
 
 impl Default for SchedulerConfig {
     /// 256 waiting per priority, one level per 2 s of waiting, 1 s grace,
     /// TTLs up to 10 minutes, admission on the 95th percentile, the
     /// caller's estimate (or 2 s) as is until 16 leases of a kind have
-    /// finished, 90 % packing, preemption for a 16-fold gain.
+    /// finished, 90 % packing, preemption for a 16-fold gain, run times
+    /// forgotten after 10 minutes without a finished lease of their kind.
     fn default() -> Self {
         Self {
             queue_bound: 256,
@@ -260,6 +272,7 @@ impl Default for SchedulerConfig {
             min_samples: 16,
             packing_pct: 90,
             preempt_gain: 16,
+            forget_ms: 600_000,
         }
     }
 }
@@ -332,14 +345,21 @@ struct Learned {
     ratio: LogHist,
     /// hold in ms, for those that did not.
     absolute: LogHist,
+    /// When the last lease of this kind finished.
+    last_ms: Ms,
 }
 
 impl Learned {
-    fn new() -> Self {
+    fn new(now: Ms) -> Self {
         Self {
             ratio: LogHist::new(1.0 / 64.0, 64.0),
             absolute: LogHist::new(1.0, 1e7),
+            last_ms: now,
         }
+    }
+
+    fn stale(&self, now: Ms, config: &SchedulerConfig) -> bool {
+        now.saturating_sub(self.last_ms) >= config.forget_ms
     }
 }
 
@@ -376,22 +396,40 @@ impl RunTimes {
         (kind.to_owned(), m, c)
     }
 
-    /// Records a lease held for `held_ms` that ended normally.
-    pub fn record(&mut self, lease: &Lease, held_ms: Ms) {
+    /// Records a lease held for `held_ms` that ended normally at `now`.
+    /// What was learned of its kind before it went stale
+    /// ([`SchedulerConfig::forget_ms`]) is dropped first.
+    pub fn record(&mut self, lease: &Lease, held_ms: Ms, now: Ms, config: &SchedulerConfig) {
         let key = Self::key(&lease.kind, lease.memory, lease.compute);
         if !self.by.contains_key(&key) && self.by.len() >= MAX_LEARNED_KINDS {
             return;
         }
-        let l = self.by.entry(key).or_insert_with(Learned::new);
+        let l = self.by.entry(key).or_insert_with(|| Learned::new(now));
+        if l.stale(now, config) {
+            *l = Learned::new(now);
+        }
+        l.last_ms = l.last_ms.max(now);
         match lease.estimate_ms {
             Some(e) if e > 0 => l.ratio.record(held_ms.max(1) as f64 / e as f64),
             _ => l.absolute.record(held_ms.max(1) as f64),
         }
     }
 
-    /// The prediction for `req` at quantile `q`.
-    pub fn predict(&self, req: &LeaseRequest, config: &SchedulerConfig) -> Prediction {
-        let learned = self.by.get(&Self::key(&req.kind, req.memory, req.compute));
+    /// When what was learned of `req`'s kind and size goes stale (and
+    /// predictions fall back to the cold rule), if anything is learned.
+    pub fn forgotten_at(&self, req: &LeaseRequest, config: &SchedulerConfig) -> Option<Ms> {
+        self.by
+            .get(&Self::key(&req.kind, req.memory, req.compute))
+            .map(|l| l.last_ms.saturating_add(config.forget_ms))
+    }
+
+    /// The prediction for `req` at `now` (at the quantile
+    /// [`SchedulerConfig::run_quantile`]).
+    pub fn predict(&self, req: &LeaseRequest, config: &SchedulerConfig, now: Ms) -> Prediction {
+        let learned = self
+            .by
+            .get(&Self::key(&req.kind, req.memory, req.compute))
+            .filter(|l| !l.stale(now, config));
         let enough = |h: &LogHist| h.total >= f64::from(config.min_samples.max(1)) / 2.0;
         let (mean, high, learned) = match (req.estimate_ms, learned) {
             (Some(e), Some(l)) if e > 0 && enough(&l.ratio) => (
@@ -451,6 +489,8 @@ pub struct Scheduler {
     /// Work arriving per priority, in devices kept busy (decaying average).
     arriving: [f64; PRIORITIES],
     arriving_at: Ms,
+    /// The latest `now` seen (for predictions asked without one).
+    clock_ms: Ms,
 }
 
 /// Time constant of the arriving-work averages.
@@ -481,6 +521,7 @@ impl Scheduler {
             run_times: RunTimes::default(),
             arriving: [0.0; PRIORITIES],
             arriving_at: 0,
+            clock_ms: 0,
         }
     }
 
@@ -539,9 +580,14 @@ impl Scheduler {
         &self.run_times
     }
 
-    /// The prediction `req` would be admitted on now.
+    /// The prediction `req` would be admitted on now (the latest time the
+    /// scheduler was given).
     pub fn predict(&self, req: &LeaseRequest) -> Prediction {
-        self.run_times.predict(req, &self.config)
+        self.predict_at(req, self.clock_ms)
+    }
+
+    fn predict_at(&self, req: &LeaseRequest, now: Ms) -> Prediction {
+        self.run_times.predict(req, &self.config, now)
     }
 
     /// Would `memory` and `compute` fit on some healthy device now?
@@ -753,7 +799,7 @@ impl Scheduler {
     /// Expected time until `req` could be granted (with the prediction it
     /// would be admitted on now).
     pub fn expected_wait(&self, req: &LeaseRequest, now: Ms) -> Ms {
-        self.predicted_wait(req, self.predict(req), now)
+        self.predicted_wait(req, self.predict_at(req, now), now)
     }
 
     /// Plans preemption on one device so that `memory`/`compute` fits, for
@@ -838,22 +884,37 @@ impl Scheduler {
                 error: GpuError::Expired { holder: req.holder },
             }];
         }
-        let predicted = self.predict(&req);
+        self.clock_ms = self.clock_ms.max(now);
+        let predicted = self.predict_at(&req, now);
         self.decay_arriving(now);
         self.arriving[req.priority as usize] +=
             predicted.mean_ms as f64 * self.share(req.memory, req.compute) / ARRIVING_MS;
         if now.saturating_add(predicted.high_ms) > req.deadline_ms {
-            return vec![Outcome::Refused {
-                ticket,
-                error: overloaded(
-                    predicted.high_ms,
+            let budget = req.deadline_ms - now;
+            let error = match self.run_times.forgotten_at(&req, &self.config) {
+                // What was learned says it cannot make it; a retry can
+                // once that is forgotten (sooner if a lease of its kind
+                // finishes faster meanwhile and changes what is learned).
+                Some(at) if predicted.learned => overloaded(
+                    at.saturating_sub(now),
                     format!(
-                        "its predicted run ({} ms at the {:.0}th percentile) ends after its deadline",
+                        "`{}` has lately run {} ms at the {:.0}th percentile, more than the \
+                         {budget} ms left before its deadline",
+                        req.kind,
                         predicted.high_ms,
                         self.config.run_quantile * 100.0
                     ),
                 ),
-            }];
+                // Its own estimate (or the default) does not fit its own
+                // deadline: no retry can help.
+                _ => GpuError::Invalid(format!(
+                    "`{}` is assumed to run {} ms (its estimate, or the default, times the \
+                     cold factor), more than the {budget} ms left before its deadline: give it \
+                     a later deadline",
+                    req.kind, predicted.high_ms
+                )),
+            };
+            return vec![Outcome::Refused { ticket, error }];
         }
         let p = req.priority as usize;
         let pending = Pending {
@@ -950,14 +1011,19 @@ impl Scheduler {
     /// Releases a lease; its hold time is learned (unless it was being
     /// preempted) and waiting requests may be granted.
     pub fn release(&mut self, id: u64, now: Ms) -> Result<Vec<Outcome>, GpuError> {
+        self.clock_ms = self.clock_ms.max(now);
         let ended = self
             .end(id, EndReason::Released)
             .ok_or(GpuError::UnknownLease(id))?;
         if let Outcome::Ended { lease, .. } = &ended
             && lease.preempt_at.is_none()
         {
-            self.run_times
-                .record(lease, now.saturating_sub(lease.granted_ms));
+            self.run_times.record(
+                lease,
+                now.saturating_sub(lease.granted_ms),
+                now,
+                &self.config,
+            );
         }
         let mut out = vec![ended];
         out.extend(self.schedule(now));
@@ -1025,6 +1091,7 @@ impl Scheduler {
     /// Advances time: ends expired leases and finished grace periods, then
     /// grants what now fits (refusing what can no longer finish in time).
     pub fn tick(&mut self, now: Ms) -> Vec<Outcome> {
+        self.clock_ms = self.clock_ms.max(now);
         let mut out = Vec::new();
         let due: Vec<(u64, EndReason)> = self
             .leases

@@ -543,6 +543,75 @@ fn run_times_are_learned_from_released_leases_and_estimates_are_not_trusted() {
 }
 
 #[test]
+fn a_kind_refused_on_what_it_learned_is_tried_again_once_that_is_forgotten() {
+    let config = SchedulerConfig {
+        min_samples: 8,
+        forget_ms: 60_000,
+        ..SchedulerConfig::default()
+    };
+    let mut s = one_gpu(config);
+    let ask = |deadline| LeaseRequest {
+        kind: "summarize".into(),
+        deadline_ms: deadline,
+        ..req("a", 1, 1, 0)
+    };
+    // A slow spell: the 1 s estimate took 4 s, 10 times.
+    let mut now = 0;
+    for t in 0..10 {
+        let out = s.request(t, ask(now + 60_000), now);
+        let [Outcome::Granted { lease, .. }] = out.as_slice() else {
+            panic!("{out:?}")
+        };
+        let id = lease.id;
+        now += 4_000;
+        s.release(id, now).expect("release");
+    }
+    let last = now;
+    // Callers now give it 2 s: refused on what was learned, with a hint
+    // that says when that is forgotten (not the run time, which no retry
+    // with the same budget can beat).
+    now += 10_000;
+    match s.request(100, ask(now + 2_000), now).as_slice() {
+        [
+            Outcome::Refused {
+                error: GpuError::Overloaded { retry_after, .. },
+                ..
+            },
+        ] => assert_eq!(retry_after.as_millis() as u64, last + 60_000 - now),
+        other => panic!("{other:?}"),
+    }
+    // Nothing of its kind finishes meanwhile (every request is refused);
+    // once what was learned is stale, it is admitted on its estimate again.
+    now = last + 60_000;
+    let out = s.request(101, ask(now + 2_000), now);
+    let [Outcome::Granted { lease, .. }] = out.as_slice() else {
+        panic!("{out:?}")
+    };
+    assert!(!s.predict(&ask(0)).learned);
+    // What it learns from now on starts afresh: one fast run is not yet
+    // enough to be learned (min_samples), the old slow spell is gone.
+    let id = lease.id;
+    now += 900;
+    s.release(id, now).expect("release");
+    assert!(!s.predict(&ask(0)).learned);
+    // A request whose own estimate is longer than its own deadline can
+    // never be served: a typed error, not a retry hint.
+    let hopeless = LeaseRequest {
+        estimate_ms: Some(5_000),
+        ..ask(now + 2_000)
+    };
+    match s.request(102, hopeless, now).as_slice() {
+        [
+            Outcome::Refused {
+                error: GpuError::Invalid(message),
+                ..
+            },
+        ] => assert!(message.contains("later deadline"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
 fn preemption_only_when_it_pays_and_on_aged_ranks() {
     let config = SchedulerConfig {
         grace_ms: 100,

@@ -503,7 +503,11 @@ fn run_troupe(tasks: &[Task], horizon: Ms, estimates: bool) -> Result<Vec<Fate>,
                 let now = || clock.now_ms();
                 let lease = match granted {
                     Ok(Ok(lease)) => lease,
-                    Ok(Err(GpuError::Overloaded { .. } | GpuError::TooLarge { .. })) => {
+                    Ok(Err(
+                        GpuError::Overloaded { .. }
+                        | GpuError::TooLarge { .. }
+                        | GpuError::Invalid(_),
+                    )) => {
                         let mut f = fates.borrow_mut();
                         f[i].refused_early = true;
                         f[i].left = t.arrival;
