@@ -298,8 +298,12 @@ enum NodeMsg {
     Call(Vec<u8>, RpcReplyPort<Vec<u8>>),
 }
 
+/// Encodes a frame's payload with field names (MessagePack maps, as the
+/// journal does): Troupe's types leave empty optional fields out
+/// (`skip_serializing_if`), which only a named encoding survives; in the
+/// compact one every later field would shift into the skipped one's place.
 fn encode<T: Serialize + ?Sized>(node: &str, what: &str, v: &T) -> Result<Vec<u8>, ClusterError> {
-    rmp_serde::to_vec(v).map_err(|e| ClusterError::Codec {
+    rmp_serde::to_vec_named(v).map_err(|e| ClusterError::Codec {
         node: node.to_owned(),
         op: "encode".into(),
         what: what.to_owned(),
@@ -1383,6 +1387,46 @@ impl Actor for NodeActor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn payloads_with_fields_left_out_round_trip() {
+        use troupe_agent::{ChatMessage, Role, SessionView};
+        // A tool message (no tool calls, an id) and a user message with an
+        // attachment: both leave fields out before others that are set.
+        let mut user = ChatMessage::user("look");
+        user.attachments
+            .push(troupe_agent::model::Attachment::reference(
+                troupe_journal::BlobRef {
+                    hash: troupe_journal::BlobHash::of(b"png"),
+                    size: 3,
+                    media_type: "image/png".into(),
+                },
+            ));
+        let tool = ChatMessage {
+            tool_call_id: Some("call-1".into()),
+            ..ChatMessage::new(Role::Tool, "{}")
+        };
+        let view = SessionView {
+            id: "s".into(),
+            agent: "a".into(),
+            tenant: None,
+            seq: 7,
+            turns: 1,
+            completed: 0,
+            failed: 0,
+            closed: false,
+            pending: None,
+            messages: vec![user, tool],
+            rounds: 0,
+            open_calls: Vec::new(),
+            round_text: String::new(),
+            handed_to: None,
+            repairs: 2,
+        };
+        let bytes = encode("n", "view", &view).unwrap();
+        let back: SessionView = decode("n", "view", &bytes).unwrap();
+        assert_eq!(back, view);
+    }
 
     #[test]
     fn frames_round_trip_and_bad_bytes_are_typed_errors() {
