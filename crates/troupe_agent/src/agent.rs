@@ -245,8 +245,9 @@ pub struct AgentOptions {
     /// with [`AgentError::InvalidAnswer`].
     pub max_repairs: u32,
     /// Most attachment bytes sent to the model in one call, for backends
-    /// that take attachments as content parts; a conversation past it
-    /// fails the turn with [`AgentError::TooLarge`].
+    /// that take attachments as content parts: the newest first, older ones
+    /// past it as their reference line; a turn whose own attachments pass
+    /// it fails with [`AgentError::TooLarge`].
     pub max_attachment_bytes: u64,
 }
 

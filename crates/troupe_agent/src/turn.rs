@@ -122,26 +122,37 @@ impl ReplyRun<'_> {
     }
 
     /// Reads the bytes of the attachments the backend takes as content
-    /// parts (at most [`AgentOptions::max_attachment_bytes`] in all); the
-    /// others stay references in the text.
-    async fn load_attachments(&self, messages: &mut [ChatMessage]) -> Result<(), AgentError> {
+    /// parts, newest first, at most [`AgentOptions::max_attachment_bytes`]
+    /// in all: older ones past the bound stay references in the text (the
+    /// line naming each one), as do those of media types the backend does
+    /// not take. Attachments of the turn being answered that alone pass
+    /// the bound fail the turn with [`AgentError::TooLarge`].
+    async fn load_attachments(
+        &self,
+        turn: u32,
+        messages: &mut [ChatMessage],
+    ) -> Result<(), AgentError> {
         let opts = self.options;
         let backend = self.inference.backend(&opts.backend)?;
+        let current = messages.iter().rposition(|m| m.role == Role::User);
         let mut total = 0u64;
-        for m in messages.iter_mut() {
+        for (i, m) in messages.iter_mut().enumerate().rev() {
             for a in m.attachments.iter_mut() {
                 if a.data.is_some() || !backend.accepts(&a.blob.media_type) {
                     continue;
                 }
                 total = total.saturating_add(a.blob.size);
                 if total > opts.max_attachment_bytes {
-                    return Err(AgentError::TooLarge {
-                        what: format!(
-                            "attachment bytes sent to `{}` in one call (session `{}`)",
-                            opts.backend, self.session
-                        ),
-                        limit: opts.max_attachment_bytes as usize,
-                    });
+                    if Some(i) == current {
+                        return Err(AgentError::TooLarge {
+                            what: format!(
+                                "attachment bytes of turn {turn} of session `{}` sent to `{}`",
+                                self.session, opts.backend
+                            ),
+                            limit: opts.max_attachment_bytes as usize,
+                        });
+                    }
+                    return Ok(());
                 }
                 let blobs = self.system.blobs().ok_or_else(|| AgentError::Invalid {
                     what: "attachment".into(),
@@ -187,7 +198,7 @@ impl ReplyRun<'_> {
             .map(|p| ChatMessage::system(p.clone()))
             .collect();
         messages.extend(view.messages);
-        self.load_attachments(&mut messages).await?;
+        self.load_attachments(turn.turn, &mut messages).await?;
         let mut round = view.rounds;
         // The session's tenant may hold a lease for less than the agent would.
         let lease = self.system.lease_for(view.tenant.as_deref(), &opts.lease);

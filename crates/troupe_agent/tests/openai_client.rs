@@ -546,4 +546,21 @@ async fn attachments_reach_models_that_take_them_as_content_parts() {
         other => panic!("{other:?}"),
     }
     assert_eq!(server.requests.load(Ordering::SeqCst), before);
+
+    // The next turn's own attachment fits: it is sent, and the older one
+    // past the bound stays the line that names it.
+    let posted = sys
+        .sessions()
+        .post_with(&id3, "and now?", vec![doc], troupe_agent::Dispatch::Later)
+        .await
+        .unwrap();
+    tight.get(&id3).answer(posted.turn).await.unwrap();
+    let body = server.last_body.lock().unwrap().clone();
+    let messages = body["messages"].as_array().unwrap();
+    let older = messages[0]["content"].as_str().expect("a reference line");
+    assert!(older.contains("[attachment: image/png"), "{older}");
+    let newest = messages.last().unwrap()["content"]
+        .as_array()
+        .expect("content parts");
+    assert_eq!(newest[1]["type"], "file");
 }
