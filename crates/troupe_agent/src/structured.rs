@@ -163,14 +163,13 @@ impl OutputSchema {
         })?;
         if self.wrapped {
             value = match value {
-                Value::Object(mut m) if m.contains_key("answer") => m.remove("answer").unwrap(),
-                _ => {
-                    return Err(Mismatch {
-                        field: "answer".into(),
-                        message: "missing field `answer`".into(),
-                    });
-                }
-            };
+                Value::Object(mut m) => m.remove("answer"),
+                _ => None,
+            }
+            .ok_or_else(|| Mismatch {
+                field: "answer".into(),
+                message: "missing field `answer`".into(),
+            })?;
         }
         (self.check)(value.clone())?;
         Ok(value)
@@ -245,11 +244,16 @@ fn schema_name(raw: &str) -> String {
 }
 
 /// What strict structured output asks of a schema: every object closed,
-/// every property required (optional ones are already nullable), and no
-/// number formats (`uint32`...) that servers do not know.
+/// every property required (optional ones are already nullable), `anyOf`
+/// for `oneOf` (which strict mode does not take; schemars' enum variants
+/// exclude each other anyway), and no number formats (`uint32`...) that
+/// servers do not know.
 fn strictify(schema: &mut Value) {
     match schema {
         Value::Object(map) => {
+            if let Some(options) = map.remove("oneOf") {
+                map.insert("anyOf".into(), options);
+            }
             if let Some(Value::Object(props)) = map.get("properties") {
                 let keys: Vec<Value> = props.keys().cloned().map(Value::String).collect();
                 map.insert("required".into(), Value::Array(keys));
@@ -463,6 +467,30 @@ mod tests {
         assert_eq!(m.field, "urgency", "{m}");
         let m = s.validate("Sure! Here it is.").unwrap_err();
         assert_eq!(m.field, ".");
+    }
+
+    #[derive(Debug, Deserialize, schemars::JsonSchema, PartialEq)]
+    enum Action {
+        Refund { amount: u32 },
+        Escalate(String),
+        Close,
+    }
+
+    #[derive(Debug, Deserialize, schemars::JsonSchema, PartialEq)]
+    struct Plan {
+        action: Action,
+    }
+
+    #[test]
+    fn enums_with_data_use_any_of() {
+        let s = OutputSchema::of::<Plan>();
+        let text = s.schema().to_string();
+        assert!(!text.contains("oneOf"), "{text}");
+        assert!(text.contains("anyOf"), "{text}");
+        assert!(s.validate(r#"{"action":{"Refund":{"amount":3}}}"#).is_ok());
+        assert!(s.validate(r#"{"action":"Close"}"#).is_ok());
+        let m = s.validate(r#"{"action":{"Refund":{}}}"#).unwrap_err();
+        assert!(m.field.starts_with("action"), "{m}");
     }
 
     #[test]
