@@ -10,20 +10,28 @@ set -euo pipefail
 
 MDBOOK_VERSION="0.5.4"
 
+# apt_install WHY NEED PACKAGE...: installs Debian packages as root, or says
+# how to and stops ("installing PACKAGES (WHY)"; "NEED. Install them with:").
+apt_install() {
+    local why="$1" need="$2"
+    shift 2
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+        echo "installing $* ($why)"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+    else
+        echo "$need. Install them with:" >&2
+        echo "    sudo apt-get install -y $*" >&2
+        exit 1
+    fi
+}
+
 have_libclang() {
     command -v clang >/dev/null 2>&1 && dpkg -s libclang-dev >/dev/null 2>&1
 }
 
 if ! have_libclang; then
-    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
-        echo "installing clang and libclang-dev (needed to build RocksDB)"
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang libclang-dev >/dev/null
-    else
-        echo "RocksDB needs clang and libclang-dev. Install them with:" >&2
-        echo "    sudo apt-get install -y clang libclang-dev" >&2
-        exit 1
-    fi
+    apt_install "needed to build RocksDB" "RocksDB needs clang and libclang-dev" clang libclang-dev
 fi
 
 have_postgres() {
@@ -31,20 +39,13 @@ have_postgres() {
 }
 
 if ! have_postgres; then
-    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
-        echo "installing postgresql (the PostgreSQL journal's tests start a throwaway server)"
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
-        # Only the binaries are needed: no cluster runs as a service.
-        if command -v pg_lsclusters >/dev/null 2>&1; then
-            pg_lsclusters -h 2>/dev/null | while read -r ver name _; do
-                pg_ctlcluster "$ver" "$name" stop 2>/dev/null || true
-            done
-        fi
-    else
-        echo "The PostgreSQL journal's tests need PostgreSQL. Install it with:" >&2
-        echo "    sudo apt-get install -y postgresql" >&2
-        exit 1
+    apt_install "the PostgreSQL journal's tests start a throwaway server" \
+        "The PostgreSQL journal's tests need PostgreSQL" postgresql
+    # Only the binaries are needed: no cluster runs as a service.
+    if command -v pg_lsclusters >/dev/null 2>&1; then
+        pg_lsclusters -h 2>/dev/null | while read -r ver name _; do
+            pg_ctlcluster "$ver" "$name" stop 2>/dev/null || true
+        done
     fi
 fi
 
@@ -60,15 +61,7 @@ if ! command -v mdbook >/dev/null 2>&1; then
 fi
 
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
-    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
-        echo "installing nodejs and npm (the MCP reference servers the tests run)"
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
-    else
-        echo "The MCP tests need Node.js and npm. Install them with:" >&2
-        echo "    sudo apt-get install -y nodejs npm" >&2
-        exit 1
-    fi
+    apt_install "the MCP reference servers the tests run" "The MCP tests need Node.js and npm" nodejs npm
 fi
 
 # The reference MCP server, exactly as package-lock.json pins it; again only
@@ -81,15 +74,8 @@ if ! cmp -s "$mcp_dir/package-lock.json" "$mcp_dir/node_modules/.installed-lock.
 fi
 
 if ! command -v python3 >/dev/null 2>&1 || ! python3 -m venv --help >/dev/null 2>&1; then
-    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
-        echo "installing python3 and python3-venv (the LiteLLM proxy the tests run)"
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv >/dev/null
-    else
-        echo "The structured-output tests need Python 3 with venv. Install them with:" >&2
-        echo "    sudo apt-get install -y python3 python3-venv" >&2
-        exit 1
-    fi
+    apt_install "the LiteLLM proxy the tests run" \
+        "The structured-output tests need Python 3 with venv" python3 python3-venv
 fi
 
 # The LiteLLM proxy, exactly as requirements.txt pins it (every package with

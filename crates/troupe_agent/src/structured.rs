@@ -123,7 +123,10 @@ impl OutputSchema {
                         Some(name) => format!("{path}.{name}"),
                         None => path,
                     };
-                    Mismatch { field, message }
+                    Mismatch {
+                        field,
+                        message: bounded(message),
+                    }
                 })
         };
         Self {
@@ -159,7 +162,7 @@ impl OutputSchema {
         let body = strip_fence(text);
         let mut value: Value = serde_json::from_str(body).map_err(|e| Mismatch {
             field: ".".into(),
-            message: format!("not JSON: {e}"),
+            message: bounded(format!("not JSON: {e}")),
         })?;
         if self.wrapped {
             value = match value {
@@ -216,6 +219,23 @@ pub(crate) fn read<T: DeserializeOwned>(
             message: e.to_string(),
         })
     })
+}
+
+/// Longest reason kept for a misfit (serde quotes the offending value, which
+/// the model may have made as long as its whole answer): it is journaled and
+/// sent back to the model.
+pub const MAX_MISMATCH_MESSAGE: usize = 512;
+
+fn bounded(mut message: String) -> String {
+    if message.len() > MAX_MISMATCH_MESSAGE {
+        let mut end = MAX_MISMATCH_MESSAGE;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push_str("...");
+    }
+    message
 }
 
 fn short_type_name<T>() -> &'static str {
@@ -467,6 +487,18 @@ mod tests {
         assert_eq!(m.field, "urgency", "{m}");
         let m = s.validate("Sure! Here it is.").unwrap_err();
         assert_eq!(m.field, ".");
+        // A huge wrong value is not quoted whole in the journal.
+        let huge = format!(
+            r#"{{"customer":"ada","lines":[],"urgency":"{}","note":null}}"#,
+            "x".repeat(100_000)
+        );
+        let m = s.validate(&huge).unwrap_err();
+        assert_eq!(m.field, "urgency");
+        assert!(
+            m.message.len() <= MAX_MISMATCH_MESSAGE + 3,
+            "{}",
+            m.message.len()
+        );
     }
 
     #[derive(Debug, Deserialize, schemars::JsonSchema, PartialEq)]
