@@ -153,9 +153,9 @@ pub mod prelude {
     };
     pub use troupe_agent::{
         Agent, AgentError, AgentKey, AgentKind, AgentOptions, AgentRef, AgentSystem, Context,
-        Handles, Inference, LeaseSpec, LocalBackend, OpenAiBackend, OpenAiConfig, OutputSchema,
-        SessionConfig, SessionEvent, SessionItem, Sessions, TimerFired, Tool, ToolCallInfo,
-        ToolSource, Tools, TurnOutcome, Typed,
+        Decision, Handles, Inference, LeaseSpec, LocalBackend, OpenAiBackend, OpenAiConfig,
+        OutputSchema, SessionConfig, SessionEvent, SessionItem, Sessions, TimerFired, Tool,
+        ToolCallInfo, ToolSource, Tools, TurnOutcome, Typed,
     };
     pub use troupe_journal::{
         AppendOutcome, BlobRef, BlobStore, Durability, InMemoryJournal, Journal, JournalConfig,

@@ -751,6 +751,8 @@ struct TurnSlot {
     /// How `reply` failed (the failure is journaled already).
     failed: Option<AgentError>,
     handed_off: bool,
+    /// The kind's turn slot this turn holds.
+    permit: Option<Arc<crate::turn::TurnPermit>>,
 }
 
 /// What an agent's handlers work through: its key, its session, other
@@ -847,6 +849,7 @@ impl<A: Agent> Context<A> {
             options,
             holder: self.holder(),
             system: self.system.clone(),
+            permit: self.turn.as_ref().and_then(|t| t.permit.clone()),
         };
         let result = run.run().await;
         if let Some(t) = self.turn.as_mut() {
@@ -1338,6 +1341,10 @@ impl<A: Agent> Instance<A> {
             outcome: None,
             failed: None,
             handed_off: false,
+            permit: Some(Arc::new(crate::turn::TurnPermit::new(
+                self.core.turns.clone(),
+                permit,
+            ))),
         });
         let handled = {
             let run = AssertUnwindSafe(self.core.agent.on_turn(&mut st.state, ctx)).catch_unwind();
@@ -1352,8 +1359,8 @@ impl<A: Agent> Instance<A> {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&*self.key);
         drop(in_flight);
-        drop(permit);
-        let slot = ctx.turn.take().expect("the turn slot is set above");
+        let mut slot = ctx.turn.take().expect("the turn slot is set above");
+        drop(slot.permit.take());
         let result = match handled {
             None => {
                 let e = AgentError::Failed {

@@ -68,6 +68,28 @@ pub enum AgentError {
         /// The turn in progress.
         turn: u32,
     },
+    /// No tool call of the session's turn in progress waits for this
+    /// approval (a wrong call id, or its turn has ended).
+    #[error("session `{session}`: no tool call `{call}` waits for approval")]
+    UnknownApproval {
+        /// Session id.
+        session: String,
+        /// The call id given.
+        call: String,
+    },
+    /// The call's approval was decided already (by someone, or by its
+    /// deadline): the first decision stands.
+    #[error("session `{session}`: tool call `{call}` was {} already{}", if *approved { "approved" } else { "rejected" }, if *timed_out { " (its deadline passed)" } else { "" })]
+    AlreadyDecided {
+        /// Session id.
+        session: String,
+        /// The call.
+        call: String,
+        /// The decision that stands.
+        approved: bool,
+        /// Whether the deadline made it.
+        timed_out: bool,
+    },
     /// A write for a turn attempt that is no longer the current one (the
     /// turn was restarted or finished by someone else).
     #[error("session `{session}`: turn {turn} attempt {attempt} is stale")]

@@ -10,6 +10,7 @@
 //! | one full turn: stream the model's reply into the session, run its tool calls, each at most once per journaled result | [`Context::reply`] |
 //! | a typed answer (a Rust type the model's JSON must fit, repaired a bounded number of times) | [`Context::reply_as`] with [`OutputSchema`] |
 //! | a message for later that survives restarts | [`Context::schedule_at`] |
+//! | a tool that runs only once a person approves the call | [`Tool::needs_approval`], decided with [`Sessions::decide`] (see [tool approvals](session#tool-approvals)) |
 //! | a model server | [`OpenAiBackend`] (any OpenAI-compatible server), [`LocalBackend`] (deterministic, for examples and tests), or your own [`ModelBackend`] |
 //! | inference that never piles onto saturated GPUs | [`Inference`] with a GPU supervisor: every call holds a lease |
 //! | typed tools with a JSON schema | [`Tool`], [`Tools`] |
@@ -55,9 +56,9 @@ pub use model::{
 };
 pub use openai::{OpenAiBackend, OpenAiConfig};
 pub use session::{
-    Dispatch, KeyedTurn, MAX_ATTACHMENTS, MAX_KEYED_TURNS, OpenCall, PendingTurn, Posted,
-    SessionConfig, SessionEvent, SessionItem, SessionRecord, SessionStream, SessionView, Sessions,
-    TurnRef,
+    Approval, Decided, Decision, Dispatch, KeyedTurn, MAX_ATTACHMENTS, MAX_KEYED_TURNS, OpenCall,
+    PendingTurn, Posted, SessionConfig, SessionEvent, SessionItem, SessionRecord, SessionStream,
+    SessionView, Sessions, TurnRef,
 };
 pub use structured::{Mismatch, OutputSchema, Typed};
 pub use system::{AgentSystem, LeaseHoldLimit, SystemConfig};

@@ -26,6 +26,33 @@
 //! interrupted by a crash is answered again by beginning a new attempt:
 //! clients see `turn_started` with a higher attempt and discard the partial
 //! text of the previous one.
+//!
+//! ## Tool approvals
+//! A tool marked [`Tool::needs_approval`](crate::Tool::needs_approval) (or
+//! named in [`Tools::needs_approval`](crate::Tools::needs_approval), for a
+//! source's tools) does not run when the model calls it. The turn journals
+//! `approval_requested` with an absolute deadline, schedules a durable
+//! timer for that deadline, and waits, holding no GPU lease (a lease is
+//! held only while the model streams) and no turn slot of its agent
+//! ([`AgentOptions::max_concurrent_turns`](crate::AgentOptions)). Calls of
+//! the same round that need no approval run and are journaled meanwhile.
+//!
+//! [`Sessions::decide`] journals the first decision on a call
+//! (`approval_decided`) before it answers; a second one is refused with
+//! [`AgentError::AlreadyDecided`] (HTTP 409). At the deadline the timer
+//! journals a rejection (`timed_out`); a decision arriving later is refused
+//! the same way. An approved call runs; a rejected one does not, and the
+//! model is told (the call's result is an error saying who rejected it and
+//! why). Everything is in the journal, so a turn waiting when the process
+//! dies waits again after the restart, for the same deadline, and a
+//! decision taken meanwhile applies. [`SessionView::approvals`] lists the
+//! calls that wait and those decided; clients following the session see
+//! the two events.
+//!
+//! A call approved by an attempt that was then interrupted may have
+//! started: it follows the rule of every interrupted call (a repeatable
+//! tool runs again with the same key; an
+//! [`at_most_once`](crate::Tool::at_most_once) tool is failed, not run).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -143,6 +170,38 @@ pub enum SessionEvent {
         /// What the model is told.
         repair: String,
     },
+    /// A tool call waits for a person's approval (see [tool
+    /// approvals](self#tool-approvals)): it runs only once
+    /// `approval_decided` approves it, and is rejected at `deadline_ms`.
+    ApprovalRequested {
+        /// Turn number.
+        turn: u32,
+        /// The call that waits (its `tool_called` comes first).
+        call_id: String,
+        /// The tool.
+        tool: String,
+        /// When it is rejected unless decided, in ms since the Unix epoch.
+        deadline_ms: u64,
+    },
+    /// A call's approval was decided: the first decision of each call is
+    /// the only one.
+    ApprovalDecided {
+        /// Turn number.
+        turn: u32,
+        /// The call.
+        call_id: String,
+        /// Whether it may run.
+        approved: bool,
+        /// Who decided (a tenant, an operator), if known.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
+        /// Why, as the model is told on a rejection.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+        /// Whether the deadline decided it (a rejection).
+        #[serde(default)]
+        timed_out: bool,
+    },
     /// The turn's reply is complete.
     TurnCompleted {
         /// Turn number.
@@ -219,6 +278,8 @@ impl SessionEvent {
             | SessionEvent::ToolCalled { turn, .. }
             | SessionEvent::ToolResult { turn, .. }
             | SessionEvent::AnswerRejected { turn, .. }
+            | SessionEvent::ApprovalRequested { turn, .. }
+            | SessionEvent::ApprovalDecided { turn, .. }
             | SessionEvent::TurnCompleted { turn, .. }
             | SessionEvent::TurnFailed { turn, .. } => Some(*turn),
             SessionEvent::Opened { .. } | SessionEvent::Closed { .. } => None,
@@ -256,6 +317,108 @@ pub struct OpenCall {
     pub index: u32,
 }
 
+/// Longest `by` of a [`Decision`], in bytes.
+pub const MAX_DECIDER: usize = 256;
+/// Longest `reason` of a [`Decision`], in bytes.
+pub const MAX_REASON: usize = 2_048;
+
+/// A tool call of the turn in progress that needed approval, and what was
+/// decided.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Approval {
+    /// The call id.
+    pub call_id: String,
+    /// The tool.
+    pub tool: String,
+    /// Its arguments (JSON text), as the model wrote them: what is approved.
+    pub arguments: String,
+    /// When it is rejected unless decided (ms since the Unix epoch).
+    pub deadline_ms: u64,
+    /// The decision, once made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<Decided>,
+}
+
+/// A decision on an approval, as journaled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decided {
+    /// Whether the call may run.
+    pub approved: bool,
+    /// Who decided.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+    /// Why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Whether the deadline decided it.
+    #[serde(default)]
+    pub timed_out: bool,
+    /// The attempt of the turn that was current when it was journaled.
+    #[serde(default)]
+    pub attempt: u32,
+    /// The sequence of its `approval_decided` event.
+    #[serde(default)]
+    pub seq: u64,
+}
+
+/// A decision to take to [`Sessions::decide`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    approved: bool,
+    by: Option<String>,
+    reason: Option<String>,
+    deadline: bool,
+}
+
+impl Decision {
+    /// The call may run.
+    pub fn approve() -> Self {
+        Self {
+            approved: true,
+            by: None,
+            reason: None,
+            deadline: false,
+        }
+    }
+
+    /// The call must not run; the model is told `reason`.
+    pub fn reject(reason: impl Into<String>) -> Self {
+        Self {
+            approved: false,
+            by: None,
+            reason: Some(reason.into()).filter(|r: &String| !r.is_empty()),
+            deadline: false,
+        }
+    }
+
+    /// The rejection a deadline makes.
+    pub(crate) fn deadline() -> Self {
+        Self {
+            approved: false,
+            by: None,
+            reason: None,
+            deadline: true,
+        }
+    }
+
+    /// Says who decides (journaled with the decision).
+    pub fn by(mut self, who: impl Into<String>) -> Self {
+        self.by = Some(who.into());
+        self
+    }
+
+    /// Says why (journaled; on a rejection, the model is told).
+    pub fn reason(mut self, why: impl Into<String>) -> Self {
+        self.reason = Some(why.into());
+        self
+    }
+
+    /// Whether it approves.
+    pub fn approves(&self) -> bool {
+        self.approved
+    }
+}
+
 /// A turn being answered.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Pending {
@@ -281,6 +444,9 @@ pub struct Pending {
     /// Typed answers of this turn rejected so far (every attempt).
     #[serde(default)]
     repairs: u32,
+    /// Calls of this turn that needed approval, in the order asked.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    approvals: Vec<Approval>,
 }
 
 /// What a session's events fold into (also its snapshot).
@@ -381,6 +547,7 @@ impl SessionState {
             round_text,
             handed_to: pending.and_then(|p| p.handed_to.clone()),
             repairs: pending.map_or(0, |p| p.repairs),
+            approvals: pending.map_or_else(Vec::new, |p| p.approvals.clone()),
         }
     }
 
@@ -472,6 +639,17 @@ pub struct SessionView {
     /// [`crate::structured`]), every attempt counted.
     #[serde(default)]
     pub repairs: u32,
+    /// Tool calls of the turn in progress that needed approval: those
+    /// that wait (no `decision`) and those decided.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub approvals: Vec<Approval>,
+}
+
+impl SessionView {
+    /// The approval of call `call_id` in the turn in progress, if it needed one.
+    pub fn approval(&self, call_id: &str) -> Option<&Approval> {
+        self.approvals.iter().find(|a| a.call_id == call_id)
+    }
 }
 
 impl SessionView {
@@ -561,6 +739,15 @@ pub enum SessionCommand {
         retry_after_ms: Option<u64>,
         /// Answer: whether the turn was failed.
         reply: Reply<bool>,
+    },
+    /// Decide the approval of a waiting tool call.
+    Decide {
+        /// The call.
+        call_id: String,
+        /// The decision.
+        decision: Decision,
+        /// Answer: the decision that was journaled.
+        reply: Reply<Decided>,
     },
     /// Read the state.
     View {
@@ -700,6 +887,17 @@ impl SessionEntity {
         reply: Reply<T>,
         f: impl FnOnce(&SessionState) -> T + Send + 'static,
     ) -> Effect<Self> {
+        self.persist_then(id, events, reply, move |st| Ok(f(st)))
+    }
+
+    /// [`Self::persist`], answering with `f(state)` whether it succeeds or not.
+    fn persist_then<T: Send + 'static>(
+        &self,
+        id: &str,
+        events: Vec<SessionEvent>,
+        reply: Reply<T>,
+        f: impl FnOnce(&SessionState) -> Result<T, AgentError> + Send + 'static,
+    ) -> Effect<Self> {
         // Whether anyone listens is decided after the commit (see
         // `Effect::publish`): a subscriber that registers later reads the
         // events from the journal.
@@ -710,7 +908,97 @@ impl SessionEntity {
                     hub.publish(&id, st.seq, events.to_vec());
                 }
             })
-            .reply_result(reply, move |st| Ok(f(st)))
+            .reply_result(reply, f)
+    }
+
+    /// The first decision on a waiting call is journaled, then answered;
+    /// any later one is refused with [`AgentError::AlreadyDecided`]. A
+    /// decision that comes after the deadline journals the deadline's
+    /// rejection instead (if nothing else has yet) and is refused too.
+    fn decide(
+        &self,
+        state: &SessionState,
+        call_id: String,
+        decision: Decision,
+        reply: Reply<Decided>,
+    ) -> Effect<Self> {
+        if let Err(e) = Self::check_open(state) {
+            return fail(reply, e);
+        }
+        if decision.by.as_ref().is_some_and(|b| b.len() > MAX_DECIDER) {
+            let limit = MAX_DECIDER;
+            return fail(
+                reply,
+                AgentError::TooLarge {
+                    what: "approval `by`".into(),
+                    limit,
+                },
+            );
+        }
+        if decision
+            .reason
+            .as_ref()
+            .is_some_and(|r| r.len() > MAX_REASON)
+        {
+            let limit = MAX_REASON;
+            return fail(
+                reply,
+                AgentError::TooLarge {
+                    what: "approval reason".into(),
+                    limit,
+                },
+            );
+        }
+        let unknown = || AgentError::UnknownApproval {
+            session: state.id.clone(),
+            call: call_id.clone(),
+        };
+        let Some(p) = &state.pending else {
+            return fail(reply, unknown());
+        };
+        let Some(a) = p.approvals.iter().find(|a| a.call_id == call_id) else {
+            return fail(reply, unknown());
+        };
+        let already = |d: &Decided| AgentError::AlreadyDecided {
+            session: state.id.clone(),
+            call: call_id.clone(),
+            approved: d.approved,
+            timed_out: d.timed_out,
+        };
+        if let Some(d) = &a.decision {
+            return fail(reply, already(d));
+        }
+        let late = !decision.deadline && troupe_journal::now_ms() >= a.deadline_ms;
+        let timed_out = decision.deadline || late;
+        let event = SessionEvent::ApprovalDecided {
+            turn: p.turn,
+            call_id: call_id.clone(),
+            approved: decision.approved && !timed_out,
+            by: if timed_out { None } else { decision.by },
+            reason: if timed_out { None } else { decision.reason },
+            timed_out,
+        };
+        let (session, call) = (state.id.clone(), call_id);
+        self.persist_then(&state.id, vec![event], reply, move |st| {
+            let decided = st
+                .pending
+                .as_ref()
+                .and_then(|p| p.approvals.iter().find(|a| a.call_id == call))
+                .and_then(|a| a.decision.clone())
+                .ok_or_else(|| AgentError::UnknownApproval {
+                    session: session.clone(),
+                    call: call.clone(),
+                })?;
+            if late {
+                return Err(AgentError::AlreadyDecided {
+                    session,
+                    call,
+                    approved: false,
+                    timed_out: true,
+                });
+            }
+            Ok(decided)
+        })
     }
 
     fn check_open(state: &SessionState) -> Result<(), AgentError> {
@@ -907,6 +1195,7 @@ impl EventSourced for SessionEntity {
                             | SessionEvent::ToolCalled { .. }
                             | SessionEvent::ToolResult { .. }
                             | SessionEvent::AnswerRejected { .. }
+                            | SessionEvent::ApprovalRequested { .. }
                             | SessionEvent::TurnCompleted { .. }
                             | SessionEvent::TurnFailed { .. }
                     );
@@ -956,6 +1245,11 @@ impl EventSourced for SessionEntity {
                     Effect::none()
                 }
             },
+            SessionCommand::Decide {
+                call_id,
+                decision,
+                reply,
+            } => self.decide(state, call_id, decision, reply),
             SessionCommand::View { reply } => {
                 if !state.opened {
                     return fail(reply, AgentError::UnknownSession(state.id.clone()));
@@ -1113,6 +1407,57 @@ impl EventSourced for SessionEntity {
                         tool_call_id: Some(call_id.clone()),
                         attachments: Vec::new(),
                     });
+                }
+            }
+            SessionEvent::ApprovalRequested {
+                call_id,
+                tool,
+                deadline_ms,
+                ..
+            } => {
+                if let Some(p) = &mut state.pending
+                    && !p.approvals.iter().any(|a| &a.call_id == call_id)
+                {
+                    let arguments = p
+                        .calls
+                        .iter()
+                        .find(|c| &c.id == call_id)
+                        .map(|c| c.arguments.clone())
+                        .unwrap_or_default();
+                    p.approvals.push(Approval {
+                        call_id: call_id.clone(),
+                        tool: tool.clone(),
+                        arguments,
+                        deadline_ms: *deadline_ms,
+                        decision: None,
+                    });
+                }
+            }
+            SessionEvent::ApprovalDecided {
+                call_id,
+                approved,
+                by,
+                reason,
+                timed_out,
+                ..
+            } => {
+                let seq = state.seq;
+                if let Some(p) = &mut state.pending {
+                    let attempt = p.attempt;
+                    if let Some(a) = p
+                        .approvals
+                        .iter_mut()
+                        .find(|a| &a.call_id == call_id && a.decision.is_none())
+                    {
+                        a.decision = Some(Decided {
+                            approved: *approved,
+                            by: by.clone(),
+                            reason: reason.clone(),
+                            timed_out: *timed_out,
+                            attempt,
+                            seq,
+                        });
+                    }
                 }
             }
             SessionEvent::AnswerRejected { repair, .. } => {
@@ -1428,6 +1773,31 @@ impl Sessions {
         self.ask(id, |reply| SessionCommand::Append {
             turn,
             events,
+            reply,
+        })
+        .await
+    }
+
+    /// Decides the approval of tool call `call_id`, waiting in the turn in
+    /// progress of session `id` (see [tool approvals](self#tool-approvals)):
+    /// the decision is journaled before this answers, and the waiting turn
+    /// goes on. A call decided already (by someone, or by its deadline)
+    /// gives [`AgentError::AlreadyDecided`]; an unknown call, or one whose
+    /// turn has ended, [`AgentError::UnknownApproval`].
+    pub async fn decide(
+        &self,
+        id: &str,
+        call_id: &str,
+        decision: Decision,
+    ) -> Result<Decided, AgentError> {
+        let pid = session_pid(id)?;
+        if !self.entities.is_active(pid.key()) && self.journal.highest_seq(&pid).await? == 0 {
+            return Err(AgentError::UnknownSession(id.to_owned()));
+        }
+        let call_id = call_id.to_owned();
+        self.ask(id, |reply| SessionCommand::Decide {
+            call_id,
+            decision,
             reply,
         })
         .await

@@ -160,6 +160,40 @@ impl AgentSystem {
         });
         let weak: Weak<dyn TurnDispatch> = Arc::downgrade(&inner) as Weak<dyn TurnDispatch>;
         inner.sessions.set_dispatcher(weak);
+        if let Some(timers) = &inner.timers {
+            // Approval deadlines: the rejection is journaled at the deadline,
+            // whether or not the waiting turn is running.
+            let weak = Arc::downgrade(&inner);
+            timers.register(crate::turn::APPROVAL_TIMER, move |timer: Timer| {
+                let weak = weak.clone();
+                async move {
+                    let inner = weak.upgrade().ok_or("the agent system is gone")?;
+                    let Ok(t) =
+                        serde_json::from_slice::<crate::turn::ApprovalTimer>(&timer.payload)
+                    else {
+                        tracing::warn!(
+                            timer = timer.id,
+                            "an approval timer with a payload this version cannot read: dropped"
+                        );
+                        return Ok(());
+                    };
+                    let decision = crate::session::Decision::deadline();
+                    match inner
+                        .sessions
+                        .decide(&timer.target.key, &t.call_id, decision)
+                        .await
+                    {
+                        Ok(_)
+                        | Err(AgentError::AlreadyDecided { .. })
+                        | Err(AgentError::UnknownApproval { .. })
+                        | Err(AgentError::UnknownSession(_))
+                        | Err(AgentError::SessionClosed(_)) => Ok(()),
+                        Err(e) => Err(format!("turn {} of `{}`: {e}", t.turn, timer.target.key)),
+                    }
+                }
+                .boxed()
+            });
+        }
         Self { inner }
     }
 

@@ -111,7 +111,12 @@ pub struct Tool {
     handler: Handler,
     timeout: Duration,
     repeatable: bool,
+    approval: Option<Duration>,
 }
+
+/// The longest an approval may be waited for (a deadline past it is cut
+/// to it): 30 days.
+pub const MAX_APPROVAL_WAIT: Duration = Duration::from_secs(30 * 24 * 3600);
 
 impl std::fmt::Debug for Tool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -165,6 +170,7 @@ impl Tool {
             handler,
             timeout: DEFAULT_TOOL_TIMEOUT,
             repeatable: true,
+            approval: None,
         }
     }
 
@@ -185,6 +191,7 @@ impl Tool {
             handler,
             timeout: DEFAULT_TOOL_TIMEOUT,
             repeatable: true,
+            approval: None,
         }
     }
 
@@ -205,6 +212,19 @@ impl Tool {
     /// Whether an interrupted call may run again (with the same key).
     pub fn is_repeatable(&self) -> bool {
         self.repeatable
+    }
+
+    /// Makes each call of the tool wait for a person's decision, at most
+    /// `deadline` (at most [`MAX_APPROVAL_WAIT`]) after the call was
+    /// journaled: see [tool approvals](crate::session#tool-approvals).
+    pub fn needs_approval(mut self, deadline: Duration) -> Self {
+        self.approval = Some(deadline.min(MAX_APPROVAL_WAIT));
+        self
+    }
+
+    /// How long a call may wait for its approval, if it needs one.
+    pub fn approval(&self) -> Option<Duration> {
+        self.approval
     }
 
     /// What the model sees.
@@ -293,6 +313,7 @@ pub trait ToolSource: Send + Sync + 'static {
 pub struct Tools {
     tools: BTreeMap<String, Tool>,
     sources: Vec<Arc<dyn ToolSource>>,
+    approvals: BTreeMap<String, Duration>,
 }
 
 impl std::fmt::Debug for Tools {
@@ -321,6 +342,29 @@ impl Tools {
     pub fn with_source(mut self, source: Arc<dyn ToolSource>) -> Self {
         self.sources.push(source);
         self
+    }
+
+    /// Makes the calls of the tool named `name` wait for approval (see
+    /// [`Tool::needs_approval`]), whichever source offers it: how the tools
+    /// of an MCP server are gated.
+    pub fn needs_approval(mut self, name: &str, deadline: Duration) -> Self {
+        self.approvals
+            .insert(name.to_owned(), deadline.min(MAX_APPROVAL_WAIT));
+        self
+    }
+
+    /// How long a call of `name` may wait for approval, if it needs one:
+    /// the tool's own setting, else [`Tools::needs_approval`]'s.
+    pub fn approval_for(&self, name: &str) -> Option<Duration> {
+        let own = match self.tools.get(name) {
+            Some(t) => t.approval(),
+            None => self
+                .sources
+                .iter()
+                .find_map(|s| s.find(name))
+                .and_then(|t| t.approval()),
+        };
+        own.or_else(|| self.approvals.get(name).copied())
     }
 
     /// The agent's own tool named `name` (not a source's: see [`Tools::find`]).

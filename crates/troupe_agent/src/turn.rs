@@ -8,14 +8,83 @@
 //! journaled result in its context, so no tool whose result was journaled
 //! ever runs twice.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
 use futures::{FutureExt, StreamExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::AgentError;
 use crate::inference::{Holder, Inference};
 use crate::model::{ChatMessage, ChatRequest, Chunk, Role, ToolCall};
-use crate::session::{OpenCall, SessionEvent, SessionView, Sessions, TurnRef};
+use crate::session::{
+    Approval, Decided, Decision, OpenCall, SessionEvent, SessionItem, SessionView, Sessions,
+    TurnRef,
+};
 use crate::tool::ToolCallInfo;
 use crate::{AgentOptions, TurnOutcome};
+
+/// The timer kind of approval deadlines (the key is the session id).
+pub(crate) const APPROVAL_TIMER: &str = "session.approval";
+
+/// What an approval deadline's timer carries.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub(crate) struct ApprovalTimer {
+    pub turn: u32,
+    pub call_id: String,
+}
+
+/// The turn slot of an agent kind ([`AgentOptions::max_concurrent_turns`])
+/// held by one turn: given back while the turn waits for approvals, taken
+/// again before it goes on.
+pub(crate) struct TurnPermit {
+    turns: Arc<Semaphore>,
+    held: Mutex<Option<OwnedSemaphorePermit>>,
+}
+
+impl TurnPermit {
+    pub fn new(turns: Arc<Semaphore>, permit: OwnedSemaphorePermit) -> Self {
+        Self {
+            turns,
+            held: Mutex::new(Some(permit)),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<OwnedSemaphorePermit>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn release(&self) {
+        drop(self.lock().take());
+    }
+
+    async fn reacquire(&self) {
+        if self.lock().is_some() {
+            return;
+        }
+        // The turn was admitted already: it queues for a slot, however long.
+        if let Ok(p) = self.turns.clone().acquire_owned().await {
+            *self.lock() = Some(p);
+        }
+    }
+}
+
+/// What the model is told of a call that was not approved.
+fn rejected(d: &Decided) -> String {
+    if d.timed_out {
+        return "not run: the call needed a person's approval and none came before its deadline"
+            .into();
+    }
+    let mut m = String::from("not run: the call was rejected");
+    if let Some(by) = &d.by {
+        m.push_str(&format!(" by {by}"));
+    }
+    if let Some(why) = &d.reason {
+        m.push_str(&format!(": {why}"));
+    }
+    m
+}
 
 /// What a turn needs: where it is journaled, the models, who holds the
 /// lease, and the agent's settings.
@@ -26,6 +95,8 @@ pub(crate) struct ReplyRun<'a> {
     pub options: &'a AgentOptions,
     pub holder: Holder,
     pub system: crate::AgentSystem,
+    /// The turn slot, given back while the turn waits for approvals.
+    pub permit: Option<Arc<TurnPermit>>,
 }
 
 /// The error journaled for a call that must not run twice.
@@ -73,22 +144,93 @@ impl ReplyRun<'_> {
         }
     }
 
-    /// Runs the calls of one round concurrently and journals every result
-    /// in one append; returns the events and the last sequence. Calls
-    /// `left_open` by an interrupted attempt may have run already: those of
-    /// tools that must not run twice are failed instead.
+    /// Runs the calls of one round and journals their results; returns the
+    /// events (in journal order) and the last sequence. Calls with an entry
+    /// in `approvals` wait for their decision (see [tool
+    /// approvals](crate::session#tool-approvals)); the others run at once,
+    /// concurrently, and are journaled in one append before any wait.
+    /// Calls `left_open` by an interrupted attempt may have run already:
+    /// those of tools that must not run twice are failed instead. `after`
+    /// is a sequence at or after the round's `tool_called` events.
     async fn run_calls(
         &self,
         turn: TurnRef,
         calls: &[OpenCall],
         left_open: bool,
+        approvals: &[Approval],
+        after: u64,
     ) -> Result<(Vec<SessionEvent>, u64), AgentError> {
+        let gated = |c: &OpenCall| approvals.iter().any(|a| a.call_id == c.call.id);
+        let (waiting, free): (Vec<OpenCall>, Vec<OpenCall>) =
+            calls.iter().cloned().partition(|c| gated(c));
+        let mut events = Vec::new();
+        let mut seq = after;
+        if !free.is_empty() {
+            let may_have_run = vec![left_open; free.len()];
+            let batch = self.results(turn, &free, &may_have_run).await;
+            seq = self
+                .sessions
+                .append(self.session, turn, batch.clone())
+                .await?;
+            events.extend(batch);
+        }
+        if waiting.is_empty() {
+            return Ok((events, seq));
+        }
+        let decided = self.await_decisions(turn, approvals, seq).await?;
+        let mut run = Vec::new();
+        let mut may_have_run = Vec::new();
+        let mut refused = Vec::new();
+        for c in &waiting {
+            let Some(d) = decided.get(&c.call.id) else {
+                continue;
+            };
+            let outcome = match (d.approved, d.timed_out) {
+                (true, _) => "approved",
+                (false, true) => "timed_out",
+                (false, false) => "rejected",
+            };
+            metrics::counter!("troupe_tool_approvals_total", "tool" => c.call.name.clone(), "outcome" => outcome)
+                .increment(1);
+            if d.approved {
+                run.push(c.clone());
+                // Approved while an earlier attempt was current: that
+                // attempt may have started it.
+                may_have_run.push(left_open && d.attempt < turn.attempt);
+            } else {
+                refused.push(SessionEvent::ToolResult {
+                    turn: turn.turn,
+                    call_id: c.call.id.clone(),
+                    ok: false,
+                    output: rejected(d),
+                });
+            }
+        }
+        let mut batch = self.results(turn, &run, &may_have_run).await;
+        batch.extend(refused);
+        if !batch.is_empty() {
+            seq = self
+                .sessions
+                .append(self.session, turn, batch.clone())
+                .await?;
+            events.extend(batch);
+        }
+        Ok((events, seq))
+    }
+
+    /// Runs `calls` concurrently: their `tool_result` events, in order.
+    async fn results(
+        &self,
+        turn: TurnRef,
+        calls: &[OpenCall],
+        may_have_run: &[bool],
+    ) -> Vec<SessionEvent> {
         let tools = &self.options.tools;
-        let results = futures::future::join_all(calls.iter().map(|c| {
+        let results = futures::future::join_all(calls.iter().zip(may_have_run).map(|(c, &ran)| {
             let info = self.info(turn, c.round, c.index);
             async move {
                 match tools.find(&c.call.name) {
-                    Some(t) if left_open && !t.is_repeatable() => Err(INTERRUPTED.to_owned()),
+                    Some(t) if ran && !t.is_repeatable() => Err(INTERRUPTED.to_owned()),
                     Some(t) => t
                         .call_with(&c.call.arguments, info)
                         .await
@@ -98,7 +240,7 @@ impl ReplyRun<'_> {
             }
         }))
         .await;
-        let events: Vec<SessionEvent> = calls
+        calls
             .iter()
             .zip(results)
             .map(|(c, r)| {
@@ -113,12 +255,145 @@ impl ReplyRun<'_> {
                     output,
                 }
             })
+            .collect()
+    }
+
+    /// Waits until every call of `approvals` is decided, holding no lease
+    /// and no turn slot: by a person ([`Sessions::decide`]) or by its
+    /// deadline, through a durable timer (and, should the timer be late or
+    /// missing, by this turn itself shortly after the deadline). Reads the
+    /// decisions from the session, so those journaled before (by an
+    /// earlier attempt's wait, or while the process was down) count.
+    async fn await_decisions(
+        &self,
+        turn: TurnRef,
+        approvals: &[Approval],
+        after: u64,
+    ) -> Result<HashMap<String, Decided>, AgentError> {
+        let mut decided: HashMap<String, Decided> = approvals
+            .iter()
+            .filter_map(|a| a.decision.clone().map(|d| (a.call_id.clone(), d)))
             .collect();
-        let seq = self
-            .sessions
-            .append(self.session, turn, events.clone())
-            .await?;
-        Ok((events, seq))
+        if decided.len() == approvals.len() {
+            return Ok(decided);
+        }
+        // Listen before reading the state, so no decision falls in between;
+        // with no room for one more subscriber, read it every second.
+        let mut events = self.sessions.subscribe(self.session, after).await.ok();
+        let mut timers = Vec::new();
+        let grace = match self.system.timers() {
+            Some(t) => {
+                for a in approvals.iter().filter(|a| a.decision.is_none()) {
+                    let payload = serde_json::to_vec(&ApprovalTimer {
+                        turn: turn.turn,
+                        call_id: a.call_id.clone(),
+                    })
+                    .unwrap_or_default();
+                    let target = troupe_actor::TimerTarget::new(APPROVAL_TIMER, self.session);
+                    match t.schedule(target, "deadline", payload, a.deadline_ms).await {
+                        Ok(id) => timers.push(id),
+                        Err(e) => {
+                            tracing::warn!(session = self.session, call = %a.call_id, error = %e,
+                            "no durable timer for an approval deadline; the turn enforces it")
+                        }
+                    }
+                }
+                if timers.is_empty() { 0 } else { 2_000 }
+            }
+            None => 0,
+        };
+        if let Some(p) = &self.permit {
+            p.release();
+        }
+        let waiting = metrics::gauge!("troupe_tool_approvals_waiting");
+        waiting.increment(1.0);
+        let result = async {
+            let mut check = true;
+            let mut enforce_at = approvals
+                .iter()
+                .filter(|a| a.decision.is_none())
+                .map(|a| a.deadline_ms)
+                .min()
+                .unwrap_or(0)
+                .saturating_add(grace);
+            loop {
+                if check {
+                    let view = self.sessions.view(self.session).await?;
+                    if view.pending != Some(turn) {
+                        return Err(AgentError::StaleTurn {
+                            session: self.session.to_owned(),
+                            turn: turn.turn,
+                            attempt: turn.attempt,
+                        });
+                    }
+                    for a in &view.approvals {
+                        if let Some(d) = &a.decision
+                            && approvals.iter().any(|w| w.call_id == a.call_id)
+                        {
+                            decided.insert(a.call_id.clone(), d.clone());
+                        }
+                    }
+                    if decided.len() == approvals.len() {
+                        return Ok(());
+                    }
+                    check = false;
+                }
+                let now = troupe_journal::now_ms();
+                if now >= enforce_at {
+                    for a in approvals.iter().filter(|a| !decided.contains_key(&a.call_id)) {
+                        if now >= a.deadline_ms {
+                            match self.sessions.decide(self.session, &a.call_id, Decision::deadline()).await {
+                                Ok(_) | Err(AgentError::AlreadyDecided { .. }) => {}
+                                Err(e) => tracing::warn!(session = self.session, call = %a.call_id, error = %e,
+                                    "could not journal an approval deadline; trying again"),
+                            }
+                        }
+                    }
+                    enforce_at = now + 1_000;
+                    check = true;
+                    continue;
+                }
+                let until = Duration::from_millis(enforce_at - now);
+                match events.as_mut() {
+                    Some(stream) => tokio::select! {
+                        item = stream.next() => match item {
+                            Some(Ok(SessionItem::Event(rec))) => {
+                                check = matches!(
+                                    rec.event,
+                                    SessionEvent::ApprovalDecided { .. }
+                                        | SessionEvent::TurnStarted { .. }
+                                        | SessionEvent::TurnCompleted { .. }
+                                        | SessionEvent::TurnFailed { .. }
+                                        | SessionEvent::Closed { .. }
+                                );
+                            }
+                            Some(Ok(SessionItem::Heartbeat)) => {}
+                            Some(Err(_)) | None => {
+                                events = None;
+                                check = true;
+                            }
+                        },
+                        _ = tokio::time::sleep(until) => {}
+                    },
+                    None => {
+                        tokio::time::sleep(until.min(Duration::from_secs(1))).await;
+                        check = true;
+                    }
+                }
+            }
+        }
+        .await;
+        waiting.decrement(1.0);
+        drop(events);
+        if let Some(t) = self.system.timers() {
+            for id in timers {
+                let _ = t.cancel(id).await;
+            }
+        }
+        if let Some(p) = &self.permit {
+            p.reacquire().await;
+        }
+        result.map(|()| decided)
     }
 
     /// Reads the bytes of the attachments the backend takes as content
@@ -187,7 +462,9 @@ impl ReplyRun<'_> {
         // context again with those results in it.
         if !view.open_calls.is_empty() {
             let open = std::mem::take(&mut view.open_calls);
-            let (_, seq) = self.run_calls(turn, &open, true).await?;
+            let (_, seq) = self
+                .run_calls(turn, &open, true, &view.approvals, view.seq)
+                .await?;
             outcome.tool_calls += open.len() as u32;
             outcome.seq = seq;
             view = self.sessions.view(session).await?;
@@ -213,6 +490,7 @@ impl ReplyRun<'_> {
                 .await?;
             outcome.text.clear();
             let mut calls: Vec<ToolCall> = Vec::new();
+            let mut approvals: Vec<Approval> = Vec::new();
             let mut finished: Option<SessionEvent> = None;
             while finished.is_none() {
                 // Wait for one chunk, then take whatever else is ready, so
@@ -281,10 +559,31 @@ impl ReplyRun<'_> {
                             limit: opts.max_tool_rounds as usize,
                         });
                     }
-                    // The calls are journaled before any of them runs.
+                    // The calls are journaled before any of them runs,
+                    // with the approvals they wait for, in one append.
                     batch.extend(calls.iter().map(|c| SessionEvent::ToolCalled {
                         turn: turn.turn,
                         call: c.clone(),
+                    }));
+                    let now = troupe_journal::now_ms();
+                    approvals = calls
+                        .iter()
+                        .filter_map(|c| {
+                            let wait = opts.tools.approval_for(&c.name)?;
+                            Some(Approval {
+                                call_id: c.id.clone(),
+                                tool: c.name.clone(),
+                                arguments: c.arguments.clone(),
+                                deadline_ms: now.saturating_add(wait.as_millis() as u64),
+                                decision: None,
+                            })
+                        })
+                        .collect();
+                    batch.extend(approvals.iter().map(|a| SessionEvent::ApprovalRequested {
+                        turn: turn.turn,
+                        call_id: a.call_id.clone(),
+                        tool: a.tool.clone(),
+                        deadline_ms: a.deadline_ms,
                     }));
                 } else if let Some(done) = finished.clone() {
                     // A typed answer is checked before the turn may end.
@@ -343,7 +642,9 @@ impl ReplyRun<'_> {
                 })
                 .collect();
             outcome.tool_calls += calls.len() as u32;
-            let (events, seq) = self.run_calls(turn, &open, false).await?;
+            let (events, seq) = self
+                .run_calls(turn, &open, false, &approvals, outcome.seq)
+                .await?;
             outcome.seq = seq;
             messages.push(ChatMessage {
                 role: Role::Assistant,

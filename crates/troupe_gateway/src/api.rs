@@ -89,6 +89,11 @@ fn table() -> Vec<(Route, Class, MethodRouter<AppState>)> {
             get(session_events),
         ),
         (
+            r("POST", "/v1/sessions/{id}/approvals/{call}", Tenant),
+            Ordinary,
+            post(decide_approval),
+        ),
+        (
             r("POST", "/v1/sessions/{id}/tickets", Tenant),
             Ordinary,
             post(create_ticket),
@@ -542,6 +547,47 @@ async fn get_session(
     Path(id): Path<String>,
 ) -> Result<Json<SessionView>, GatewayError> {
     Ok(Json(st.session(&tenant, &id).await?))
+}
+
+/// The body of `POST /v1/sessions/{id}/approvals/{call}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApprovalBody {
+    /// Whether the call may run.
+    approve: bool,
+    /// Why (the model is told on a rejection).
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// `POST /v1/sessions/{id}/approvals/{call}`: decides a tool call that
+/// waits for approval. The decision is journaled before the 200; the
+/// first one stands and any other gets 409, as does one after the deadline.
+async fn decide_approval(
+    State(st): State<AppState>,
+    TenantName(tenant, _): TenantName,
+    Path((id, call)): Path<(String, String)>,
+    ApiJson(body): ApiJson<ApprovalBody>,
+) -> Result<Json<Value>, GatewayError> {
+    st.session(&tenant, &id).await?;
+    let mut decision = if body.approve {
+        troupe_agent::Decision::approve()
+    } else {
+        troupe_agent::Decision::reject(body.reason.clone().unwrap_or_default())
+    };
+    decision = decision.by(tenant);
+    if let Some(why) = body.reason.filter(|_| body.approve) {
+        decision = decision.reason(why);
+    }
+    let decided = st.0.troupe.sessions().decide(&id, &call, decision).await?;
+    Ok(Json(json!({
+        "session": id,
+        "call_id": call,
+        "approved": decided.approved,
+        "by": decided.by,
+        "reason": decided.reason,
+        "seq": decided.seq,
+    })))
 }
 
 #[derive(Deserialize)]

@@ -341,6 +341,16 @@ const METRICS: &[(&str, Kind, &str)] = &[
         "Typed answers that did not fit their schema and were sent back to be repaired, by backend.",
     ),
     (
+        "troupe_tool_approvals_total",
+        Counter,
+        "Decisions on tool calls that needed approval, as the waiting turns saw them, by tool and outcome (approved, rejected, timed_out).",
+    ),
+    (
+        "troupe_tool_approvals_waiting",
+        Gauge,
+        "Turns waiting for a decision on a tool call (holding no GPU lease and no turn slot).",
+    ),
+    (
         "troupe_model_retries_total",
         Counter,
         "Retries of a model server's 429 or 5xx answers, by backend.",

@@ -298,9 +298,13 @@ impl From<AgentError> for GatewayError {
                 id,
             },
             AgentError::KeyReused { .. } => GatewayError::KeyReused(e.to_string()),
-            AgentError::Busy { .. } | AgentError::SessionClosed(_) => {
-                GatewayError::Conflict(e.to_string())
-            }
+            AgentError::UnknownApproval { call, .. } => GatewayError::NotFound {
+                kind: "approval",
+                id: call,
+            },
+            AgentError::Busy { .. }
+            | AgentError::SessionClosed(_)
+            | AgentError::AlreadyDecided { .. } => GatewayError::Conflict(e.to_string()),
             AgentError::TooLarge { .. }
             | AgentError::Invalid { .. }
             | AgentError::UnknownAgent(_) => GatewayError::BadRequest(e.to_string()),

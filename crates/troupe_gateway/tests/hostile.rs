@@ -202,6 +202,11 @@ fn matrix() -> HashMap<(&'static str, &'static str), Expect> {
         ),
         (("GET", "/v1/sessions/{id}/events"), e(200, 404, none)),
         (("POST", "/v1/sessions/{id}/tickets"), e(201, 404, none)),
+        // No call of the owner's session waits: 404 for the owner too.
+        (
+            ("POST", "/v1/sessions/{id}/approvals/{call}"),
+            e(404, 404, || (Some(json!({"approve": true})), None)),
+        ),
         (
             ("POST", "/v1/tasks"),
             e(202, 202, || (Some(json!({"prompt": "q"})), None)),
@@ -242,6 +247,7 @@ fn concrete(path: &str, o: &Owned) -> String {
     };
     path.replace("{id}", id)
         .replace("{name}", "approve")
+        .replace("{call}", "call-1-refund")
         .replace("{hash}", &o.blob)
 }
 
