@@ -14,7 +14,7 @@ DEMO ?= support_desk
 # flagship on any OpenAI-compatible server (Ollama, vLLM, llama.cpp).
 export MODEL_URL MODEL
 EXAMPLES := first_agent support_desk doc_pipeline gpu_rush gateway nvml_probe \
-	journal_tour durable_agents gpu_leases order_saga storage_tiers mcp_tools typed_answers
+	journal_tour durable_agents gpu_leases order_saga storage_tiers mcp_tools typed_answers approvals
 
 # Runs a step and prints how long it took.
 timed = @start=$$(date +%s); $(1); rc=$$?; \

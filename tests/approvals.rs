@@ -117,7 +117,11 @@ async fn desk(wipe_deadline: Duration) -> Desked {
     let model = Scripted::default();
     let tools = Tools::new()
         .with(tool("lookup", lookups.clone()))
-        .with(tool("refund", refunds.clone()).needs_approval(Duration::from_secs(600)))
+        .with(
+            tool("refund", refunds.clone())
+                .at_most_once()
+                .needs_approval(Duration::from_secs(600)),
+        )
         .with(tool("wipe", wipes.clone()).needs_approval(wipe_deadline));
     let troupe = Troupe::builder()
         .durability(Durability::InMemory)
@@ -262,6 +266,7 @@ async fn an_approved_call_runs_after_its_decision_holding_no_lease_or_turn_slot_
         [
             "tool_result:call-1-lookup:true",
             "approval_decided",
+            "tool_started",
             "tool_result:call-1-refund:true",
             "turn_completed",
         ]
@@ -452,4 +457,76 @@ async fn decisions_are_refused_once_decided_after_the_deadline_and_for_unknown_c
         decided.approvals
     );
     d.troupe.shutdown().await.unwrap();
+}
+
+/// A turn interrupted after an approval: an at-most-once call that never
+/// started runs on the next attempt, one that started (`tool_started`) is
+/// failed as interrupted and never runs again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_interruption_an_approved_call_runs_unless_it_had_started() {
+    for started in [false, true] {
+        let d = desk(Duration::from_secs(600)).await;
+        let agents = d.troupe.agents().clone();
+        let sessions = agents.sessions().clone();
+        let id = sessions.create(DESK.name(), None).await.unwrap();
+        let posted = sessions
+            .post_with(&id, "refund order 7", Vec::new(), Dispatch::Later)
+            .await
+            .unwrap();
+        // What an attempt that died would have left.
+        let turn = sessions.begin(&id, "scripted").await.unwrap();
+        sessions
+            .append(
+                &id,
+                turn,
+                vec![
+                    SessionEvent::ToolCalled {
+                        turn: 1,
+                        call: ToolCall {
+                            id: "call-1-refund".into(),
+                            name: "refund".into(),
+                            arguments: r#"{"order":7}"#.into(),
+                        },
+                    },
+                    SessionEvent::ApprovalRequested {
+                        turn: 1,
+                        call_id: "call-1-refund".into(),
+                        tool: "refund".into(),
+                        deadline_ms: troupe::journal::now_ms() + 600_000,
+                    },
+                ],
+            )
+            .await
+            .unwrap();
+        sessions
+            .decide(&id, "call-1-refund", Decision::approve())
+            .await
+            .unwrap();
+        if started {
+            let started = SessionEvent::ToolStarted {
+                turn: 1,
+                call_id: "call-1-refund".into(),
+            };
+            sessions.append(&id, turn, vec![started]).await.unwrap();
+        }
+        let outcome = agents.answer(&id, posted.turn).await.unwrap();
+        assert_eq!(outcome.turn.attempt, 2);
+        let runs = d.refunds.load(Ordering::SeqCst);
+        if started {
+            assert_eq!(runs, 0, "a call that may have run is not run again");
+            assert!(
+                outcome.text.contains("interrupted, not retried"),
+                "{}",
+                outcome.text
+            );
+        } else {
+            assert_eq!(runs, 1, "the approval applies to the new attempt");
+            assert!(
+                outcome.text.contains(r#""tool":"refund""#),
+                "{}",
+                outcome.text
+            );
+        }
+        d.troupe.shutdown().await.unwrap();
+    }
 }

@@ -49,10 +49,12 @@
 //! calls that wait and those decided; clients following the session see
 //! the two events.
 //!
-//! A call approved by an attempt that was then interrupted may have
-//! started: it follows the rule of every interrupted call (a repeatable
-//! tool runs again with the same key; an
-//! [`at_most_once`](crate::Tool::at_most_once) tool is failed, not run).
+//! An approved call of an [`at_most_once`](crate::Tool::at_most_once)
+//! tool journals `tool_started` just before it runs: a new attempt after
+//! a crash fails such a call (it may have run) and runs one that never
+//! started, however long ago it was approved. Approved calls of repeatable
+//! tools follow the rule of every interrupted call (run again, with the
+//! same key).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -202,6 +204,15 @@ pub enum SessionEvent {
         #[serde(default)]
         timed_out: bool,
     },
+    /// An approved call of a tool that must not run twice
+    /// ([`Tool::at_most_once`](crate::Tool::at_most_once)) is about to run:
+    /// a new attempt after a crash knows it may have run.
+    ToolStarted {
+        /// Turn number.
+        turn: u32,
+        /// The call.
+        call_id: String,
+    },
     /// The turn's reply is complete.
     TurnCompleted {
         /// Turn number.
@@ -280,6 +291,7 @@ impl SessionEvent {
             | SessionEvent::AnswerRejected { turn, .. }
             | SessionEvent::ApprovalRequested { turn, .. }
             | SessionEvent::ApprovalDecided { turn, .. }
+            | SessionEvent::ToolStarted { turn, .. }
             | SessionEvent::TurnCompleted { turn, .. }
             | SessionEvent::TurnFailed { turn, .. } => Some(*turn),
             SessionEvent::Opened { .. } | SessionEvent::Closed { .. } => None,
@@ -337,6 +349,10 @@ pub struct Approval {
     /// The decision, once made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decision: Option<Decided>,
+    /// Whether an approved call of a tool that must not run twice was
+    /// started (`tool_started`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub started: bool,
 }
 
 /// A decision on an approval, as journaled.
@@ -1196,6 +1212,7 @@ impl EventSourced for SessionEntity {
                             | SessionEvent::ToolResult { .. }
                             | SessionEvent::AnswerRejected { .. }
                             | SessionEvent::ApprovalRequested { .. }
+                            | SessionEvent::ToolStarted { .. }
                             | SessionEvent::TurnCompleted { .. }
                             | SessionEvent::TurnFailed { .. }
                     );
@@ -1430,7 +1447,17 @@ impl EventSourced for SessionEntity {
                         arguments,
                         deadline_ms: *deadline_ms,
                         decision: None,
+                        started: false,
                     });
+                }
+            }
+            SessionEvent::ToolStarted { call_id, .. } => {
+                if let Some(a) = state
+                    .pending
+                    .as_mut()
+                    .and_then(|p| p.approvals.iter_mut().find(|a| &a.call_id == call_id))
+                {
+                    a.started = true;
                 }
             }
             SessionEvent::ApprovalDecided {

@@ -194,9 +194,11 @@ impl ReplyRun<'_> {
                 .increment(1);
             if d.approved {
                 run.push(c.clone());
-                // Approved while an earlier attempt was current: that
-                // attempt may have started it.
-                may_have_run.push(left_open && d.attempt < turn.attempt);
+                // Only a `tool_started` says an earlier attempt ran it.
+                let started = approvals
+                    .iter()
+                    .any(|a| a.call_id == c.call.id && a.started);
+                may_have_run.push(left_open && started);
             } else {
                 refused.push(SessionEvent::ToolResult {
                     turn: turn.turn,
@@ -205,6 +207,30 @@ impl ReplyRun<'_> {
                     output: rejected(d),
                 });
             }
+        }
+        // Calls that must not run twice say so before they run.
+        let starting: Vec<SessionEvent> = run
+            .iter()
+            .zip(&may_have_run)
+            .filter(|(c, ran)| {
+                !**ran
+                    && self
+                        .options
+                        .tools
+                        .find(&c.call.name)
+                        .is_some_and(|t| !t.is_repeatable())
+            })
+            .map(|(c, _)| SessionEvent::ToolStarted {
+                turn: turn.turn,
+                call_id: c.call.id.clone(),
+            })
+            .collect();
+        if !starting.is_empty() {
+            seq = self
+                .sessions
+                .append(self.session, turn, starting.clone())
+                .await?;
+            events.extend(starting);
         }
         let mut batch = self.results(turn, &run, &may_have_run).await;
         batch.extend(refused);
@@ -576,6 +602,7 @@ impl ReplyRun<'_> {
                                 arguments: c.arguments.clone(),
                                 deadline_ms: now.saturating_add(wait.as_millis() as u64),
                                 decision: None,
+                                started: false,
                             })
                         })
                         .collect();
