@@ -206,7 +206,7 @@ pub enum SessionReply {
     /// The posted turn.
     Posted(Posted),
     /// The session's state.
-    View(SessionView),
+    View(Box<SessionView>),
     /// Closed at this sequence.
     Closed(u64),
 }
@@ -236,7 +236,10 @@ async fn serve_session(
             .await
             .map(|()| SessionReply::Opened),
         SessionRequest::Post { text } => sessions.post(&id, &text).await.map(SessionReply::Posted),
-        SessionRequest::View => sessions.view(&id).await.map(SessionReply::View),
+        SessionRequest::View => sessions
+            .view(&id)
+            .await
+            .map(|v| SessionReply::View(Box::new(v))),
         SessionRequest::Close { reason } => {
             sessions.close(&id, &reason).await.map(SessionReply::Closed)
         }
@@ -343,7 +346,7 @@ impl ClusterSessions {
     /// The session's state.
     pub async fn view(&self, id: &str, timeout: Duration) -> Result<SessionView, ClusterError> {
         match self.ask(id, SessionRequest::View, timeout).await? {
-            SessionReply::View(v) => Ok(v),
+            SessionReply::View(v) => Ok(*v),
             other => Err(unexpected("view", &other)),
         }
     }
