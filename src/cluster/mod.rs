@@ -1422,6 +1422,15 @@ mod tests {
             round_text: String::new(),
             handed_to: None,
             repairs: 2,
+            // Optional fields left out: no decision, not started.
+            approvals: vec![troupe_agent::Approval {
+                call_id: "call-1".into(),
+                tool: "refund".into(),
+                arguments: "{}".into(),
+                deadline_ms: 1,
+                decision: None,
+                started: false,
+            }],
         };
         let bytes = encode("n", "view", &view).unwrap();
         let back: SessionView = decode("n", "view", &bytes).unwrap();

@@ -70,6 +70,24 @@ impl TurnPermit {
     }
 }
 
+/// Counts a turn waiting for approvals until dropped (a turn cancelled
+/// while it waits included).
+struct Waiting(metrics::Gauge);
+
+impl Waiting {
+    fn new() -> Self {
+        let g = metrics::gauge!("troupe_tool_approvals_waiting");
+        g.increment(1.0);
+        Self(g)
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
+
 /// What the model is told of a call that was not approved.
 fn rejected(d: &Decided) -> String {
     if d.timed_out {
@@ -331,8 +349,7 @@ impl ReplyRun<'_> {
         if let Some(p) = &self.permit {
             p.release();
         }
-        let waiting = metrics::gauge!("troupe_tool_approvals_waiting");
-        waiting.increment(1.0);
+        let waiting = Waiting::new();
         let result = async {
             let mut check = true;
             let mut enforce_at = approvals
@@ -409,7 +426,7 @@ impl ReplyRun<'_> {
             }
         }
         .await;
-        waiting.decrement(1.0);
+        drop(waiting);
         drop(events);
         if let Some(t) = self.system.timers() {
             for id in timers {
